@@ -1,0 +1,1 @@
+"""sglang-moe-lb: dispatch-time load balancing for MoE expert parallelism."""

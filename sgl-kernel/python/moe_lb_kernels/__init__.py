@@ -1,0 +1,1 @@
+"""Triton kernels for sglang-moe-lb (placeholder until the kernels land)."""

@@ -1,1 +1,34 @@
-"""sglang-moe-lb: dispatch-time load balancing for MoE expert parallelism."""
+"""sglang-moe-lb: dispatch-time load balancing for MoE expert parallelism.
+
+The core (this package's top level) needs only torch, numpy and highspy; the SGLang
+plugin lives in ``sglang_moe_lb.plugin`` and is imported only by SGLang's plugin loader.
+"""
+
+from .joint import LayerDispatch, balance_layer, local_stats
+from .lp_split import even_split, fractions_to_split, lower_bound, scenario_split, solve_split
+from .placement import Placement, PlacementError
+from .quota_dispatch import count_experts, dispatch, dp_offsets, integer_quotas
+from .waterfill import assign_shared, fuse_topk, routed_rank_load, shared_quotas, waterfill
+
+__all__ = [
+    "Placement",
+    "PlacementError",
+    "solve_split",
+    "even_split",
+    "lower_bound",
+    "scenario_split",
+    "fractions_to_split",
+    "integer_quotas",
+    "dispatch",
+    "dp_offsets",
+    "count_experts",
+    "shared_quotas",
+    "assign_shared",
+    "waterfill",
+    "fuse_topk",
+    "routed_rank_load",
+    "balance_layer",
+    "local_stats",
+    "LayerDispatch",
+]
+__version__ = "0.1.0"

@@ -178,6 +178,19 @@ class Placement:
             cat = [z, z, z.reshape(0, C), torch.zeros(0, C, dtype=torch.bool, device=dev)]
         return ReplicaBlocks(tuple(colours), *cat)
 
+    @cached_property
+    def with_shared_expert(self) -> "Placement":
+        """The fused placement: one shared-expert slot appended to every rank.
+
+        Rank ``r`` holds fused slots ``r*(S+1) .. r*(S+1)+S``: its S routed slots, then a copy of
+        logical expert ``E`` (the shared expert). Routed slot ``p`` becomes ``p + p // S``.
+        """
+        L, R, S, E = self.num_layers, self.num_ranks, self.slots_per_rank, self.num_logical
+        routed = self.phy2log.reshape(L, R, S)
+        shared = torch.full((L, R, 1), E, dtype=torch.long, device=self.device)
+        fused = torch.cat([routed, shared], 2).reshape(L, R * (S + 1))
+        return Placement(fused[0] if self.single_layer else fused, R, E + 1)
+
     # -- derived views -------------------------------------------------------------------------
     @property
     def slot_rank(self) -> torch.Tensor:
@@ -211,9 +224,13 @@ class Placement:
     def has_replicas(self) -> bool:
         return self.num_physical > self.num_logical
 
+    @cached_property
+    def _layers(self) -> list["Placement"]:
+        return [Placement(self.phy2log[i], self.num_ranks, self.num_logical) for i in range(self.num_layers)]
+
     def layer(self, i: int) -> "Placement":
-        """The single-layer placement of layer ``i``."""
-        return Placement(self.phy2log[i], self.num_ranks, self.num_logical)
+        """The single-layer placement of layer ``i`` (built once, then reused)."""
+        return self if self.single_layer else self._layers[i]
 
     def to(self, device: torch.device | str) -> "Placement":
         return Placement(self.phy2log.to(device), self.num_ranks, self.num_logical)

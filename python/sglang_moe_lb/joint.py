@@ -122,7 +122,8 @@ def balance_layer(
     elif lplb == "per_batch":
         quotas = integer_quotas(lp, solve_split(lp, counts, method), counts)
     elif lplb == "table":
-        quotas = integer_quotas(lp, fractions_to_split(lp, split_table.reshape(-1), counts), counts)
+        # The table is the plan: round it, but do not re-optimise per batch (that is per_batch).
+        quotas = integer_quotas(lp, fractions_to_split(lp, split_table.reshape(-1), counts), counts, polish_sweeps=0)
     elif lplb != "off":
         raise ValueError(f"lplb must be 'off', 'table' or 'per_batch', got {lplb!r}")
 

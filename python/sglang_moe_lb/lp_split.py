@@ -61,7 +61,8 @@ def even_split(pl: Placement, counts: torch.Tensor) -> torch.Tensor:
         ``[L, P]`` float64 tokens per physical slot.
     """
     c = counts.to(torch.float64)
-    return c.gather(1, pl.phy2log) / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
+    x = c.gather(1, pl.phy2log) / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
+    return _conserve(x, pl, c) if pl.has_replicas else x  # c/n summed n times need not equal c
 
 
 def _fixed_rank_load(pl: Placement, c_slot: torch.Tensor) -> torch.Tensor:
@@ -99,24 +100,25 @@ def lower_bound(pl: Placement, counts: torch.Tensor, rank_load: torch.Tensor) ->
 
 
 def _conserve(x: torch.Tensor, pl: Placement, c: torch.Tensor) -> torch.Tensor:
-    """Clamp tiny negatives and give each expert's rounding residual to its largest copy.
+    """Make every expert's copies sum to its count exactly, in float64.
 
-    Keeps ``sum_{copies(e)} x == c[e]`` exactly, whatever the solver's float noise.
+    Values are snapped to a per-layer dyadic grid ``2^(e - 46)`` with ``max c < 2^e``: then
+    every partial sum of an expert's copies is exact in float64 whatever the summation order,
+    and the rounding residual (a grid multiple) can go to the expert's largest copy exactly.
+    The snap moves each value by at most ~1e-14 of the layer's largest count.
     Args: x ``[L, P]`` float64, c ``[L, E]`` float64. Returns ``[L, P]``.
     """
-    x = x.clamp(min=0.0)
+    cmax = c.amax(1, keepdim=True).clamp(min=1.0)
+    grid = torch.exp2(torch.floor(torch.log2(cmax)) + 1 - 46)
+    x = torch.round(x.clamp(min=0.0) / grid) * grid
     tot = torch.zeros_like(c).scatter_add_(1, pl.phy2log, x)
     resid = c - tot
-    # Largest copy of each expert: argmax over slots by (x, -slot) via a stable sort.
-    order = torch.argsort(x, dim=1, descending=True, stable=True)
-    e_sorted = pl.phy2log.gather(1, order)
-    first_of_e = torch.full_like(c, -1, dtype=torch.long)
-    # Reverse scatter so the earliest (largest x) position of each expert wins.
-    rev = torch.flip(torch.arange(x.shape[1], device=x.device), [0])
-    first_of_e.scatter_(1, e_sorted[:, rev], order[:, rev])
-    x = x.clone()
-    x.scatter_add_(1, first_of_e, resid)
-    return x.clamp(min=0.0)
+    # Largest copy of each expert (ties: lowest slot): the earliest in a stable descending sort.
+    by_x = torch.argsort(x, dim=1, descending=True, stable=True)
+    grouped = by_x.gather(1, torch.argsort(pl.phy2log.gather(1, by_x), dim=1, stable=True))
+    largest = grouped.gather(1, pl.copy_start)  # [L, E] first slot of each expert's group
+    x.scatter_add_(1, largest, resid)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +178,8 @@ def _new_highs():
 
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    # No "threads" option: HiGHS keeps one process-wide scheduler, and a Highs object asking
+    # for a different thread count than the first one fails its run with status "Not Set".
     return h
 
 
@@ -384,7 +387,8 @@ def _scenario_layer(phy2log: np.ndarray, replicated: np.ndarray, w: np.ndarray, 
     sums = np.zeros(experts.size)
     np.add.at(sums, col_expert, sol)
     n_copies = np.bincount(col_expert, minlength=experts.size)
-    ok = sums[col_expert] > 1e-12  # an expert never seen in the window keeps the even split
+    seen = w[:, experts].sum(0) > 0
+    ok = seen[col_expert] & (sums[col_expert] > 1e-12)  # an expert unseen in the window: even split
     sol = np.where(ok, sol / np.where(ok, sums[col_expert], 1.0), 1.0 / n_copies[col_expert])
     frac[var_slots] = sol
     return frac

@@ -173,10 +173,31 @@ def _solve_fast(
 # ---------------------------------------------------------------------------------------------
 # HiGHS
 # ---------------------------------------------------------------------------------------------
+_banner_shown = False
+
+
 def _new_highs():
     import highspy
 
-    h = highspy.Highs()
+    global _banner_shown
+    if not _banner_shown:
+        # HiGHS prints a copyright banner to fd 1 on its first construction, before any option
+        # can be set; keep it out of CLI tables and server logs.
+        _banner_shown = True
+        import os
+        import sys
+
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    else:
+        h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     # No "threads" option: HiGHS keeps one process-wide scheduler, and a Highs object asking
     # for a different thread count than the first one fails its run with status "Not Set".

@@ -1,0 +1,115 @@
+"""CPU timing of the exact split: fast block-coordinate solver vs HiGHS, measured in one run.
+
+Reports ratios (HiGHS time / fast time) per configuration, since absolute times depend on the
+machine. Also times a full rebalance (61 layers) with HiGHS: the per-batch LP for every layer
+and the scenario LP over a recorded window, which is what the rebalance cycle runs.
+
+    .venv/bin/python benchmark/bench_split.py [--repeats 20] [--md docs/benchmarks_split.md]
+
+Placements are built here by a small greedy (hottest experts replicated, then packed onto the
+least-loaded rank with a free slot); batch counts are Zipf-skewed and redrawn per repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sglang_moe_lb import Placement, integer_quotas, scenario_split, solve_split
+
+
+def greedy_placement(popularity: torch.Tensor, num_redundant: int, num_ranks: int) -> torch.Tensor:
+    """phy2log ``[P]``: replicate the most loaded experts, then pack heaviest-first.
+
+    ``popularity [E]`` expected tokens per expert. Each rank gets exactly ``P / R`` slots.
+    """
+    E = popularity.numel()
+    copies = torch.ones(E, dtype=torch.long)
+    for _ in range(num_redundant):
+        copies[torch.argmax(popularity / copies)] += 1
+    items = sorted(((float(popularity[e] / copies[e]), e) for e in range(E) for _ in range(int(copies[e]))), reverse=True)
+    S = (E + num_redundant) // num_ranks
+    load, slots = [0.0] * num_ranks, [[] for _ in range(num_ranks)]
+    for w, e in items:
+        r = min((r for r in range(num_ranks) if len(slots[r]) < S), key=lambda r: load[r])
+        slots[r].append(e)
+        load[r] += w
+    return torch.tensor([e for rank_slots in slots for e in rank_slots])
+
+
+def zipf_counts(E: int, tokens: int, topk: int, gen: torch.Generator, s: float = 1.1) -> torch.Tensor:
+    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    w = w[torch.randperm(E, generator=gen)]
+    return torch.distributions.Multinomial(tokens * topk, probs=w).sample().to(torch.long)
+
+
+def timeit(fn, repeats: int) -> float:
+    fn()  # warm-up (caches, lazy structures)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=20, help="timed repeats per cell (median reported)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per batch (top-8)")
+    ap.add_argument("--layers", type=int, default=61, help="layers in the full-rebalance timing")
+    ap.add_argument("--window", type=int, default=32, help="recorded steps in the scenario LP")
+    ap.add_argument("--md", help="also write the markdown tables to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.manual_seed(0)
+    E, K = 256, 8
+    rows = ["| redundant | R | fast, 1 layer (ms) | HiGHS, 1 layer (ms) | HiGHS / fast | fast, per layer of 61 batched (ms) | HiGHS / fast (batched) | max-load gap |",
+            "|---|---|---|---|---|---|---|---|"]
+    for red in (0, 32, 64):
+        for R in (16, 32, 64):
+            if (E + red) % R:
+                rows.append(f"| {red} | {R} | n/a: {E + red} slots do not divide over {R} ranks | | | | | |")
+                print(rows[-1], flush=True)
+                continue
+            pop = zipf_counts(E, 100_000, K, gen).to(torch.float64)
+            pl = Placement(greedy_placement(pop, red, R), R, E)
+            c = zipf_counts(E, args.tokens, K, gen)
+            t_fast = timeit(lambda: solve_split(pl, c), args.repeats)
+            t_highs = timeit(lambda: solve_split(pl, c, method="highs"), args.repeats)
+            gap = float(pl.rank_loads(solve_split(pl, c)).max() / pl.rank_loads(solve_split(pl, c, "highs")).max() - 1)
+            pl_l = Placement(pl.phy2log.expand(args.layers, -1).clone(), R, E)
+            c_l = torch.stack([zipf_counts(E, args.tokens, K, gen) for _ in range(args.layers)])
+            t_fast_l = timeit(lambda: solve_split(pl_l, c_l), max(3, args.repeats // 5)) / args.layers
+            t_highs_l = timeit(lambda: solve_split(pl_l, c_l, "highs"), max(3, args.repeats // 5)) / args.layers
+            rows.append(
+                f"| {red} | {R} | {t_fast * 1e3:.3f} | {t_highs * 1e3:.3f} | {t_highs / t_fast:.2f} | "
+                f"{t_fast_l * 1e3:.3f} | {t_highs_l / t_fast_l:.2f} | {gap:.1e} |"
+            )
+            print(rows[-1], flush=True)
+    # Full rebalance: 61 layers, red=32, R=32.
+    red, R = 32, 32
+    pop = zipf_counts(E, 100_000, K, gen).to(torch.float64)
+    pl_l = Placement(greedy_placement(pop, red, R).expand(args.layers, -1).clone(), R, E)
+    window = torch.stack([torch.stack([zipf_counts(E, args.tokens, K, gen) for _ in range(args.layers)]) for _ in range(args.window)])
+    t_lp = timeit(lambda: solve_split(pl_l, window.sum(0), "highs"), 3)
+    t_sc = timeit(lambda: scenario_split(pl_l, window), 1)
+    t_q = timeit(lambda: integer_quotas(pl_l, solve_split(pl_l, window[0]), window[0]), 3)
+    full = [
+        f"| full rebalance, {args.layers} layers, E={E}, red={red}, R={R} | time (s) |",
+        "|---|---|",
+        f"| HiGHS min-max LP on the window's total counts | {t_lp:.3f} |",
+        f"| HiGHS scenario LP over {args.window} recorded steps (the rebalance cycle's solve) | {t_sc:.3f} |",
+        f"| fast split + integer quotas, all layers of one batch | {t_q:.3f} |",
+    ]
+    print("\n".join(full))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write("\n".join(rows) + "\n\n" + "\n".join(full) + "\n")
+
+
+if __name__ == "__main__":
+    main()

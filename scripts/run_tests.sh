@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up the CPU test environment (idempotent) and run the whole test suite.
+# Usage: bash scripts/run_tests.sh [extra pytest args]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bash "$root/scripts/setup_env.sh"
+cd "$root"
+# Triton kernels run on the CPU through the interpreter; it must be set before triton is imported.
+export TRITON_INTERPRET=1
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+exec "$root/.venv/bin/python" -m pytest test -q -p no:cacheprovider "$@"

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.oracles import lp_min_max
@@ -43,6 +43,7 @@ def test_highs_method_matches_independent_lp(data):
     assert float(pl.rank_loads(x).max()) == pytest.approx(lp_min_max(p2l.tolist(), R, c.tolist()), rel=1e-6, abs=1e-6)
 
 
+@settings(max_examples=200)  # one independent LP per layer per case
 @given(st.data())
 def test_multi_layer_equals_per_layer(data):
     p2l, R, E = data.draw(placements(max_layers=4))

@@ -1,0 +1,44 @@
+"""TEST AND DEMO ONLY: expert-parallel-aware wrapper of SGLang's torch-native MoE forward.
+
+With ``--ep-size > 1 --moe-a2a-backend none`` every EP rank sees every token, and
+SGLang's standard dispatcher maps the experts that live on other ranks to local id
+``-1``. SGLang 0.5.23's ``moe_forward_native`` (the CPU path when the scheduler has no
+AMX) does not expect ``-1`` and indexes out of bounds. This wrapper gives a ``-1``
+slot a contribution of exactly 0: only the (token, slot) pairs with a local expert
+are passed to the original function, one pair per row, and the rows are summed back
+per token in float32. Batches without ``-1`` go to the original unchanged.
+
+Installed as an AROUND hook by ``sglang_moe_lb.testing.cpu_serving.plugin``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ARG_NAMES = ("layer", "x", "topk_output", "moe_runner_config")
+
+
+def moe_forward_native_ep(original, *args, **kwargs):
+    """AROUND hook for ``sglang.srt.layers.moe.fused_moe_native.moe_forward_native``."""
+    bound = dict(zip(_ARG_NAMES, args))
+    bound.update(kwargs)
+    if len(args) > len(_ARG_NAMES) or set(bound) != set(_ARG_NAMES):
+        return original(*args, **kwargs)  # an unknown call shape: leave it to upstream
+    layer, x, topk_output, cfg = (bound[n] for n in _ARG_NAMES)
+    topk_weights, topk_ids = topk_output[0], topk_output[1]
+    keep = topk_ids >= 0
+    if bool(keep.all()):
+        return original(layer, x, topk_output, cfg)
+
+    token_idx, slot_idx = keep.nonzero(as_tuple=True)
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    if token_idx.numel() > 0:
+        pair_ids = topk_ids[token_idx, slot_idx].unsqueeze(1)
+        pair_weights = topk_weights[token_idx, slot_idx].unsqueeze(1)
+        if hasattr(topk_output, "_replace"):
+            pair_output = topk_output._replace(topk_weights=pair_weights, topk_ids=pair_ids)
+        else:
+            pair_output = (pair_weights, pair_ids, *tuple(topk_output)[2:])
+        rows = original(layer, x[token_idx], pair_output, cfg)
+        out.index_add_(0, token_idx, rows.float())
+    return out.to(x.dtype)

@@ -14,6 +14,7 @@ To cover another mode, add it to ``MODES`` (``--moe-lb MODE`` is passed when MOD
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -24,6 +25,8 @@ from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
 from sglang_moe_lb.testing.cpu_serving.server import EP2_EPLB_ARGS, EPLB_REBALANCE_RE, launch_cpu_server, omp_bind
 
 MODES = ["off"]  # add "lplb", "waterfill", "waterfill+lplb" as they land
+# Try other modes without editing: SGLANG_MOE_LB_E2E_MODES=off,lplb ("off" first: it is the reference).
+MODES = [m.strip() for m in os.environ.get("SGLANG_MOE_LB_E2E_MODES", ",".join(MODES)).split(",") if m.strip()]
 
 # float32: LB modes move (token, expert) pairs between ranks, which changes float summation
 # order; in bf16 that alone flips greedy tokens of this random model, in float32 it does not.
@@ -64,6 +67,7 @@ def server(request, e2e_log_dir, e2e_timings):
         e2e_timings[f"server stop [{mode}]"] = time.monotonic() - t1
         left = srv.alive_pids()
         assert not left, f"server processes left after stop: {left}"
+        assert not srv.leaked_shm(), f"/dev/shm segments left after stop: {srv.leaked_shm()}"
 
 
 def _ids(outputs):
@@ -199,3 +203,13 @@ def test_tiny_model_dir(tmp_path):
     variant = prepare_model_dir({"num_hidden_layers": 2}, cache_dir=tmp_path / "variant")
     assert json.loads((variant / "config.json").read_text())["num_hidden_layers"] == 2
     assert (variant / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+
+
+def test_shims_plugin_is_opt_in_and_fails_loudly(monkeypatch):
+    from sglang_moe_lb.testing.cpu_serving import plugin
+
+    monkeypatch.delenv(plugin.ENV, raising=False)
+    plugin.register()  # not enabled: must not import SGLang or register anything
+    assert not plugin._registered
+    with pytest.raises(SystemExit, match=r"written for sglang==0\.5\.23, found sglang=="):
+        plugin._require("sglang_moe_lb_no_such_module.layer.fn")

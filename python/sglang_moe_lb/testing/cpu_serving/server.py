@@ -109,6 +109,30 @@ def omp_bind(num_ranks: int) -> str:
     return "|".join(groups)
 
 
+def _shm_files_of(pid: int) -> set[str]:
+    """/dev/shm files a live process has mapped or open (Linux /proc; empty elsewhere)."""
+    found: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.split(None, 5)[-1].strip() if line.count(" ") >= 5 else ""
+                if path.startswith("/dev/shm/"):
+                    found.add(path.replace(" (deleted)", ""))
+    except OSError:
+        pass
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/"):
+                found.add(target)
+    except OSError:
+        pass
+    return found
+
+
 def _http(method: str, url: str, payload: dict | None = None, timeout: float = 600.0):
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -132,6 +156,7 @@ class ServerHandle:
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
         self._descendants: set[int] = set()
+        self._shm: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -180,6 +205,26 @@ class ServerHandle:
             self._descendants.update(p.pid for p in psutil.Process(self.pid).children(recursive=True))
         except Exception:
             pass
+        for pid in [self.pid, *self._descendants]:
+            self._shm.update(_shm_files_of(pid))
+
+    def leaked_shm(self) -> list[str]:
+        """/dev/shm files of this server's processes that still exist (should be none after stop)."""
+        paths = {p for p in self._shm if os.path.exists(p)}
+        for pid in [self.pid, *self._descendants]:
+            paths.update(str(p) for p in Path("/dev/shm").glob(f"sgl_shm_*_{pid}_*"))
+        return sorted(paths)
+
+    def _unlink_shm(self) -> None:
+        """SGLang tears its processes down with SIGKILL and leaks /dev/shm segments (24 MB each)."""
+        paths = set(self._shm)
+        for pid in [self.pid, *self._descendants]:
+            paths.update(str(p) for p in Path("/dev/shm").glob(f"sgl_shm_*_{pid}_*"))
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def alive_pids(self) -> list[int]:
         """PIDs of this server's process group and recorded descendants still running."""
@@ -236,6 +281,8 @@ class ServerHandle:
         deadline = time.monotonic() + 10
         while self.alive_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
+        if not self.alive_pids():
+            self._unlink_shm()
         _live.discard(self)
 
     def __enter__(self) -> "ServerHandle":

@@ -1,0 +1,205 @@
+"""Turn a ``ReplayResult`` into the stdout table, the JSON file and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .simulate import MODES, ReplayResult
+
+__all__ = ["format_table", "write_json", "write_plots", "PLOT_FILES"]
+
+PLOT_FILES = ("replay_balancedness.png", "replay_worst_step.png")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+def format_table(res: ReplayResult) -> str:
+    """The per-mode table (one row per mode, then the two LP bounds), with notes."""
+    cfg = res.config
+    head = (
+        f"{'mode':<24}{'by':<9}{'steps':>6}{'bal mean':>10}{'bal p5':>8}{'gap->bound':>12}"
+        f"{'gap->class':>12}{'MoE time':>10}{'overhead':>11}"
+    )
+    sub = f"{'':<24}{'':<9}{'':>6}{'':>10}{'':>8}{'(joint LP)':>12}{'bound':>12}{'/static':>10}{'ms/batch':>11}"
+    lines = [head, sub, "-" * len(head)]
+    for name, m in res.modes.items():
+        cls = "J" if m["class_bound"] == "joint" else "L"
+        star = "*" if m["steps_scored"] < cfg["num_steps"] else " "
+        ovh = f"{m['overhead_ms_per_batch']:9.2f}{'i' if 'overhead_note' in m else ' '} "
+        lines.append(
+            f"{name + star:<24}{'SGLang' if m['family'] == 'upstream' else 'ours':<9}{m['steps_scored']:>6}"
+            f"{m['balancedness_mean']:>10.4f}{m['balancedness_p5']:>8.4f}{_pct(m['gap_to_bound_mean']):>12}"
+            f"{_pct(m['gap_to_class_bound_mean']) + ' ' + cls:>12}{m['moe_time_ratio_vs_static']:>10.4f}{ovh:>11}"
+        )
+    lines.append("-" * len(head))
+    for label, b in (("bound (joint LP)", res.bound), ("bound (shared local)", res.bound_local_shared)):
+        lines.append(
+            f"{label:<24}{'LP':<9}{cfg['num_steps']:>6}{b['balancedness_mean']:>10.4f}{b['balancedness_p5']:>8.4f}"
+            f"{'':>12}{'':>12}{b['moe_time_ratio_vs_static']:>10.4f}{'':>11}"
+        )
+    out = ["\n".join(lines)]
+    legend = [
+        "balancedness = mean rank load / max rank load per layer, averaged over layers; p5 over steps.",
+        "Load = routed token-slots received + shared-expert tokens run on the rank (same total work in every mode).",
+        "gap->bound = 1 - joint-LP max / achieved max (shared expert may go anywhere); gap->class: J = same, "
+        "L = against the LP with the shared expert kept on the source rank (the best a routed-only mode can do).",
+        "MoE time/static = sum over steps and layers of the max rank load, relative to static on the same steps.",
+        "overhead = one rank's dispatch-decision time per batch (all layers), measured on this CPU"
+        + (" (i = Triton interpreter)" if any("overhead_note" in m for m in res.modes.values()) else "") + ".",
+    ]
+    if any(m["steps_scored"] < cfg["num_steps"] for m in res.modes.values()):
+        legend.append("* scored on a subset of steps; its ratio and gaps are against the other modes on the same steps.")
+    out.append("\n".join(legend))
+    for name, m in res.modes.items():
+        if "on_sampled_steps" in m:
+            rows = [f"On the {m['steps_scored']} steps where {name} ran ({res.sampled_steps}):"]
+            for other, s in m["on_sampled_steps"].items():
+                rows.append(
+                    f"  {other:<24}bal mean {s['balancedness_mean']:.4f}   MoE time/static {s['moe_time_ratio_vs_static']:.4f}"
+                )
+            out.append("\n".join(rows))
+    summ = _headline(res)
+    if summ:
+        out.append(summ)
+    info = [
+        f"trace: {_trace_line(cfg)}",
+        f"EP {cfg['ep_size']}, {cfg['num_logical_experts']} experts + {cfg['redundant_experts']} redundant "
+        f"({cfg['slots_per_rank']} slots/rank), top-{cfg['top_k']}, {cfg['num_layers']} layers, {cfg['num_steps']} steps; "
+        f"EPLB {cfg['eplb_algorithm_resolved']} every {cfg['rebalance_every'] or 'never'} steps on a {cfg['window']}-step "
+        f"window (rebalanced at {res.rebalance_steps}); SGLang {cfg['sglang_version']}",
+    ]
+    info += [f"note: {n}" for n in res.notes]
+    info += [f"skipped {k}: {v}" for k, v in res.skipped.items()]
+    info.append(f"wall time {res.wall_s:.1f} s")
+    out.append("\n".join(info))
+    return "\n\n".join(out)
+
+
+def _trace_line(cfg: dict) -> str:
+    tr = cfg["trace"]
+    if tr.get("kind") == "bundled":
+        return (
+            f"bundled {tr['model']} data ({tr['provenance']}); placement calibrated on {tr['calibration_domain']}, "
+            f"serving {' -> '.join(tr['serving_domains'])}; {tr['tokens_per_batch'][0]}-{tr['tokens_per_batch'][1]} "
+            f"tokens/batch, seed {tr['seed']}"
+        )
+    if tr.get("kind") == "synthetic":
+        return (
+            f"synthetic: {tr['experts']} experts, top-{tr['top_k']}, skew {tr['skew']}, drift {tr['drift']}, "
+            f"shift at {tr['shift_at']}, {tr['tokens_per_batch'][0]}-{tr['tokens_per_batch'][1]} tokens/batch, seed {tr['seed']}"
+        )
+    return f"SGLang recorder dump ({tr.get('kind')}): {', '.join(tr.get('files', []))}"
+
+
+def _headline(res: ReplayResult) -> str:
+    modes = res.modes
+    ups = {n: m for n, m in modes.items() if m["family"] == "upstream" and m["steps_scored"] == res.config["num_steps"]}
+    ours = {n: m for n, m in modes.items() if m["family"] == "ours"}
+    if not ups or not ours:
+        return ""
+    bu = max(ups, key=lambda n: ups[n]["balancedness_mean"])
+    bo = max(ours, key=lambda n: ours[n]["balancedness_mean"])
+    return (
+        f"Best of ours: {bo} (balancedness {ours[bo]['balancedness_mean']:.4f}, MoE time x{ours[bo]['moe_time_ratio_vs_static']:.3f} "
+        f"of static, {100 * ours[bo]['gap_to_bound_mean']:.2f}% from the joint LP bound {res.bound['balancedness_mean']:.4f}); "
+        f"best SGLang mode on every step: {bu} ({ups[bu]['balancedness_mean']:.4f}, x{ups[bu]['moe_time_ratio_vs_static']:.3f})."
+    )
+
+
+def write_json(res: ReplayResult, path: str | os.PathLike) -> None:
+    """The result as JSON (schema: docs/replay.md)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res.to_json(), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:
+    """Balancedness over steps per mode, and per-rank loads of each mode's worst step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    N = res.config["num_steps"]
+    x = np.arange(N)
+    colors = plt.get_cmap("tab20").colors
+    names = list(res.modes)
+    col = {n: colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, n in enumerate(names)}
+
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True, sharey=True)
+    groups = (("SGLang modes", "upstream"), ("our modes", "ours"))
+    for ax, (title, fam) in zip(axes, groups):
+        for n in names:
+            m = res.modes[n]
+            if m["family"] != fam and n != "static":
+                continue
+            s = res.series[n]
+            if m["steps_scored"] < N:
+                ax.plot(x, s, "o", ms=7, color=col[n], label=f"{n} (sampled)")
+            else:
+                ax.plot(x, s, "-" if m["family"] == "ours" else "--", lw=1.3, color=col[n], label=n)
+        ax.plot(x, res.series["bound"], "-", color="black", lw=2.2, label="bound (joint LP)")
+        ax.plot(x, res.series["bound-local-shared"], ":", color="black", lw=1.5, label="bound (shared local)")
+        for i, t in enumerate(res.rebalance_steps):
+            ax.axvline(t, color="grey", ls=":", lw=1.2, label="EPLB rebalance" if i == 0 else None)
+        for start, label in res.phases:
+            ax.axvline(start, color="tab:red", lw=0.8, alpha=0.5)
+            ax.text(start + 0.5, 1.0, label, color="tab:red", fontsize=8, va="top", transform=ax.get_xaxis_transform())
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("balancedness (mean/max)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].set_xlabel("step (forward pass)")
+    fig.suptitle(_plot_title(res), fontsize=10)
+    fig.tight_layout()
+    p1 = out / PLOT_FILES[0]
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    n = len(res.worst)
+    cols = 4
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, (name, w) in zip(axes.flat, res.worst.items()):
+        r = np.arange(len(w["routed"]))
+        ax.bar(r, w["routed"], color="tab:blue", label="routed")
+        ax.bar(r, w["shared"], bottom=w["routed"], color="tab:orange", label="shared expert")
+        ax.axhline(w["mean"], color="black", lw=1, ls="--", label="mean")
+        ax.axhline(w["bound"], color="tab:green", lw=1.2, label="joint LP max")
+        ax.set_title(f"{name}\nstep {w['step']} layer {w['layer']}: bal {w['balancedness']:.3f}", fontsize=8)
+        ax.set_xticks(r)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("per-rank load (token-slots) at each mode's worst step and layer", fontsize=10)
+    fig.tight_layout()
+    p2 = out / PLOT_FILES[1]
+    fig.savefig(p2, dpi=100)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def _plot_title(res: ReplayResult) -> str:
+    c = res.config
+    return (
+        f"EP {c['ep_size']}, {c['num_logical_experts']}+{c['redundant_experts']} experts, top-{c['top_k']}, "
+        f"{c['num_layers']} layers, {c['num_steps']} steps; rebalance every {c['rebalance_every'] or 'never'} steps"
+        + (f"; bundled {c['trace']['model']}: calibrated on {c['trace']['calibration_domain']}, "
+           f"serving {' -> '.join(c['trace']['serving_domains'])}" if c["trace"].get("kind") == "bundled" else "")
+    )
+
+
+def mode_descriptions() -> str:
+    """One line per mode (for --help and the docs)."""
+    return "\n".join(f"  {n:<24}{m.description}" for n, m in MODES.items())

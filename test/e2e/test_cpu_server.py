@@ -213,3 +213,48 @@ def test_shims_plugin_is_opt_in_and_fails_loudly(monkeypatch):
     assert not plugin._registered
     with pytest.raises(SystemExit, match=r"written for sglang==0\.5\.23, found sglang=="):
         plugin._require("sglang_moe_lb_no_such_module.layer.fn")
+
+
+_STUB_CHECK = r"""
+import torch, torch.nn.functional as F, sgl_kernel
+torch.manual_seed(0)
+H, D, Dv, P, E = 4, 40, 32, 5, 3           # heads, qk dim, v dim, cached prefix, new tokens
+pool = torch.randn(64, 1, D)               # MLA-like: one KV head, value = first Dv dims of the key
+req_to_token = torch.zeros(2, 32, dtype=torch.int64)
+sgl_kernel.assign_req_to_token_pool_cpu(torch.tensor([1]), req_to_token, torch.tensor([0]), torch.tensor([P + E]),
+                                        torch.arange(10, 10 + P + E), 32)
+assert req_to_token[1, : P + E].tolist() == list(range(10, 10 + P + E))
+q = torch.randn(E, H, D)
+k_new, v_new = pool[10 + P : 10 + P + E], pool[10 + P : 10 + P + E, :, :Dv]
+o = torch.empty(E, H, Dv)
+sgl_kernel.extend_attention_cpu(q, k_new, v_new, o, pool, pool[..., :Dv], 1.0, 1.0, req_to_token, torch.tensor([1]),
+                                torch.tensor([P + E]), torch.tensor([E]), torch.tensor([0]), E, 0.3, 0.0)
+k_all = pool[10 : 10 + P + E].expand(-1, H, -1).transpose(0, 1)
+mask = torch.ones(E, P + E, dtype=torch.bool).tril(diagonal=P)
+ref = F.scaled_dot_product_attention(q.transpose(0, 1), k_all, k_all[..., :Dv], attn_mask=mask, scale=0.3).transpose(0, 1)
+torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+out = torch.empty(1, H, Dv)
+sgl_kernel.decode_attention_cpu(q[-1:], pool, pool[..., :Dv], 1.0, 1.0, out, None, None, None, None, req_to_token,
+                                torch.tensor([1]), torch.tensor([P + E]), 0.3, 0.0)
+torch.testing.assert_close(out, ref[-1:], atol=1e-5, rtol=1e-5)
+assert torch.cpu.is_current_stream_capturing() is False
+try:
+    sgl_kernel.fused_experts_cpu()
+except NotImplementedError as e:
+    assert "fused_experts_cpu" in str(e) and "sglang==" in str(e)
+else:
+    raise AssertionError("unimplemented op did not raise")
+print("ok")
+"""
+
+
+def test_sgl_kernel_stub_matches_sdpa():
+    """The stand-in's attention equals torch SDPA (run in a subprocess: importing it patches torch.ops)."""
+    import subprocess
+    import sys
+
+    from sglang_moe_lb.testing.cpu_serving import STUBS_DIR
+
+    env = {**os.environ, "PYTHONPATH": str(STUBS_DIR)}
+    res = subprocess.run([sys.executable, "-c", _STUB_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]

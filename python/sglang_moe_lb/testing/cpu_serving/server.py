@@ -109,6 +109,19 @@ def omp_bind(num_ranks: int) -> str:
     return "|".join(groups)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the launcher if the process that started it dies
+    (even by SIGKILL), so a killed test run does not leave a server behind (Linux only).
+    The signal follows the death of the *thread* that started it: start servers from a
+    long-lived thread (the main one)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _shm_files_of(pid: int) -> set[str]:
     """/dev/shm files a live process has mapped or open (Linux /proc; empty elsewhere)."""
     found: set[str] = set()
@@ -171,7 +184,13 @@ class ServerHandle:
             log.write(f"$ {shlex.join(self.cmd)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.cmd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, killed as a whole in stop()
+                preexec_fn=_die_with_parent,
             )
         _live.add(self)
         try:
@@ -444,9 +463,11 @@ def launch_cpu_server(
         args = ["--tp", str(ep), "--ep-size", str(ep), *args]
     num_ranks = int(_arg_value(args, "--tp") or _arg_value(args, "--tp-size") or 1)
     port = port or free_port()
-    run_dir = Path(tempfile.mkdtemp(prefix=f"sglang_cpu_{port}_"))
-    log_path = Path(log_path) if log_path else run_dir / "server.log"
-    recorder_dir = Path(recorder_dir) if recorder_dir else run_dir / "expert_distribution"
+    if log_path is None or recorder_dir is None:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"sglang_cpu_{port}_"))
+        log_path = log_path or run_dir / "server.log"
+        recorder_dir = recorder_dir or run_dir / "expert_distribution"
+    log_path, recorder_dir = Path(log_path), Path(recorder_dir)
     model_dir = Path(model_dir) if model_dir else prepare_model_dir()
     cmd = [
         sys.executable, "-m", "sglang_moe_lb.testing.cpu_serving.launch",

@@ -14,41 +14,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dataclasses  # noqa: E402
-import socket  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-TINY = Path(__file__).parent / "data" / "tiny_dsv3"
-E, K = 16, 4  # tiny_dsv3: routed experts, experts per token
+from plugin_helpers import all_targets, base_argv, free_port, raw_attribute, window  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_argv(*extra: str) -> list[str]:
-    return ["--model-path", str(TINY), "--device", "cpu", "--load-format", "dummy", *extra]
-
-
-def all_targets() -> list[str]:
-    from sglang_moe_lb.plugin.hooks import LIGHT_HOOKS, runtime_hook_specs
-    from sglang_moe_lb.plugin.options import MoeLbOptions
-
-    full = MoeLbOptions(mode="waterfill+lplb", requested="waterfill+lplb", waterfill_sync="dynamic")
-    specs = runtime_hook_specs(dataclasses.replace(full, lplb_schedule="per-batch"), rank_invariant=False)
-    specs += runtime_hook_specs(full, rank_invariant=False)
-    return sorted({t for t, _, _ in list(LIGHT_HOOKS) + specs})
-
-
-def _raw(target: str):
-    from sglang_moe_lb.plugin.hooks import _resolve
-
-    return _resolve(target)[2]
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: spawns several EP ranks (gloo); slower")
 
 
 @pytest.fixture
@@ -58,14 +29,14 @@ def plugin():
     from sglang_moe_lb.plugin import hooks, register
 
     targets = all_targets()
-    before = {t: _raw(t) for t in targets}
+    before = {t: raw_attribute(t) for t in targets}
     register()
     HookRegistry.apply_hooks()
     try:
         yield hooks
     finally:
         hooks.uninstall()
-        changed = [t for t in targets if _raw(t) is not before[t]]
+        changed = [t for t in targets if raw_attribute(t) is not before[t]]
         assert not changed, f"not restored: {changed}"
 
 
@@ -78,13 +49,6 @@ def gloo_world():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def window(seed: int = 0, steps: int = 8, layers: int = 4) -> torch.Tensor:
-    """A skewed recorded window ``[steps, layers, E]`` so EPLB replicates the hot experts."""
-    g = torch.Generator().manual_seed(seed)
-    skew = torch.linspace(3.0, 0.2, E)[torch.randperm(E, generator=g)]
-    return (torch.rand(steps, layers, E, generator=g) * 100 * skew).to(torch.int64)
 
 
 @pytest.fixture
@@ -111,14 +75,3 @@ def rank0(plugin, gloo_world):
     set_global_expert_location_metadata(None, allow_overwrite=True)
 
 
-def make_topk(layer_id: int, waterfill: bool):
-    """A DeepSeek-like ``TopK`` (softmax, renormalised, routed scaling 2.5) built as SGLang would."""
-    from sglang.srt.configs.shared_experts import SharedExpertsConfig
-    from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
-    from sglang.srt.runtime_context import get_model
-
-    shared = SharedExpertsConfig(num_fused_shared_experts=1 if waterfill else 0, use_waterfill=waterfill)
-    with get_model().override(shared_experts=shared):
-        tk = TopK(top_k=K, layer_id=layer_id, renormalize=True, routed_scaling_factor=2.5)
-    tk.topk_config.output_format = TopKOutputFormat.STANDARD
-    return tk

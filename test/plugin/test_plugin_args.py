@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-from conftest import TINY, base_argv
+from plugin_helpers import TINY, base_argv
 
 from sglang_moe_lb.plugin.options import ERRORS, WARNINGS
 
@@ -164,7 +164,7 @@ def test_ep_size_one_turns_the_plugin_off(plugin, capsys):
 
 def test_model_built_without_fused_slot_fails_before_forward(rank0):
     """Load-time backstop: SGLang may still turn fusion off (e.g. for a quantisation)."""
-    from conftest import make_topk
+    from plugin_helpers import make_topk
     from sglang.srt.model_executor.model_runner_components import moe_ep_setup
 
     from sglang_moe_lb.plugin.options import MoeLbConfigError

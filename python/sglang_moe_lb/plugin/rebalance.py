@@ -81,8 +81,7 @@ class _Job:
         self.results: dict[int, tuple] = {}  # layer -> (row, table | None, seconds, error | None)
         self.report: dict[int, tuple] = {}  # layer -> (before, even, after)
         self._rt = rt
-        self._old = {l: (p.placement.to("cpu"), p.table.cpu() if p.table is not None else None)
-                     for l, p in old_plans.items()}
+        self._old = {layer: (p.row, p.table.cpu() if p.table is not None else None) for layer, p in old_plans.items()}
         self.seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="moe-lb-lplb-solve", daemon=True)
 
@@ -98,13 +97,19 @@ class _Job:
                     continue
                 table = solve_layer(pl, self.window[:, layer])
                 self.results[layer] = (row, table, time.perf_counter() - t0, None)
-                even = scenario_split(pl, torch.zeros(0, E))
-                old = self._old.get(layer)
-                before = balancedness(old[0], old[1], self.window[:, layer]) if old and old[1] is not None else None
-                self.report[layer] = (before, balancedness(pl, even, self.window[:, layer]),
-                                      balancedness(pl, table, self.window[:, layer]))
             except Exception as err:  # a failing layer keeps its current plan
                 self.results[layer] = (row, None, time.perf_counter() - t0, err)
+                continue
+            try:  # the log line only; never costs a layer its table
+                w = self.window[:, layer]
+                old = self._old.get(layer)
+                before = None
+                if old is not None and old[1] is not None:
+                    before = balancedness(Placement(old[0], R, E), old[1], w)
+                even = scenario_split(pl, torch.zeros(0, E))
+                self.report[layer] = (before, balancedness(pl, even, w), balancedness(pl, table, w))
+            except Exception as err:
+                logger.debug("[moe-lb] balancedness report failed on layer %d: %s", layer, err)
         self.seconds = time.perf_counter() - t_all
 
     def start(self):

@@ -1,0 +1,61 @@
+"""Shared helpers of the plugin tests (a plain module: spawned ranks import it too)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+TINY = Path(__file__).parent / "data" / "tiny_dsv3"
+E, K = 16, 4  # tiny_dsv3: routed experts, experts per token
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_argv(*extra: str) -> list[str]:
+    return ["--model-path", str(TINY), "--device", "cpu", "--load-format", "dummy", *extra]
+
+
+def all_targets() -> list[str]:
+    from sglang_moe_lb.plugin.hooks import LIGHT_HOOKS, runtime_hook_specs
+    from sglang_moe_lb.plugin.options import MoeLbOptions
+
+    full = MoeLbOptions(mode="waterfill+lplb", requested="waterfill+lplb", waterfill_sync="dynamic")
+    specs = runtime_hook_specs(dataclasses.replace(full, lplb_schedule="per-batch"), rank_invariant=False)
+    specs += runtime_hook_specs(full, rank_invariant=False)
+    return sorted({t for t, _, _ in list(LIGHT_HOOKS) + specs})
+
+
+def raw_attribute(target: str):
+    from sglang_moe_lb.plugin.hooks import _resolve
+
+    return _resolve(target)[2]
+
+
+def window(seed: int = 0, steps: int = 8, layers: int = 4) -> torch.Tensor:
+    """A skewed recorded window ``[steps, layers, E]`` so EPLB replicates the hot experts."""
+    g = torch.Generator().manual_seed(seed)
+    skew = torch.linspace(3.0, 0.2, E)[torch.randperm(E, generator=g)]
+    return (torch.rand(steps, layers, E, generator=g) * 100 * skew).to(torch.int64)
+
+
+def make_topk(layer_id: int, waterfill: bool):
+    """A DeepSeek-like ``TopK`` (softmax, renormalised, routed scaling 2.5) built as SGLang would."""
+    from sglang.srt.configs.shared_experts import SharedExpertsConfig
+    from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
+    from sglang.srt.runtime_context import get_model
+
+    shared = SharedExpertsConfig(num_fused_shared_experts=1 if waterfill else 0, use_waterfill=waterfill)
+    with get_model().override(shared_experts=shared):
+        tk = TopK(top_k=K, layer_id=layer_id, renormalize=True, routed_scaling_factor=2.5)
+    tk.topk_config.output_format = TopKOutputFormat.STANDARD
+    return tk

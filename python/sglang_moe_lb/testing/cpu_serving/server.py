@@ -13,8 +13,10 @@ group, with the environment the CPU engine needs:
 * ``SGLANG_MOE_LB_CPU_DUMMY_INIT=placement_invariant`` unless set (see ``dummy_weights``);
 * ``OMP_NUM_THREADS`` = CPUs per rank and ``TORCHDYNAMO_DISABLE=1`` unless set (speed).
 
-It waits until ``/health`` answers 200, and on exit kills the whole process group
-(then any recorded descendant still alive), so no server processes outlive it.
+It waits until ``/health`` answers 200. On exit it sends SIGTERM to the launcher, then
+SIGKILLs, by PID, every process still left in the server's process group or among its
+recorded descendants, and unlinks the /dev/shm segments SGLang leaks, so nothing of the
+server outlives it (``alive_pids()`` and ``leaked_shm()`` check that).
 This is not how to deploy SGLang; it exists so that tests can run the real server.
 """
 
@@ -105,7 +107,8 @@ def omp_bind(num_ranks: int) -> str:
     per = max(1, len(cpus) // num_ranks)
     for r in range(num_ranks):
         chunk = cpus[(r * per) % len(cpus) :][:per] or cpus[:per]
-        groups.append(str(chunk[0]) if len(chunk) == 1 else f"{chunk[0]}-{chunk[-1]}")
+        contiguous = chunk == list(range(chunk[0], chunk[-1] + 1))
+        groups.append(f"{chunk[0]}-{chunk[-1]}" if contiguous and len(chunk) > 1 else ",".join(map(str, chunk)))
     return "|".join(groups)
 
 
@@ -168,7 +171,7 @@ class ServerHandle:
         self.args = list(args)
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
-        self._descendants: set[int] = set()
+        self._descendants: dict[int, float] = {}  # pid -> start time
         self._shm: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -218,11 +221,15 @@ class ServerHandle:
             time.sleep(0.5)
 
     def _remember_descendants(self) -> None:
-        try:
-            import psutil
+        import psutil
 
-            self._descendants.update(p.pid for p in psutil.Process(self.pid).children(recursive=True))
-        except Exception:
+        try:
+            for child in psutil.Process(self.pid).children(recursive=True):
+                try:
+                    self._descendants.setdefault(child.pid, child.create_time())
+                except psutil.Error:
+                    pass
+        except psutil.Error:
             pass
         for pid in [self.pid, *self._descendants]:
             self._shm.update(_shm_files_of(pid))
@@ -245,53 +252,50 @@ class ServerHandle:
             except OSError:
                 pass
 
-    def alive_pids(self) -> list[int]:
-        """PIDs of this server's process group and recorded descendants still running."""
+    def _live_processes(self) -> list:
+        """psutil.Process objects of this server still running: members of its process group,
+        and recorded descendants (matched by PID *and* start time, so a reused PID is not ours)."""
+        import psutil
+
         if self.process is None:
             return []
-        pids = set()
-        try:
-            import psutil
+        found = {}
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == self.pid:
+                    found[p.pid] = p
+            except (OSError, psutil.Error):
+                pass
+        for pid, started in self._descendants.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                    found[pid] = p
+            except psutil.Error:
+                pass
+        return [found[k] for k in sorted(found)]
 
-            for p in psutil.process_iter(["pid"]):
-                try:
-                    if os.getpgid(p.pid) == self.pid and p.status() != psutil.STATUS_ZOMBIE:
-                        pids.add(p.pid)
-                except (ProcessLookupError, PermissionError, psutil.Error):
-                    pass
-            for pid in self._descendants:
-                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    pids.add(pid)
-        except ImportError:
-            pass
-        return sorted(pids)
+    def alive_pids(self) -> list[int]:
+        """PIDs of this server's processes still running (should be empty after ``stop()``)."""
+        return [p.pid for p in self._live_processes()]
 
     def stop(self, grace: float = 3.0) -> None:
-        """SIGTERM to the launcher, SIGKILL to the whole group after ``grace`` s; reap."""
+        """SIGTERM to the launcher (SGLang then stops its children), SIGKILL to whatever of the
+        server is left after ``grace`` s, reap, and unlink the /dev/shm segments it leaked."""
         proc = self.process
         if proc is None:
             return
         self._remember_descendants()
-        pgid = proc.pid  # start_new_session: the launcher leads its own group
         if proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
-            except ProcessLookupError:
-                pass
-        for sig_target in ("group", "descendants"):
+        for p in self._live_processes():
             try:
-                if sig_target == "group":
-                    os.killpg(pgid, signal.SIGKILL)
-                else:
-                    for pid in list(self._descendants):
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-            except (ProcessLookupError, PermissionError):
+                p.kill()
+            except Exception:
                 pass
         try:
             proc.wait(timeout=30)

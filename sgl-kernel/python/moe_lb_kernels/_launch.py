@@ -1,0 +1,72 @@
+"""Kernel launches go through ``launch`` so tests can record them and compile each
+specialization ahead of time for a GPU target on a machine without a GPU (``aot_compile``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+
+_recorder: list | None = None
+
+_PTR = {
+    torch.int32: "*i32", torch.int64: "*i64", torch.int16: "*i16", torch.int8: "*i8", torch.uint8: "*u8",
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+    torch.bool: "*i1",
+}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    if _recorder is not None:
+        _recorder.append((kernel, args, dict(kwargs)))
+    kernel[grid](*args, **kwargs)
+
+
+@contextmanager
+def record_launches():
+    """Collect ``(kernel, args, kwargs)`` of every launch inside the block."""
+    global _recorder
+    prev, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = prev
+
+
+def signature_of(kernel, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of one recorded launch, for ``triton.compile``."""
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel
+    names = list(inspect.signature(fn).parameters)
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k not in opts})
+    const_names = {p.name for p in kernel.params if p.is_constexpr}
+    sig, const = {}, {}
+    for n in names:
+        v = bound[n]
+        if n in const_names:
+            sig[n] = "constexpr"
+            const[n] = v
+        elif isinstance(v, torch.Tensor):
+            sig[n] = _PTR[v.dtype]
+        elif isinstance(v, bool):
+            sig[n] = "i1"
+        elif isinstance(v, int):
+            sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        else:
+            raise TypeError(f"cannot type argument {n}={v!r}")
+    return sig, const, opts
+
+
+def aot_compile(kernel, args, kwargs, arch: int = 90):
+    """Compile one launch's specialization for ``sm_<arch>`` without a GPU; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, const, opts = signature_of(kernel, args, kwargs)
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32), options=opts)

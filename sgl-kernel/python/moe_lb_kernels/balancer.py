@@ -1,0 +1,283 @@
+"""The per-layer GPU entry: ``LayerBalancer``.
+
+Everything is allocated in ``__init__``; ``__call__`` only launches kernels (no host sync,
+no allocation, no branch on data), so it can be captured in a CUDA graph and replayed.
+It computes exactly what ``moe_lb_kernels.reference.balance_layer_ref`` computes, which is
+the core's ``joint.balance_layer`` with the split in fixed point and at most
+``max_sweeps`` sweeps (see reference.py and docs/kernels.md).
+
+Launches per call (static mode):
+
+=================================  =====================================================
+mode                               kernels
+=================================  =====================================================
+lplb, no replicated expert         C (static logical -> physical map): nothing else
+lplb                               A (count) -> B (split, quotas) -> C (dispatch)
+waterfill+lplb, all_rank           A -> B (joint split incl. shared expert) -> C
+waterfill+lplb, conservative       A -> B -> C (+ round 0) -> D x topk (rounds)
+waterfill (phys ids given)         A (routed loads) -> B (shared quotas) -> C [-> D x topk]
+=================================  =====================================================
+
+Dynamic mode (DP attention / global loads): ``local_stats`` runs A and writes this rank's
+stats row; the caller all-gathers the rows (one collective) and passes them to
+``__call__(..., gathered=...)``, which reduces them on device and runs B, C (and D).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from sglang_moe_lb import Placement
+from sglang_moe_lb.joint import LayerDispatch
+
+from ._launch import launch
+from ._tables import LayerTables, next_pow2
+from .count import _count_kernel, block_tokens
+from .dispatch import _dispatch_kernel, _fuse_kernel, _wf_round_kernel
+from .plan import _gathered_kernel, _plan_kernel, _stats_kernel
+from .reference import DEFAULT_SWEEPS, SCALE_BITS, SLACK_UNITS, TOL_SHIFT
+
+__all__ = ["LayerBalancer"]
+
+Mode = Literal["lplb", "waterfill", "waterfill+lplb"]
+
+
+class LayerBalancer:
+    """Per-layer dispatch decision on the GPU, into preallocated buffers.
+
+    Args:
+        placement: the EP placement (single-layer, or multi-layer with ``layer``).
+        max_tokens: most tokens (rows of ``topk_ids``) any call will see on this rank.
+        topk: routed experts per token (columns of ``topk_ids``).
+        mode: ``"lplb"`` (per-batch exact split + quota dispatch), ``"waterfill"`` (shared
+            expert placement on top of caller-given physical ids) or ``"waterfill+lplb"``.
+        device: where the buffers live (CUDA; CPU works under ``TRITON_INTERPRET=1``).
+        layer: which layer of a multi-layer placement.
+        candidates: Waterfill candidate ranks, ``"all_rank"`` or ``"conservative"``.
+        source_rank: this rank in the EP group.
+        dynamic: use all-gathered global stats (``local_stats`` + ``gathered=``) instead of
+            this rank's tokens only.
+        max_sweeps: split sweep cap (stops earlier once the certificate holds).
+        polish_sweeps: integer polish sweep cap (the core's default 8).
+        max_rows / max_copies / max_colours: table capacities, so that later placements can
+            be installed in place (``update_placement``) without re-capturing graphs.
+        plan_warps: warps of the single-CTA split kernel.
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        max_tokens: int,
+        topk: int,
+        mode: Mode = "lplb",
+        device: torch.device | str | None = None,
+        *,
+        layer: int = 0,
+        candidates: Literal["all_rank", "conservative"] = "all_rank",
+        source_rank: int = 0,
+        dynamic: bool = False,
+        max_sweeps: int = DEFAULT_SWEEPS,
+        polish_sweeps: int = 8,
+        max_rows: int | None = None,
+        max_copies: int | None = None,
+        max_colours: int | None = None,
+        plan_warps: int = 4,
+    ):
+        if mode not in ("lplb", "waterfill", "waterfill+lplb"):
+            raise ValueError(f"mode must be 'lplb', 'waterfill' or 'waterfill+lplb', got {mode!r}")
+        if candidates not in ("all_rank", "conservative"):
+            raise ValueError(f"candidates must be 'all_rank' or 'conservative', got {candidates!r}")
+        if max_tokens < 0 or topk < 1:
+            raise ValueError("max_tokens must be >= 0 and topk >= 1")
+        device = torch.device(device) if device is not None else placement.device
+        pl = placement.layer(layer).to(device)
+        if not 0 <= source_rank < pl.num_ranks:
+            raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
+        self.placement = pl
+        self.mode, self.candidates, self.dynamic = mode, candidates, dynamic
+        self.source_rank = source_rank
+        self.max_tokens, self.topk = max_tokens, topk
+        self.max_sweeps, self.polish_sweeps = max_sweeps, polish_sweeps
+        self.plan_warps = plan_warps
+        self.tables = LayerTables.build(pl, max_rows=max_rows, max_copies=max_copies, max_colours=max_colours)
+        tb = self.tables
+        E, R, S, P = tb.E, tb.R, tb.S, pl.num_physical
+        self.lplb = mode in ("lplb", "waterfill+lplb")
+        self.wf = 0 if mode == "lplb" else (2 if candidates == "all_rank" else 1)
+        self.joint = mode == "waterfill+lplb" and candidates == "all_rank"
+        # "lplb" without replicas is the static map: one light kernel, no counting, no split.
+        self.static_only = mode == "lplb" and not pl.has_replicas and max_rows is None
+        self.BT = block_tokens(max_tokens, topk)
+        self.KB = next_pow2(topk)
+        self.max_blocks = max(1, -(-max_tokens // self.BT))
+        budget = max(1, 4096 // (self.KB * max(tb.NEB, tb.RB)))  # one-hot tiles of <= 4096 elements
+        self.CT = int(min(self.BT, 1 << (budget.bit_length() - 1)))
+        self.CHB = 32
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        EB, RB, NEB, CB = tb.EB, tb.RB, tb.NEB, tb.CB
+        self.acc = torch.zeros(EB + 2 * RB + 8, **i32)
+        self.rephist = torch.zeros(self.max_blocks, NEB, **i32)
+        self.vcount = torch.zeros(self.max_blocks, **i32)
+        self.counts = torch.zeros(E, **i64)
+        self.quotas = torch.zeros(P, **i64)
+        self.qcum = torch.zeros(NEB, CB, **i32)
+        self.shared_quotas = torch.zeros(RB, **i64)
+        self.flags = torch.zeros(8, **i32)
+        self.wf_scalars = torch.zeros(8, **i64)
+        self.routed_load = torch.zeros(RB, **i64)
+        self.dp_off = torch.zeros(E, **i32)
+        self.stats = torch.zeros(E + R + 1, **i64)
+        self.caps = torch.zeros(topk + 1, RB + 1, **i64)
+        nt = max(max_tokens, 1)
+        self.pick = torch.zeros(nt, **i32)
+        self.todo = torch.zeros(nt, **i32)
+        self.hists = torch.zeros(topk, self.max_blocks, RB, **i32)
+        self.shared_rank_buf = torch.zeros(nt, **i64)
+        self.phys_buf = torch.zeros(nt, topk, **i32)
+        self._dummy = torch.zeros(8, **i32)
+
+    # -- placement updates ---------------------------------------------------------------------
+    def update_placement(self, placement: Placement, layer: int = 0) -> None:
+        """Install a new placement in place (same capacities; raises ValueError otherwise).
+
+        Host-to-device copies only: call it between graph replays, never inside a capture.
+        """
+        pl = placement.layer(layer).to(self.placement.device)
+        if self.static_only and pl.has_replicas:
+            raise ValueError("this balancer was built for a placement without replicas; build a new one")
+        self.tables.fill(pl)
+        self.placement = pl
+
+    # -- phase 1 of dynamic mode ------------------------------------------------------------------
+    def local_stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's ``joint.local_stats`` row ``[E + R + 1]`` int64 (a view of an internal buffer).
+
+        Dynamic mode only. ``phys_ids`` is required in ``"waterfill"`` mode. The caller
+        all-gathers these rows (``[D, E + R + 1]``, D = EP size) and passes them to
+        ``__call__(..., gathered=...)`` with the same ``topk_ids``.
+        """
+        self._check_ids(topk_ids, phys_ids)
+        self._launch_count(topk_ids, phys_ids)
+        tb = self.tables
+        launch(_stats_kernel, (1,), self.acc, self.stats, E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, ROUTED=not self.lplb)
+        return self.stats
+
+    # -- the per-layer entry ------------------------------------------------------------------------
+    def __call__(
+        self,
+        topk_ids: torch.Tensor,
+        out_phys_ids: torch.Tensor | None = None,
+        *,
+        phys_ids: torch.Tensor | None = None,
+        gathered: torch.Tensor | None = None,
+        out_shared_rank: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        out_fused_ids: torch.Tensor | None = None,
+        out_fused_weights: torch.Tensor | None = None,
+        shared_weight: float = 1.0,
+    ) -> LayerDispatch:
+        """Decide physical ids (and shared-expert ranks) for this rank's ``topk_ids [T, topk]``.
+
+        Args:
+            topk_ids: logical ids (-1 = padding), int32 or int64, ``T <= max_tokens``.
+            out_phys_ids: ``[T, topk]`` output for the physical ids (default: internal int32 buffer).
+            phys_ids: ``[T, topk]`` physical ids from the upstream mapping (``"waterfill"`` mode).
+            gathered: ``[D, E + R + 1]`` all-gathered ``local_stats`` rows (dynamic mode).
+            out_shared_rank: ``[T]`` int64 output for the shared-expert rank (Waterfill modes).
+            topk_weights / out_fused_ids / out_fused_weights / shared_weight: optionally also
+                write ``waterfill.fuse_topk``'s ``[T, topk + 1]`` layout.
+        Returns:
+            ``LayerDispatch(phys_ids, shared_rank, quotas)`` of views into the outputs; the
+            quotas are only current in modes that split (``"lplb"`` with replicas,
+            ``"waterfill+lplb"``). ``self.flags[0]`` is 1 when the split was certified
+            optimal, ``flags[1]`` the sweeps it ran.
+        """
+        self._check_ids(topk_ids, phys_ids)
+        T = topk_ids.shape[0]
+        tb = self.tables
+        if self.dynamic != (gathered is not None):
+            raise ValueError("pass gathered= exactly when the balancer was built with dynamic=True")
+        if out_phys_ids is None:
+            out_phys_ids = self.phys_buf[:T] if self.mode != "waterfill" else phys_ids
+        shared = out_shared_rank if out_shared_rank is not None else self.shared_rank_buf[:T]
+        nb = max(1, -(-T // self.BT))
+        common = dict(K=self.topk, KB=self.KB, BT=self.BT, CT=self.CT, R=tb.R, RB=tb.RB, S=tb.S)
+        if self.static_only:
+            launch(_dispatch_kernel, (nb,),
+                topk_ids, out_phys_ids, topk_ids, T,
+                tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
+                self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
+                self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, LPLB=1, DYNAMIC=False, WF=0, CHB=self.CHB, **common,
+            )
+            return LayerDispatch(out_phys_ids, None, None)
+        if gathered is None:
+            self._launch_count(topk_ids, phys_ids)
+        else:
+            D = gathered.shape[0]
+            W = tb.E + tb.R + 1
+            BC = 256
+            launch(_gathered_kernel, (-(-W // BC),),
+                gathered, D, self.acc, self.dp_off, self.source_rank,
+                E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8,
+            )
+        launch(_plan_kernel, (1,),
+            tb.p2l, tb.rep_expert, tb.rep_rank, tb.rep_colour, tb.colour_src, tb.slot_flat, tb.meta,
+            self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags, self.wf_scalars,
+            self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
+            E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
+            SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
+            LPLB=self.lplb, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
+            SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
+            num_warps=self.plan_warps,
+        )
+        phys_in = phys_ids if phys_ids is not None else topk_ids
+        launch(_dispatch_kernel, (nb,),
+            topk_ids, out_phys_ids if self.lplb else self._dummy, phys_in, T,
+            tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
+            self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
+            self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, LPLB=2 if self.lplb else 0,
+            DYNAMIC=self.dynamic, WF=self.wf, CHB=self.CHB, **common,
+        )
+        phys = out_phys_ids if self.lplb else phys_ids
+        if self.wf == 1:
+            for i in range(1, self.topk + 1):
+                last = i == self.topk
+                launch(_wf_round_kernel, (nb,),
+                    phys, T, nb, self.pick, self.todo, self.hists[i - 1], self.hists[i % self.topk],
+                    self.caps[i - 1], self.caps[i], shared,
+                    LAST=last, CHB=self.CHB, **common,
+                )
+        if out_fused_ids is not None:
+            if topk_weights is None or out_fused_weights is None:
+                raise ValueError("fused output needs topk_weights and out_fused_weights")
+            launch(_fuse_kernel, (nb,),
+                phys, topk_weights, shared, out_fused_ids, out_fused_weights, T, float(shared_weight),
+                K=self.topk, KB=self.KB, BT=self.BT, S=tb.S, MARKER=-1,
+            )
+        return LayerDispatch(phys, shared if self.wf else None, self.quotas if self.lplb else None)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _check_ids(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
+        if topk_ids.dim() != 2 or topk_ids.shape[1] != self.topk:
+            raise ValueError(f"topk_ids must be [T, {self.topk}], got {list(topk_ids.shape)}")
+        if topk_ids.shape[0] > self.max_tokens:
+            raise ValueError(f"{topk_ids.shape[0]} tokens exceed max_tokens={self.max_tokens}")
+        if not topk_ids.is_contiguous():
+            raise ValueError("topk_ids must be contiguous")
+        if self.mode == "waterfill":
+            if phys_ids is None or phys_ids.shape != topk_ids.shape or not phys_ids.is_contiguous():
+                raise ValueError("mode 'waterfill' needs contiguous phys_ids shaped like topk_ids")
+
+    def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
+        tb = self.tables
+        T = topk_ids.shape[0]
+        nb = max(1, -(-T // self.BT))
+        launch(_count_kernel, (nb,),
+            topk_ids, phys_ids if phys_ids is not None else topk_ids, T, self.acc,
+            tb.rep_expert, tb.rep_colour, self.rephist, self.vcount,
+            K=self.topk, KB=self.KB, BT=self.BT, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
+            COUNT=self.lplb or self.dynamic, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
+        )

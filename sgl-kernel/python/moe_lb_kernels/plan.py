@@ -1,0 +1,428 @@
+"""One program per layer: counts -> exact split -> integer quotas (-> Waterfill shared quotas).
+
+Kernel B of the hot path (see docs/kernels.md). A single CTA holds the whole layer's
+problem in registers: replicated experts as ``[NEB, CB]`` tiles (row = expert, column =
+copy), rank loads as ``[RB]``. It mirrors, step for step:
+
+* ``reference.split_fixed``: the core's block-coordinate water-filling
+  (``quota_dispatch._integer_block_step`` in fixed point), colours in the core's order,
+  stopping after the first sweep whose integer certificate (the core's ``lower_bound``)
+  holds, at most ``max_sweeps`` sweeps;
+* ``reference.largest_remainder_fixed`` and the core's ``_polish`` + keep-if-not-worse
+  (``integer_quotas``);
+* ``waterfill.shared_quotas`` (float64, same operations in the same order) and the
+  per-rank numbers ``assign_shared`` derives from the quotas.
+
+All integer arithmetic is exact in any reduction order, so results are bit-identical on
+any GPU and in the Triton interpreter. Nothing here reads a host value at run time: the
+colour count and the tables live in device memory, sweep caps are kernel arguments.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
+
+BIG = tl.constexpr(1 << 62)  # larger than any (count + loads) // k
+
+
+@triton.jit
+def _gather_1d(src, idx, N: tl.constexpr):
+    """``src[idx]`` for a 1-D register tensor ``src`` and an index tile of N elements (any shape)."""
+    flat = tl.reshape(idx, [N])
+    return tl.reshape(tl.gather(src, flat, 0), idx.shape)
+
+
+@triton.jit
+def _rank_sum(qt, rankc, valid, RB: tl.constexpr, NC: tl.constexpr):
+    """Per-rank sum of a copy tile: ``[NEB, CB] -> [RB]`` (int64, exact)."""
+    qf = tl.reshape(tl.where(valid, qt, 0), [NC])
+    rf = tl.reshape(tl.where(valid, rankc, -1), [NC])
+    r = tl.arange(0, RB)
+    hit = rf[None, :] == r[:, None]
+    return tl.sum(tl.where(hit, qf[None, :], 0), axis=1)
+
+
+@triton.jit
+def _block_step(q, load, crow, act, csrc, rankc, valid, first, same3, dup, mult,
+                NEB: tl.constexpr, CB: tl.constexpr, NC: tl.constexpr):
+    """The core's integer water-fill block step for the experts of one colour (``act`` rows)."""
+    col = tl.arange(0, CB)
+    own = tl.sum(tl.where(same3, q[:, None, :], 0), axis=2)
+    base = _gather_1d(load, rankc, NC) - own
+    bj = base[:, :, None]
+    bi = base[:, None, :]
+    inset = first[:, None, :] & ((bi < bj) | ((bi == bj) & (col[None, None, :] <= col[None, :, None])))
+    kj = tl.sum(inset.to(tl.int64), axis=2)
+    sj = tl.sum(tl.where(inset, bi, 0), axis=2)
+    levj = (crow[:, None] + sj) // tl.maximum(kj, 1)
+    level = tl.min(tl.where(first, levj, BIG), axis=1)
+    amt = tl.where(first, tl.maximum(level[:, None] - base, 0), 0)
+    short = crow - tl.sum(amt, axis=1)
+    atl = first & (base <= level[:, None])
+    cnt = tl.cumsum(atl.to(tl.int64), axis=1)
+    amt = amt + (atl & (cnt <= short[:, None])).to(tl.int64)
+    rank_amt = tl.sum(tl.where(same3, amt[:, None, :], 0), axis=2)
+    per_copy = rank_amt // mult + (dup < rank_amt % mult).to(tl.int64)
+    q = tl.where(act[:, None] & valid, per_copy, tl.where(act[:, None], 0, q))
+    delta = tl.reshape(tl.where(act[:, None] & first, amt - own, 0), [NC])
+    dr = tl.gather(delta, tl.maximum(csrc, 0), 0)
+    load = load + tl.where(csrc >= 0, dr, 0)
+    return q, load
+
+
+@triton.jit
+def _shared_step(qs, load, cs, R: tl.constexpr, RB: tl.constexpr):
+    """The same block step for the shared expert (one copy on every rank, copy order = rank order)."""
+    r = tl.arange(0, RB)
+    rv = r < R
+    base = load - qs
+    bj = base[:, None]
+    bi = base[None, :]
+    inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
+    kj = tl.sum(inset.to(tl.int64), axis=1)
+    sj = tl.sum(tl.where(inset, bi, 0), axis=1)
+    levj = (cs + sj) // tl.maximum(kj, 1)
+    level = tl.min(tl.where(rv, levj, BIG), axis=0)
+    amt = tl.where(rv, tl.maximum(level - base, 0), 0)
+    short = cs - tl.sum(amt, axis=0)
+    atl = rv & (base <= level)
+    cnt = tl.cumsum(atl.to(tl.int64), axis=0)
+    amt = amt + (atl & (cnt <= short)).to(tl.int64)
+    return amt, base + amt
+
+
+@triton.jit
+def _sweep(q, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, valid, first, same3, dup, mult,
+           R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, SHARED_BLOCK: tl.constexpr):
+    r = tl.arange(0, RB)
+    for g in range(0, G):
+        csrc = tl.load(colour_src_ptr + g * RB + r)
+        q, load = _block_step(q, load, crow, colour == g, csrc, rankc, valid, first, same3, dup, mult,
+                              NEB, CB, NEB * CB)
+    if SHARED_BLOCK:
+        qs, load = _shared_step(qs, load, cs_sh, R, RB)
+    return q, qs, load
+
+
+@triton.jit
+def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
+             R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, SHARED_BLOCK: tl.constexpr,
+             TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
+    """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact integers)."""
+    r = tl.arange(0, RB)
+    rv = r < R
+    lm = tl.where(rv, load, -1)
+    m = tl.max(lm, axis=0)
+    thr = m - ((m >> TOL_SHIFT_C) + SLACK)
+    li = lm[None, :]
+    lj = lm[:, None]
+    before = rv[None, :] & ((li > lj) | ((li == lj) & (r[None, :] < r[:, None])))
+    pos = tl.sum(before.to(tl.int32), axis=1)  # [RB], position in order "load desc, rank asc"
+    kk = r + 1  # prefix sizes, axis 0
+    inpre = (pos[None, :] < kk[:, None]) & rv[None, :]
+    num = tl.sum(tl.where(inpre, fixed_s[None, :], 0), axis=1)
+    last = tl.max(tl.where(valid, _gather_1d(pos, rankc, NEB * CB), -1), axis=1)  # [NEB]
+    cont = (last[None, :] < kk[:, None]) & rowvalid[None, :]
+    num = num + tl.sum(tl.where(cont, crow_s[None, :], 0), axis=1)
+    if SHARED_BLOCK:
+        num = num + tl.where(kk >= R, cs_sh, 0)
+    ok = rv & (num >= kk.to(tl.int64) * thr)
+    return tl.max(ok.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _plan_kernel(
+    # tables (LayerTables)
+    p2l_ptr, rep_expert_ptr, rep_rank_ptr, rep_colour_ptr, colour_src_ptr, slot_flat_ptr, meta_ptr,
+    # accumulators [EB + 2 * RB + 8] int32 (counts | routed | tokens per source | valid tokens), zeroed here
+    acc_ptr,
+    # outputs
+    counts_ptr,  # [E] int64
+    quotas_ptr,  # [P] int64
+    qcum_ptr,  # [NEB, CB] int32: inclusive quota prefix per copy; the last copy holds INT32_MAX
+    shared_q_ptr,  # [RB] int64
+    flags_ptr,  # [8] int32: certified, sweeps, polish sweeps, polished kept
+    wf_ptr,  # [8] int64: keep[src], exclusive overflow prefix at src
+    wf_vec_ptr,  # [RB + 1] int64: inclusive cumsum of spare (all_rank) or cap (conservative)
+    routed_ptr,  # [RB] int64: routed load per rank
+    src_rank, max_sweeps, polish_sweeps,
+    E: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    NEB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, SB: tl.constexpr, PB: tl.constexpr,
+    LPLB: tl.constexpr,  # per-batch split + quotas
+    JOINT: tl.constexpr,  # the shared expert is part of the split (waterfill all_rank + lplb)
+    WF: tl.constexpr,  # 0 none, 1 conservative, 2 all_rank
+    DYNAMIC: tl.constexpr,  # tokens per source from the gathered stats (else one-hot at src_rank)
+    SCALE_B: tl.constexpr, TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr,
+):
+    NC: tl.constexpr = NEB * CB
+    SHARED_BLOCK: tl.constexpr = JOINT and R >= 2
+    e_idx = tl.arange(0, EB)
+    r = tl.arange(0, RB)
+    rv = r < R
+    counts = tl.load(acc_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int64)
+    routed_acc = tl.load(acc_ptr + EB + r, mask=rv, other=0).to(tl.int64)
+    tok_src_acc = tl.load(acc_ptr + EB + RB + r, mask=rv, other=0).to(tl.int64)
+    n_local = tl.load(acc_ptr + EB + 2 * RB).to(tl.int64)
+    tl.debug_barrier()
+    # self-cleaning accumulators: the next layer/call starts from zeros without a memset
+    tl.store(acc_ptr + e_idx, tl.zeros([EB], tl.int32))
+    tl.store(acc_ptr + EB + r, tl.zeros([RB], tl.int32))
+    tl.store(acc_ptr + EB + RB + r, tl.zeros([RB], tl.int32))
+    tl.store(acc_ptr + EB + 2 * RB + tl.arange(0, 8), tl.zeros([8], tl.int32))
+    tl.store(counts_ptr + e_idx, counts, mask=e_idx < E)
+    if DYNAMIC:
+        tok_src = tok_src_acc
+    else:
+        tok_src = tl.where(r == src_rank, n_local, 0)
+    n_total = tl.sum(tok_src, axis=0)
+
+    routed = routed_acc
+    qs_final = tl.zeros([RB], tl.int64)
+    if LPLB:
+        # ---- tables ---------------------------------------------------------------------------
+        row = tl.arange(0, NEB)
+        col = tl.arange(0, CB)
+        G = tl.load(meta_ptr)
+        rank2 = tl.load(rep_rank_ptr + row[:, None] * CB + col[None, :])
+        valid = rank2 >= 0
+        rankc = tl.where(valid, rank2, 0)
+        colour = tl.load(rep_colour_ptr + row)
+        rowvalid = colour >= 0
+        rep_e = tl.load(rep_expert_ptr + row)
+        crow = tl.where(rowvalid, tl.gather(counts, rep_e, 0), 0)
+        same3 = (rankc[:, :, None] == rankc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        lower3 = col[None, None, :] < col[None, :, None]
+        dup = tl.sum((same3 & lower3).to(tl.int64), axis=2)
+        first = valid & (dup == 0)
+        mult = tl.maximum(tl.sum(same3.to(tl.int64), axis=2), 1)
+        ncopy = tl.sum(valid.to(tl.int64), axis=1)
+        # fixed load per rank: single-copy experts
+        s_idx = tl.arange(0, SB)
+        slot = r[:, None] * S + s_idx[None, :]
+        smask = rv[:, None] & (s_idx[None, :] < S)
+        sp2l = tl.load(p2l_ptr + slot, mask=smask, other=0)
+        sflat = tl.load(slot_flat_ptr + slot, mask=smask, other=0)
+        fixed = tl.sum(tl.where(smask & (sflat < 0), _gather_1d(counts, sp2l, RB * SB), 0), axis=1)
+        if JOINT:
+            if R == 1:
+                fixed = fixed + tl.where(r == 0, n_total, 0)
+        # ---- fixed-point split -----------------------------------------------------------------
+        crow_s = crow << SCALE_B
+        cs_sh = n_total << SCALE_B
+        q = tl.where(valid, crow_s[:, None] // tl.maximum(ncopy, 1)[:, None]
+                     + (col[None, :] < (crow_s % tl.maximum(ncopy, 1))[:, None]).to(tl.int64), 0)
+        qs = tl.zeros([RB], tl.int64)
+        if SHARED_BLOCK:
+            qs = tl.where(rv, cs_sh // R + (r < cs_sh % R).to(tl.int64), 0)
+        fixed_s = fixed << SCALE_B
+        load = fixed_s + _rank_sum(q, rankc, valid, RB, NC) + qs
+        n_sweeps = max_sweeps
+        if not SHARED_BLOCK:
+            n_sweeps = tl.where(G > 0, max_sweeps, 0)
+        it = 0
+        cert = tl.zeros([1], tl.int32).sum(axis=0)
+        while (it < n_sweeps) & (cert == 0):
+            q, qs, load = _sweep(q, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, valid, first,
+                                 same3, dup, mult, R, RB, NEB, CB, SHARED_BLOCK)
+            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB, CB, SHARED_BLOCK,
+                            TOL_SHIFT_C, SLACK)
+            it += 1
+        if it == 0:
+            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB, CB, SHARED_BLOCK,
+                            TOL_SHIFT_C, SLACK)
+        # ---- largest remainder on the fixed-point split ------------------------------------------
+        MASK: tl.constexpr = (1 << SCALE_B) - 1
+        fl = q >> SCALE_B
+        fr = q & MASK
+        short = crow - tl.sum(fl, axis=1)
+        fi = fr[:, None, :]
+        fj = fr[:, :, None]
+        ahead = valid[:, None, :] & ((fi > fj) | ((fi == fj) & (col[None, None, :] < col[None, :, None])))
+        posj = tl.sum(ahead.to(tl.int64), axis=2)
+        qi = fl + (valid & (posj < short[:, None])).to(tl.int64)
+        qsi = tl.zeros([RB], tl.int64)
+        if SHARED_BLOCK:
+            sfl = qs >> SCALE_B
+            sfr = qs & MASK
+            sshort = n_total - tl.sum(sfl, axis=0)
+            sahead = rv[None, :] & ((sfr[None, :] > sfr[:, None]) | ((sfr[None, :] == sfr[:, None]) & (r[None, :] < r[:, None])))
+            qsi = tl.where(rv, sfl + (tl.sum(sahead.to(tl.int64), axis=1) < sshort).to(tl.int64), 0)
+        # ---- integer polish (the core's _polish), kept unless it raises the max rank load ----------
+        load_i = fixed + _rank_sum(qi, rankc, valid, RB, NC) + qsi
+        qp = qi
+        qsp = qsi
+        loadp = load_i
+        pit = 0
+        changed = tl.where(G > 0, 1, 0)
+        if SHARED_BLOCK:
+            changed = 1
+        changed = changed * (polish_sweeps > 0).to(tl.int32)
+        while (pit < polish_sweeps) & (changed != 0):
+            q_old = qp
+            qs_old = qsp
+            qp, qsp, loadp = _sweep(qp, qsp, loadp, crow, n_total, colour, colour_src_ptr, G, rankc, valid, first,
+                                    same3, dup, mult, R, RB, NEB, CB, SHARED_BLOCK)
+            changed = tl.max((qp != q_old).to(tl.int32), axis=1)
+            changed = tl.max(changed, axis=0) | tl.max((qsp != qs_old).to(tl.int32), axis=0)
+            pit += 1
+        better = tl.max(tl.where(rv, loadp, -1), axis=0) <= tl.max(tl.where(rv, load_i, -1), axis=0)
+        qf = tl.where(better, qp, qi)
+        qs_final = tl.where(better, qsp, qsi)
+        load_f = tl.where(better, loadp, load_i)
+        routed = load_f - qs_final
+        if JOINT:
+            if R == 1:
+                qs_final = tl.where(r == 0, n_total, 0)
+                routed = load_f - qs_final
+        # ---- outputs ------------------------------------------------------------------------------
+        p = tl.arange(0, PB)
+        pm = p < P
+        pp2l = tl.load(p2l_ptr + p, mask=pm, other=0)
+        psf = tl.load(slot_flat_ptr + p, mask=pm, other=-1)
+        qflat = tl.reshape(qf, [NC])
+        quota = tl.where(psf >= 0, tl.gather(qflat, tl.maximum(psf, 0), 0), tl.gather(counts, pp2l, 0))
+        tl.store(quotas_ptr + p, quota, mask=pm)
+        qc = tl.cumsum(qf, axis=1)
+        qc = tl.where(col[None, :] >= (ncopy - 1)[:, None], 2147483647, qc)
+        tl.store(qcum_ptr + row[:, None] * CB + col[None, :], qc.to(tl.int32))
+        tl.store(flags_ptr + tl.arange(0, 1), cert.to(tl.int32) + tl.zeros([1], tl.int32))
+        tl.store(flags_ptr + 1 + tl.arange(0, 1), it + tl.zeros([1], tl.int32))
+        tl.store(flags_ptr + 2 + tl.arange(0, 1), pit + tl.zeros([1], tl.int32))
+        tl.store(flags_ptr + 3 + tl.arange(0, 1), better.to(tl.int32) + tl.zeros([1], tl.int32))
+    tl.store(routed_ptr + r, routed)
+
+    if WF != 0:
+        # ---- Waterfill: shared slots per rank, then what assign_shared needs -------------------------
+        if JOINT:
+            qsh = qs_final
+        else:
+            # waterfill.shared_quotas in float64, same operations as the core
+            lf = routed.to(tl.float64)
+            bj = routed[:, None]
+            bi = routed[None, :]
+            inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
+            kj = tl.sum(inset.to(tl.int64), axis=1)
+            sj = tl.sum(tl.where(inset, bi, 0), axis=1)
+            levj = (n_total + sj).to(tl.float64) / tl.maximum(kj, 1).to(tl.float64)
+            level = tl.min(tl.where(rv, levj, float("inf")), axis=0)
+            y = tl.maximum(level - lf, 0.0)
+            yfl = tl.floor(y)
+            yfr = y - yfl
+            sshort = n_total - tl.sum(tl.where(rv, yfl.to(tl.int64), 0), axis=0)
+            sahead = rv[None, :] & ((yfr[None, :] > yfr[:, None]) | ((yfr[None, :] == yfr[:, None]) & (r[None, :] < r[:, None])))
+            qsh = tl.where(rv, yfl.to(tl.int64) + (tl.sum(sahead.to(tl.int64), axis=1) < sshort).to(tl.int64), 0)
+        tl.store(shared_q_ptr + r, qsh)
+        keep = tl.minimum(tok_src, qsh)
+        over = tok_src - keep
+        spare = qsh - keep
+        keep_src = tl.sum(tl.where(r == src_rank, keep, 0), axis=0)
+        over_src = tl.sum(tl.where(r == src_rank, over, 0), axis=0)
+        excl_over = tl.sum(tl.where(r < src_rank, over, 0), axis=0)
+        tl.store(wf_ptr + tl.arange(0, 1), keep_src + tl.zeros([1], tl.int64))
+        tl.store(wf_ptr + 1 + tl.arange(0, 1), excl_over + tl.zeros([1], tl.int64))
+        if WF == 2:
+            tl.store(wf_vec_ptr + r, tl.cumsum(spare, axis=0))
+        else:
+            # _apportion(spare, over)[src]
+            w_all = tl.maximum(tl.sum(over, axis=0), 1)
+            hi = excl_over + over_src
+            cap = (spare * hi) // w_all - (spare * excl_over) // w_all
+            tl.store(wf_vec_ptr + r, tl.where(rv, cap, 0))
+        tl.store(wf_vec_ptr + RB + tl.arange(0, 1), tl.zeros([1], tl.int64))
+
+
+@triton.jit
+def _stats_kernel(acc_ptr, stats_ptr, E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr,
+                  ROUTED: tl.constexpr):
+    """``joint.local_stats`` row ``[E + R + 1]`` int64 from the count accumulators; zeroes them."""
+    e_idx = tl.arange(0, EB)
+    r = tl.arange(0, RB)
+    counts = tl.load(acc_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int64)
+    routed = tl.load(acc_ptr + EB + r, mask=r < R, other=0).to(tl.int64)
+    n = tl.load(acc_ptr + EB + 2 * RB + tl.arange(0, 1)).to(tl.int64)
+    tl.debug_barrier()
+    tl.store(acc_ptr + e_idx, tl.zeros([EB], tl.int32))
+    tl.store(acc_ptr + EB + r, tl.zeros([RB], tl.int32))
+    tl.store(acc_ptr + EB + RB + r, tl.zeros([RB], tl.int32))
+    tl.store(acc_ptr + EB + 2 * RB + tl.arange(0, 8), tl.zeros([8], tl.int32))
+    tl.store(stats_ptr + e_idx, counts, mask=e_idx < E)
+    if not ROUTED:
+        routed = routed * 0
+    tl.store(stats_ptr + E + r, routed, mask=r < R)
+    tl.store(stats_ptr + E + R + tl.arange(0, 1), n)
+
+
+@triton.jit
+def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
+                     E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, BC: tl.constexpr,
+                     BD: tl.constexpr):
+    """Reduce all-gathered stats rows ``[D, E + R + 1]``: global counts, routed loads and tokens per
+    source into the accumulators; this rank's DP-attention offsets (exclusive prefix) per expert."""
+    W: tl.constexpr = E + R + 1
+    pid = tl.program_id(0)
+    c = pid * BC + tl.arange(0, BC)
+    cm = c < W
+    tot = tl.zeros([BC], tl.int64)
+    off = tl.zeros([BC], tl.int64)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        m = (d < D)[:, None] & cm[None, :]
+        v = tl.load(g_ptr + d[:, None] * W + c[None, :], mask=m, other=0).to(tl.int64)
+        tot += tl.sum(v, axis=0)
+        off += tl.sum(tl.where((d < src_rank)[:, None], v, 0), axis=0)
+    # counts -> acc[0:E], routed -> acc[EB:EB+R]
+    tl.store(acc_ptr + c, tot.to(tl.int32), mask=c < E)
+    tl.store(dp_off_ptr + c, off.to(tl.int32), mask=c < E)
+    tl.store(acc_ptr + EB + (c - E), tot.to(tl.int32), mask=(c >= E) & (c < E + R))
+    # tokens per source rank: column E + R of row d -> acc[EB + RB + d]
+    if pid == 0:
+        d = tl.arange(0, RB)
+        nt = tl.load(g_ptr + d * W + (E + R), mask=(d < D) & (d < R), other=0)
+        tl.store(acc_ptr + EB + RB + d, nt.to(tl.int32))
+
+
+def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 8, polish_sweeps: int = 8,
+                num_warps: int = 4) -> dict:
+    """Run kernel B alone on given counts (allocates; for tests).
+
+    ``pl`` single-layer placement, ``counts [E]``. With ``shared_tokens`` the shared expert
+    joins the split (joint waterfill+lplb, all_rank). Returns quotas ``[P]``, shared quotas
+    ``[R]``, flags (certified, sweeps, polish sweeps, polished kept), routed load ``[R]``.
+    """
+    import torch
+
+    from ._launch import launch
+    from ._tables import LayerTables, next_pow2
+    from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
+
+    tb = LayerTables.build(pl)
+    dev = pl.device
+    EB, RB = tb.EB, tb.RB
+    acc = torch.zeros(EB + 2 * RB + 8, dtype=torch.int32, device=dev)
+    acc[: tb.E] = counts.to(torch.int32)
+    joint = shared_tokens is not None
+    if joint:
+        acc[EB + 2 * RB] = int(shared_tokens)
+    i64 = dict(dtype=torch.int64, device=dev)
+    out = dict(
+        counts=torch.zeros(tb.E, **i64), quotas=torch.zeros(pl.num_physical, **i64),
+        qcum=torch.zeros(tb.NEB, tb.CB, dtype=torch.int32, device=dev), shared_q=torch.zeros(RB, **i64),
+        flags=torch.zeros(8, dtype=torch.int32, device=dev), wf=torch.zeros(8, **i64),
+        wf_vec=torch.zeros(RB + 1, **i64), routed=torch.zeros(RB, **i64),
+    )
+    launch(
+        _plan_kernel, (1,),
+        tb.p2l, tb.rep_expert, tb.rep_rank, tb.rep_colour, tb.colour_src, tb.slot_flat, tb.meta, acc,
+        out["counts"], out["quotas"], out["qcum"], out["shared_q"], out["flags"], out["wf"], out["wf_vec"],
+        out["routed"], 0, max_sweeps, polish_sweeps,
+        E=tb.E, R=tb.R, S=tb.S, P=pl.num_physical, NEB=tb.NEB, CB=tb.CB, RB=RB, EB=EB,
+        SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), LPLB=True, JOINT=joint, WF=2 if joint else 0,
+        DYNAMIC=False, SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS, num_warps=num_warps,
+    )
+    out["shared_q"] = out["shared_q"][: tb.R]
+    out["routed"] = out["routed"][: tb.R]
+    out["acc_after"] = acc
+    return out

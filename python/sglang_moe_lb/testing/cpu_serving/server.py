@@ -207,6 +207,7 @@ class ServerHandle:
 
     def _wait_ready(self, deadline: float) -> None:
         while True:
+            self._remember_descendants()  # so a failed start can still be cleaned up
             code = self.process.poll()
             if code is not None:
                 raise ServerStartError(f"server exited with code {code} during startup; log {self.log_path}:\n{self.log_tail()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -49,6 +50,20 @@ def test_launch_server_help_lists_the_flag():
     assert "--moe-lb {off,waterfill,lplb,waterfill+lplb}" in out
     for flag in ("--moe-lb-waterfill-candidates", "--moe-lb-waterfill-sync", "--moe-lb-lplb-schedule"):
         assert flag in out
+
+
+def test_sglang_serve_parses_the_flag():
+    """``sglang serve`` loads plugins before parsing, so it validates ``--moe-lb`` too.
+
+    (Its ``--help`` is printed before SGLang 0.5.23 loads any plugin, so the flag is missing
+    from ``sglang serve --help``; docs/usage.md says so.)
+    """
+    sglang = os.path.join(os.path.dirname(sys.executable), "sglang")
+    proc = subprocess.run([sglang, "serve", "--model-path", str(TINY), "--device", "cpu", "--moe-lb", "lpbl"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    assert "sglang serve: error: argument --moe-lb: invalid choice: 'lpbl'" in proc.stderr
+    assert "[--moe-lb {off,waterfill,lplb,waterfill+lplb}]" in proc.stderr
 
 
 def test_parse_lplb_and_carry_to_children(plugin):
@@ -146,13 +161,15 @@ def test_waterfill_on_a_family_without_fusion_exits(plugin, capsys, tmp_path):
     assert ERRORS["no_fusion_support"].format(mode="waterfill", arch="Qwen2MoeForCausalLM") in err
 
 
-def test_lplb_with_cuda_graphs_needs_kernels_or_disabled_graphs(plugin, capsys):
-    flags = ["--moe-lb", "lplb", "--device", "cuda", *EP4, *REDUNDANT]
+@pytest.mark.parametrize("mode, flags", [("lplb", [*EP4, *REDUNDANT]), ("waterfill", DEEPEP4)])
+def test_cuda_graphs_need_kernels_or_disabled_graphs(plugin, capsys, mode, flags):
+    flags = ["--moe-lb", mode, "--device", "cuda", *flags]
     err = expect_exit(capsys, *flags, resolve=True)
-    assert ERRORS["cuda_graph"].format(mode="lplb") in err
-    sa = parse(*flags, "--disable-cuda-graph")
-    sa.resolve_once()
-    assert sa._moe_lb.mode == "lplb"
+    assert ERRORS["cuda_graph"].format(mode=mode) in err
+    for off in (["--disable-cuda-graph"], ["--cuda-graph-backend-decode", "disabled"]):
+        sa = parse(*flags, *off)
+        sa.resolve_once()
+        assert sa._moe_lb.mode == mode
 
 
 def test_ep_size_one_turns_the_plugin_off(plugin, capsys):

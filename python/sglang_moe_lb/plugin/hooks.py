@@ -124,6 +124,7 @@ def after_prepare_moe_topk(result, *args, model=None, model_config=None, **kwarg
     if md is None:
         return result
     rt.attach_metadata(md)
+    rt.moe_layers |= _moe_layers(model, rt)
     if rt.rebalancer is not None:
         rt.rebalancer.startup()
     if rt.opts.waterfill:
@@ -141,28 +142,46 @@ def _hot_path_name(rt) -> str:
     return hot_path.impl(rt.device or "cpu").name
 
 
-def _install_waterfill(rt, model) -> None:
+def _target_topks(model, rt):
+    """The model's non-draft TopK/HashTopK modules of layers we hold a plan for."""
     from sglang.srt.layers.moe.hash_topk import HashTopK
     from sglang.srt.layers.moe.topk import TopK
 
+    for module in model.modules():
+        if isinstance(module, (TopK, HashTopK)) and not getattr(module, "is_draft", False):
+            if module.layer_id in rt.plans:
+                yield module
+
+
+def _moe_layers(model, rt) -> set[int]:
+    return {m.layer_id for m in _target_topks(model, rt)}
+
+
+def _install_waterfill(rt, model) -> None:
     from .waterfill_balancer import MoeLbWaterfill
 
-    swapped = 0
-    for module in model.modules():
-        if not isinstance(module, (TopK, HashTopK)) or not module.enable_waterfill:
-            continue
-        if getattr(module, "is_draft", False) or module.layer_id not in rt.plans:
-            continue
-        upstream = module.waterfill_balancer
-        if isinstance(upstream, MoeLbWaterfill):
-            swapped += 1
-            continue
-        module.waterfill_balancer = MoeLbWaterfill(rt, module.layer_id, getattr(upstream, "shared_weight", 1.0))
-        swapped += 1
-    if swapped == 0:
-        has_moe = any(isinstance(m, (TopK, HashTopK)) for m in model.modules())
-        if has_moe:
+    targets = list(_target_topks(model, rt))
+    for module in targets:
+        if not module.enable_waterfill:
+            # SGLang built this model without the fused slot (fusion turned off for it).
             raise fusion_off_error(rt.opts.mode)
+        if not isinstance(module.waterfill_balancer, MoeLbWaterfill):
+            module.waterfill_balancer = MoeLbWaterfill(rt, module.layer_id, _shared_weight(module))
+
+
+def _shared_weight(module) -> float:
+    """The shared slot's weight SGLang chose for this router (its balancer carries it)."""
+    upstream = getattr(module, "waterfill_balancer", None)
+    if upstream is not None and hasattr(upstream, "shared_weight"):
+        return float(upstream.shared_weight)
+    from sglang.srt.layers.moe.topk import fused_shared_expert_weight, is_routed_scaling_factor_fused_in_topk
+
+    cfg = getattr(module, "topk_config", None)
+    if cfg is not None:
+        return fused_shared_expert_weight(routed_scaling_factor=cfg.routed_scaling_factor,
+                                          fused_in_topk=is_routed_scaling_factor_fused_in_topk(cfg))
+    return fused_shared_expert_weight(routed_scaling_factor=getattr(module, "routed_scaling_factor", None),
+                                      fused_in_topk=bool(getattr(module, "apply_routed_scaling_factor_on_output", False)))
 
 
 def _tag_dispatchers(model) -> None:

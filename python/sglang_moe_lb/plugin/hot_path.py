@@ -10,9 +10,11 @@ functions for that device:
 The core's torch functions are the reference and the CPU path. A kernel package
 (import name ``moe_lb_kernels``, distribution ``sglang-moe-lb-kernels``) becomes the CUDA
 path by exporting any of these three names with the same signature and semantics; the ones
-it does not export stay on the core. If it also sets ``CUDA_GRAPH_SAFE = True``, its
-``balance_layer`` promises no host synchronisation and fixed tensor addresses, and the
-start-up check then allows LPLB with CUDA graphs. To swap the implementation, change
+it does not export stay on the core. If it also sets ``CUDA_GRAPH_SAFE = True``, it promises
+that all three run without host synchronisation and read plans through fixed tensor
+addresses, and the start-up check then allows ``--moe-lb`` with CUDA graphs. (On an H200 the
+core path synchronises with the host in every call but ``fuse_topk``, so CUDA-graph capture
+fails: see docs/usage.md.) To swap the implementation, change
 ``impl`` (or ``KERNEL_MODULE``): nothing else in the plugin names a per-batch function.
 """
 
@@ -64,6 +66,10 @@ def impl(device: torch.device | str) -> SimpleNamespace:
 
 
 def kernels_graph_safe() -> bool:
-    """Whether the kernel package promises a CUDA-graph-safe ``balance_layer``."""
+    """Whether the kernel package provides all three functions and promises CUDA-graph safety."""
     mod = _kernel_module()
-    return bool(mod is not None and callable(getattr(mod, "balance_layer", None)) and getattr(mod, "CUDA_GRAPH_SAFE", False))
+    return bool(
+        mod is not None
+        and all(callable(getattr(mod, n, None)) for n in _NAMES)
+        and getattr(mod, "CUDA_GRAPH_SAFE", False)
+    )

@@ -97,10 +97,11 @@ ERRORS = {
         "sglang 0.5.23. Use --moe-lb lplb for this model."
     ),
     "cuda_graph": (
-        "--moe-lb {mode} balances replicas with the torch reference path, which waits on the host "
-        "and swaps plan tensors that a captured CUDA graph would freeze. Add --disable-cuda-graph "
-        "(or --cuda-graph-backend-decode disabled), or install sglang-moe-lb-kernels with a "
-        "CUDA-graph-safe balance_layer."
+        "--moe-lb {mode} runs on the core's torch reference path, which synchronises with the host "
+        "in every MoE layer and cannot be captured in a CUDA graph (a captured graph would also keep "
+        "plan tensors that a rebalance replaces). Add --disable-cuda-graph (or "
+        "--cuda-graph-backend-decode disabled), or install sglang-moe-lb-kernels with a "
+        "CUDA-graph-safe implementation."
     ),
     "fusion_off_at_load": (
         "--moe-lb {mode}: the model was built without the fused shared-expert slot (SGLang turned "
@@ -296,6 +297,6 @@ def check_resolved(opts: MoeLbOptions, view: dict) -> tuple[MoeLbOptions, list[s
             raise _err("no_shared_expert", mode=mode, arch=arch, detail=view.get("shared_detail", "no shared expert"))
         if view.get("fusion_supported") is False:
             raise _err("no_fusion_support", mode=mode, arch=arch)
-    if opts.lplb and view.get("device") == "cuda" and view.get("cuda_graph") and not view.get("graph_safe_kernels"):
+    if view.get("device") == "cuda" and view.get("cuda_graph") and not view.get("graph_safe_kernels"):
         raise _err("cuda_graph", mode=mode)
     return opts, warnings

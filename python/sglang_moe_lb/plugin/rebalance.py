@@ -21,9 +21,10 @@ placement did not change, the even split when it did). At start-up, a window pas
 ``--init-expert-location`` (a file with ``logical_count``) is solved synchronously before
 the first forward; without one the tables start even.
 
-One log line per rebalance (EP rank 0) gives each layer's balancedness (mean/max rank load,
-averaged over the window's steps) before (old placement and plan), with the even split on the
-new placement, and with the new table, plus the solve time.
+One log line per rebalance (EP rank 0) gives each MoE layer's balancedness on the recorded
+window (``balancedness``: summed mean rank load over summed max rank load) before (old
+placement and plan), with the even split on the new placement, and with the new table, plus
+the solve time. ``Runtime.last_report`` keeps the same numbers.
 """
 
 from __future__ import annotations
@@ -58,17 +59,21 @@ def solve_layer(pl: Placement, window_layer: torch.Tensor) -> torch.Tensor:
 
 
 def balancedness(pl: Placement, table: torch.Tensor, window_layer: torch.Tensor) -> float | None:
-    """Mean over recorded steps of mean/max rank load when ``table`` splits each step's counts."""
+    """Window balancedness when ``table`` splits every recorded step's counts.
+
+    ``sum_t mean_r load_t[r] / sum_t max_r load_t[r]`` over the steps that enter the LP: 1.0 is
+    perfect, and since the scenario LP minimises ``sum_t max_r load_t[r]`` (the mean is fixed
+    by the counts), its table scores at least as well as any other split on that window.
+    """
     w = _window_steps(window_layer)
     if w.shape[0] == 0:
         return None
-    vals = []
+    mean = top = 0.0
     for counts in w:
         loads = pl.rank_loads(fractions_to_split(pl, table.cpu(), counts))
-        top = float(loads.max())
-        if top > 0:
-            vals.append(float(loads.mean()) / top)
-    return sum(vals) / len(vals) if vals else None
+        mean += float(loads.mean())
+        top += float(loads.max())
+    return mean / top if top > 0 else None
 
 
 class _Job:
@@ -88,7 +93,8 @@ class _Job:
     def _run(self):
         t_all = time.perf_counter()
         R, E = self._rt.num_ranks, self._rt.num_logical
-        for layer in range(self.rows.shape[0]):
+        layers = sorted(self._rt.moe_layers) if self._rt.moe_layers else range(self.rows.shape[0])
+        for layer in layers:
             row = self.rows[layer]
             t0 = time.perf_counter()
             try:

@@ -72,6 +72,7 @@ class Runtime:
         self.num_logical = self.num_ranks = self.slots_per_rank = None
         self.device: torch.device | None = None
         self.attached = False
+        self.moe_layers: set[int] = set()  # layers with a (non-draft) TopK; empty = unknown, all layers
         self.stash: dict[int, torch.Tensor] = {}
         self._counters = _Counters()
         self._ep: comm.EpGroup | None = None

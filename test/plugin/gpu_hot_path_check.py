@@ -1,0 +1,137 @@
+"""GPU check of the plugin's per-batch hot path (not a pytest file; needs CUDA, no SGLang).
+
+Run from the repository root: ``python test/plugin/gpu_hot_path_check.py``. For each call the
+forward path makes through ``plugin.hot_path.impl("cuda")`` (core torch functions unless
+``moe_lb_kernels`` provides them), on a DeepSeek-V3-sized layer (256 experts + 32 redundant,
+16 EP ranks, top-8):
+
+1. host synchronisations (``torch.cuda.set_sync_debug_mode``), which break CUDA-graph capture;
+2. whether the call can be captured in a CUDA graph and replayed to the same result;
+3. eager time per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+
+import torch  # noqa: E402
+
+from sglang_moe_lb import Placement, lp_split  # noqa: E402
+from sglang_moe_lb.plugin import hot_path  # noqa: E402
+
+E, RED, R, K = 256, 32, 16, 8
+P = E + RED
+S = P // R
+
+
+def make_case(T: int, dev):
+    g = torch.Generator().manual_seed(0)
+    skew = torch.linspace(4.0, 0.3, E)
+    p2l = torch.cat([torch.arange(E), torch.multinomial(skew, RED, replacement=False, generator=g)])
+    p2l = p2l[torch.randperm(P, generator=g)]
+    pl = Placement(p2l.to(dev), R, E)
+    pl.replica_blocks  # noqa: B018
+    pl.with_shared_expert.replica_blocks  # noqa: B018
+    ids = torch.stack([torch.multinomial(skew, K, replacement=False, generator=g) for _ in range(T)]).to(dev)
+    try:
+        import highspy  # noqa: F401
+
+        win = torch.randint(0, 100, (8, E), generator=g)
+    except ImportError:  # no HiGHS on the GPU box: the even table (same shape, same hot path)
+        win = torch.zeros(0, E)
+    table = lp_split.scenario_split(Placement(p2l, R, E), win).to(dev)
+    return pl, ids.to(torch.int32), table
+
+
+def calls(pl, ids, table, hp):
+    dev = ids.device
+    phys = hp.balance_layer(pl, ids, lplb="table", split_table=table).phys_ids
+    rows = torch.stack([hp.local_stats(ids.roll(r, 0), E, R, S) for r in range(R)])
+    rows_ph = torch.stack([hp.local_stats(ids.roll(r, 0), E, R, S, phys_ids=phys.roll(r, 0)) for r in range(R)])
+    w = torch.rand(ids.shape, device=dev)
+    shared = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
+    return {
+        "local_stats": lambda: hp.local_stats(ids, E, R, S),
+        "waterfill static conservative": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="conservative").shared_rank,
+        "waterfill static all_rank": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="all_rank").shared_rank,
+        "waterfill dynamic conservative": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="conservative", gathered=rows_ph, source_rank=3).shared_rank,
+        "fuse_topk": lambda: hp.fuse_topk(phys, w, shared, S, 0.4)[0],
+        "lplb table": lambda: hp.balance_layer(pl, ids, lplb="table", split_table=table).phys_ids,
+        "lplb per-batch": lambda: hp.balance_layer(pl, ids, lplb="per_batch", gathered=rows, source_rank=3).phys_ids,
+        "joint per-batch all_rank": lambda: hp.balance_layer(pl, ids, lplb="per_batch", waterfill="all_rank", gathered=rows, source_rank=3).phys_ids,
+    }
+
+
+def count_syncs(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in got)
+
+
+def try_graph(fn) -> str:
+    try:
+        ref = fn()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm-up on a side stream, as CUDA-graph capture requires
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return "ok" if torch.equal(out, ref) else "captured, but replay differs"
+    except Exception as err:  # noqa: BLE001
+        return f"fails: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
+def time_ms(fn, reps=5) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def main():
+    dev = torch.device("cuda")
+    hp = hot_path.impl(dev)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": hp.name, "cases": {}}
+    for T in (4096, 128):
+        pl, ids, table = make_case(T, dev)
+        case = {name: {"host_syncs": count_syncs(fn), "ms": round(time_ms(fn), 3)}
+                for name, fn in calls(pl, ids, table, hp).items()}
+        report["cases"][f"T={T}"] = case
+        print(f"T={T}", json.dumps(case), flush=True)
+    # Capture attempts last: a failed capture can leave the CUDA context unusable.
+    graphs = {}
+    fns = calls(pl, ids, table, hp)
+    for name in ["fuse_topk"] + [n for n in fns if n != "fuse_topk"]:
+        graphs[name] = try_graph(fns[name])
+        print("cuda_graph", name, graphs[name], flush=True)
+    report["cuda_graph_T128"] = graphs
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_hot_path.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,4 +8,6 @@ cd "$root"
 # Triton kernels run on the CPU through the interpreter; it must be set before triton is imported.
 export TRITON_INTERPRET=1
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+# Include the end-to-end tests that start real SGLang servers on CPU (loopback only).
+export SGLANG_MOE_LB_E2E=${SGLANG_MOE_LB_E2E:-1}
 exec "$root/.venv/bin/python" -m pytest test -q -p no:cacheprovider "$@"

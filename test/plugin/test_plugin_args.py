@@ -142,6 +142,14 @@ def _model_dir(tmp_path, **changes):
     return str(tmp_path)
 
 
+def test_usage_doc_lists_every_message():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
+    for key, text in {**ERRORS, **WARNINGS}.items():
+        assert text in doc, f"docs/usage.md does not list the {key!r} message"
+
+
 def test_waterfill_on_a_model_without_shared_expert_exits(plugin, capsys, tmp_path):
     model = _model_dir(tmp_path, n_shared_experts=0)
     err = expect_exit(capsys, "--model-path", model, "--moe-lb", "waterfill", *DEEPEP4, resolve=True)
@@ -166,10 +174,13 @@ def test_cuda_graphs_need_kernels_or_disabled_graphs(plugin, capsys, mode, flags
     flags = ["--moe-lb", mode, "--device", "cuda", *flags]
     err = expect_exit(capsys, *flags, resolve=True)
     assert ERRORS["cuda_graph"].format(mode=mode) in err
-    for off in (["--disable-cuda-graph"], ["--cuda-graph-backend-decode", "disabled"]):
+    for off in (["--disable-cuda-graph"], ["--cuda-graph-backend-decode", "disabled"],
+                ["--cuda-graph-config", '{"decode": {"backend": "disabled"}}']):
         sa = parse(*flags, *off)
         sa.resolve_once()
         assert sa._moe_lb.mode == mode
+    prefill_graph = ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "breakable"]
+    assert ERRORS["cuda_graph"].format(mode=mode) in expect_exit(capsys, *flags, *prefill_graph, resolve=True)
 
 
 def test_ep_size_one_turns_the_plugin_off(plugin, capsys):

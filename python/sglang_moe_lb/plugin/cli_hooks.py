@@ -92,10 +92,15 @@ def resolved_view(server_args) -> dict:
     from . import hot_path
 
     v = resolving_view(server_args)
-    cuda_graph = not bool(getattr(v, "disable_cuda_graph", False)) and (
-        getattr(v, "cuda_graph_backend_decode", None) != "disabled"
-        or getattr(v, "cuda_graph_backend_prefill", None) not in (None, "disabled")
-    )
+    cfg = getattr(v, "cuda_graph_config", None)  # resolved: one backend per phase
+    phases = [getattr(cfg, name, None) for name in ("decode", "prefill")] if cfg is not None else []
+    if phases and all(p is not None for p in phases):
+        cuda_graph = any(p.backend != "disabled" for p in phases)
+    else:
+        cuda_graph = not bool(getattr(v, "disable_cuda_graph", False)) and (
+            getattr(v, "cuda_graph_backend_decode", None) != "disabled"
+            or getattr(v, "cuda_graph_backend_prefill", None) not in (None, "disabled")
+        )
     view = {
         "ep_size": int(getattr(v, "ep_size", 1) or 1),
         "device": getattr(v, "device", None),

@@ -40,7 +40,7 @@ import types
 import torch
 
 from . import cli_hooks
-from .options import MoeLbConfigError, MoeLbOptions
+from .options import ERRORS, MoeLbConfigError, MoeLbOptions
 from .runtime import activate, deactivate, fusion_off_error, get_runtime
 
 __all__ = ["LIGHT_HOOKS", "register_light_hooks", "activate_in_scheduler", "runtime_hook_specs",
@@ -353,10 +353,7 @@ def install_runtime_hooks(opts: MoeLbOptions, *, rank_invariant: bool) -> None:
     HookRegistry.apply_hooks()
     missing = [t for t, fn, _ in specs if not _installed(t, fn)]
     if missing:
-        raise MoeLbConfigError(
-            f"--moe-lb {opts.mode}: could not hook {', '.join(missing)} (another plugin patched it "
-            "first; load sglang-moe-lb alone or list it first in SGLANG_PLUGINS)"
-        )
+        raise MoeLbConfigError(ERRORS["hook_conflict"].format(mode=opts.mode, targets=", ".join(missing)))
 
 
 def activate_in_scheduler(server_args, opts: MoeLbOptions) -> None:

@@ -109,6 +109,10 @@ ERRORS = {
         "is disabled' log line, e.g. a quantisation that keeps the shared expert at another "
         "precision). Waterfill cannot run on it; use --moe-lb lplb."
     ),
+    "hook_conflict": (
+        "--moe-lb {mode}: could not hook {targets} (another plugin patched it first). Load "
+        "sglang-moe-lb alone, or leave the other plugin out with SGLANG_PLUGINS."
+    ),
 }
 
 WARNINGS = {

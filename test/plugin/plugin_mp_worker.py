@@ -116,6 +116,7 @@ def _one_mode(rank, idle_rank, server_args, calls, E, K, make_topk, window):
             "ids": None if topk_output is None else topk_output.topk_ids.clone(),
             "weights": None if topk_output is None else topk_output.topk_weights.clone(),
         }
+    out["tables"] = {layer: plan.table.cpu() for layer, plan in rt.plans.items() if plan.table is not None}
     out["collectives"] = calls["n"]
     out["collective_per_layer"] = rt.collective_per_layer
     return out

@@ -33,6 +33,7 @@ MODES = {
                        "--moe-lb-waterfill-candidates", "all_rank"],
     "joint/conservative": ["--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch"],
     "waterfill/static": ["--moe-lb", "waterfill"],
+    "lplb/rebalance-only": ["--moe-lb", "lplb"],
 }
 TIMEOUT_S = 240
 
@@ -176,3 +177,16 @@ def test_waterfill_sync_modes(ranks, mode, dynamic):
             local_load[r] += phys.shape[0]
         if dynamic:  # global Waterfill never loses to always-local
             assert (routed + shared_load).max() <= local_load.max()
+
+
+def test_rebalance_only_tables_are_identical_and_need_no_collective(ranks):
+    """Every rank solves the same scenario LP from the same window: bit-identical tables."""
+    res = ranks["lplb/rebalance-only"]
+    _check_common(res, dynamic=False)
+    for layer in (1, 2, 3):
+        tables = [res[r]["tables"][layer] for r in range(R)]
+        assert all(torch.equal(t, tables[0]) for t in tables[1:]), f"layer {layer}: ranks solved different tables"
+        S, pl, rows, logical = _setup(res, layer)
+        for r in range(R):
+            want = balance_layer(pl, logical[r], lplb="table", split_table=tables[0])
+            assert torch.equal(rows[r][0], want.phys_ids.long()), f"rank {r} layer {layer}: routed ids differ"

@@ -77,18 +77,18 @@ def tag_dispatch_info(result, cls, *args, **kwargs):
 
 
 @torch.compiler.disable
-def _dispatch(layer: int, topk_ids):
-    rt = get_runtime()
-    return rt.dispatch(layer, topk_ids) if rt is not None else None
-
-
 def logical_to_physical(orig, *args, **kwargs):
-    """``topk_ids_logical_to_physical``: LPLB's physical ids instead of SGLang's pick."""
+    """``topk_ids_logical_to_physical``: LPLB's physical ids instead of SGLang's pick.
+
+    SGLang calls this inside a ``torch.compile``d helper on CUDA; it runs eagerly (a graph
+    break), so the compiled code neither traces the plugin nor guards on the layer id.
+    """
     topk_ids = _arg(args, kwargs, 0, "topk_ids")
     info = _arg(args, kwargs, 1, "info")
     layer = getattr(info, "_moe_lb_layer", None) if info is not None else None
-    if layer is not None and _arg(args, kwargs, 2, "log2phy_prob") is None:
-        out = _dispatch(layer, topk_ids)
+    rt = get_runtime()
+    if rt is not None and layer is not None and _arg(args, kwargs, 2, "log2phy_prob") is None:
+        out = rt.dispatch(layer, topk_ids)
         if out is not None:
             return out
     return orig(*args, **kwargs)

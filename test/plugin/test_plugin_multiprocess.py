@@ -12,7 +12,6 @@ the global quotas.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 
 import pytest

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lp_split import fractions_to_split, scenario_split
+from ..lp_split import scenario_split
 from ..placement import Placement
 from . import comm, hot_path
 from .options import ERRORS, MoeLbConfigError, MoeLbOptions
@@ -86,9 +86,6 @@ class Runtime:
         if self._ep is None:
             self._ep = comm.current_ep_group()
         return self._ep
-
-    def set_ep_group(self, ep: comm.EpGroup) -> None:
-        self._ep = ep
 
     @property
     def collective_per_layer(self) -> bool:

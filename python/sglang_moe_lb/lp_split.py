@@ -180,7 +180,10 @@ def _new_highs():
     import highspy
 
     global _banner_shown
-    if not _banner_shown:
+    import threading
+
+    # Only the main thread may borrow fd 1; elsewhere (e.g. a rebalance thread) let it print.
+    if not _banner_shown and threading.current_thread() is threading.main_thread():
         # HiGHS prints a copyright banner to fd 1 on its first construction, before any option
         # can be set; keep it out of CLI tables and server logs.
         _banner_shown = True
@@ -321,7 +324,9 @@ def fractions_to_split(pl: Placement, fractions: torch.Tensor, logical_counts: t
     return x[0] if pl.single_layer else x
 
 
-def scenario_split(pl: Placement, window_counts: torch.Tensor, max_steps: int = 64) -> torch.Tensor:
+def scenario_split(
+    pl: Placement, window_counts: torch.Tensor, max_steps: int = 64, strict: bool = False
+) -> torch.Tensor:
     """Split fractions minimising the mean over recorded steps of each step's max rank load.
 
     This is the rebalance-time LP: one fixed split table must serve every batch until the
@@ -332,7 +337,9 @@ def scenario_split(pl: Placement, window_counts: torch.Tensor, max_steps: int = 
         max_steps: at most this many steps enter the LP (the most recent ones), to bound its size.
     Returns:
         float64 fractions ``[P]`` or ``[L, P]``: share of its expert's tokens per slot
-        (1.0 for single-copy experts). Falls back to the even split (one warning) on failure.
+        (1.0 for single-copy experts). A layer whose LP fails gets the even split (one
+        warning), unless ``strict``: then ``SplitError`` is raised, so a caller holding an
+        older plan can keep it.
     """
     w = window_counts
     if w.dim() == (2 if pl.single_layer else 3):
@@ -356,6 +363,8 @@ def scenario_split(pl: Placement, window_counts: torch.Tensor, max_steps: int = 
                     _scenario_layer(p2l[layer], rep[layer], wn[:, layer], pl.num_ranks, pl.slots_per_rank)
                 )
             except SplitError as err:
+                if strict:
+                    raise SplitError(f"scenario LP failed on layer {layer}: {err}") from err
                 _warn_once("scenario", f"LPLB scenario LP failed on layer {layer} ({err}); using the even split")
     return out[0] if pl.single_layer else out
 

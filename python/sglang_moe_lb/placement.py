@@ -233,7 +233,9 @@ class Placement:
         return self if self.single_layer else self._layers[i]
 
     def to(self, device: torch.device | str) -> "Placement":
-        return Placement(self.phy2log.to(device), self.num_ranks, self.num_logical)
+        """The same placement on another device (single-layer stays single-layer)."""
+        p2l = self.phy2log[0] if self.single_layer else self.phy2log
+        return Placement(p2l.to(device), self.num_ranks, self.num_logical)
 
     def rank_loads(self, slot_tokens: torch.Tensor) -> torch.Tensor:
         """Per-rank load from per-slot tokens: ``[..., P] -> [..., R]``."""

@@ -167,3 +167,21 @@ def test_scenario_split_unseen_expert_keeps_even_split():
     pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
     f = scenario_split(pl, torch.tensor([[5, 0], [3, 0]]))
     assert f[[1, 3]].tolist() == [0.5, 0.5]
+
+
+def test_scenario_split_strict_raises_and_default_falls_back(monkeypatch):
+    pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
+    window = torch.tensor([[5, 1], [3, 2]])
+
+    def boom(*a, **k):
+        raise lp_split.SplitError("synthetic failure")
+
+    monkeypatch.setattr(lp_split, "_scenario_layer", boom)
+    with pytest.raises(lp_split.SplitError, match="layer 0"):
+        scenario_split(pl, window, strict=True)
+    assert scenario_split(pl, window).tolist() == [0.5, 0.5, 0.5, 0.5]
+
+
+def test_placement_to_keeps_single_layer():
+    pl = Placement(torch.tensor([0, 1, 0, 1]), 2).to("cpu")
+    assert pl.single_layer and solve_split(pl, torch.tensor([2, 2])).shape == (4,)

@@ -55,7 +55,7 @@ def _window_steps(window_layer: torch.Tensor) -> torch.Tensor:
 
 def solve_layer(pl: Placement, window_layer: torch.Tensor) -> torch.Tensor:
     """One layer's split fractions ``[P]`` from its recorded steps ``[T, E]`` (core scenario LP)."""
-    return scenario_split(pl, _window_steps(window_layer), max_steps=MAX_STEPS)
+    return scenario_split(pl, _window_steps(window_layer), max_steps=MAX_STEPS, strict=True)
 
 
 def balancedness(pl: Placement, table: torch.Tensor, window_layer: torch.Tensor) -> float | None:

@@ -16,7 +16,7 @@ from dataclasses import replace
 __all__ = ["main", "build_parser"]
 
 # Defaults of the no-argument run (the bundled OLMoE data); docs/replay.md documents them.
-BUNDLED_STEPS = 120
+BUNDLED_STEPS = 72
 BUNDLED_TOKENS = "512:4096"
 SYNTHETIC_STEPS = 60
 SYNTHETIC_TOKENS = "4096"
@@ -156,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="modes to run (default: all but upstream-waterfill-dyn); must include static",
     )
     sim.add_argument(
-        "--upstream-waterfill-steps", type=int, default=4, metavar="K",
-        help="score SGLang's Waterfill (Triton interpreter on CPU, ~0.2 s per rank and layer) on K evenly spaced steps; "
-        "0 = skip, -1 = every step (default 4)",
+        "--upstream-waterfill-steps", type=int, default=None, metavar="K",
+        help="score SGLang's Waterfill (Triton interpreter on CPU, ~0.1 s per rank and layer) on K evenly spaced steps; "
+        "0 = skip, -1 = every step (default: 4 up to EP 16, skipped above)",
     )
-    sim.add_argument("--lp-method", default="highs", choices=["highs", "fast"], help="per-batch split solver of our modes (default highs: fastest on CPU)")
+    sim.add_argument(
+        "--lp-method", default="fast", choices=["fast", "highs"],
+        help="per-batch split solver of our modes: fast (default; the server's exact solver) or highs (same optimum, faster on CPU)",
+    )
     sim.add_argument("--workers", type=_positive, default=None, help="worker processes for the per-step evaluation (default: CPU count)")
     sim.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default 1: the tensors are tiny)")
 

@@ -215,3 +215,26 @@ def test_upstream_waterfill_is_skipped_with_a_reason_for_odd_ep():
     res = run_replay(tr, ReplayConfig(ep_size=3, redundant_experts=3, rebalance_every=0, workers=1, progress=False))
     assert "power-of-two" in res.skipped["upstream-waterfill"]
     assert "upstream-waterfill" not in res.modes
+
+
+@pytest.mark.parametrize("init, expect", [
+    ("trivial", "trivial"), ("first-window", "first 2 steps"), ("calibration", "calibration counts"),
+])
+def test_initial_placements(init, expect):
+    tr = synthetic_trace(steps=3, tokens=(256, 256), num_ranks=4, experts=12, top_k=2, layers=1, seed=4)
+    res = run_replay(tr, ReplayConfig(ep_size=4, redundant_experts=4, rebalance_every=2, init_placement=init,
+                                      modes=("static", "lplb-rebalance", "lplb"), workers=1, progress=False))
+    assert any(expect in n for n in res.notes), res.notes
+    p0 = res.arrays["placements"][0]
+    if init == "trivial":
+        assert p0.tolist() == [[p % 12 for p in range(16)]]
+    assert res.rebalance_steps == [2] and res.arrays["state_of_step"] == [0, 0, 1]
+
+
+def test_upstream_waterfill_is_skipped_by_default_above_ep16():
+    tr = synthetic_trace(steps=1, tokens=(2048, 2048), num_ranks=32, experts=32, top_k=2, layers=1)
+    cfg = ReplayConfig(ep_size=32, redundant_experts=32, rebalance_every=0, modes=("static", "upstream-waterfill", "lplb"),
+                       workers=1, progress=False)
+    res = run_replay(tr, cfg)
+    assert "too slow at EP 32" in res.skipped["upstream-waterfill"] and "--upstream-waterfill-steps" in res.skipped["upstream-waterfill"]
+    assert set(res.modes) == {"static", "lplb"}

@@ -145,11 +145,13 @@ def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:
                 continue
             s = res.series[n]
             if m["steps_scored"] < N:
-                ax.plot(x, s, "o", ms=7, color=col[n], label=f"{n} (sampled)")
+                ax.plot(x, s, "o", ms=7, color=col[n], label=f"{n} (sampled)", zorder=3)
             else:
-                ax.plot(x, s, "-" if m["family"] == "ours" else "--", lw=1.3, color=col[n], label=n)
-        ax.plot(x, res.series["bound"], "-", color="black", lw=2.2, label="bound (joint LP)")
-        ax.plot(x, res.series["bound-local-shared"], ":", color="black", lw=1.5, label="bound (shared local)")
+                ax.plot(x, s, "-" if m["family"] == "ours" else "--", lw=1.3, color=col[n], label=n, zorder=3)
+        # The bounds are drawn wide and pale underneath: modes that reach them stay visible on top.
+        ax.plot(x, res.series["bound"], "-", color="black", lw=5, alpha=0.25, label="bound (joint LP)", zorder=1)
+        ax.plot(x, res.series["bound-local-shared"], "-", color="tab:olive", lw=5, alpha=0.25,
+                label="bound (shared local)", zorder=1)
         for i, t in enumerate(res.rebalance_steps):
             ax.axvline(t, color="grey", ls=":", lw=1.2, label="EPLB rebalance" if i == 0 else None)
         for start, label in res.phases:

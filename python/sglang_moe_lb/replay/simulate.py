@@ -102,6 +102,8 @@ MODES: dict[str, Mode] = {
     ]
 }
 DEFAULT_MODES = tuple(m for m in MODES if m != "upstream-waterfill-dyn")
+AUTO_UPSTREAM_WATERFILL_STEPS = 4  # steps SGLang's Waterfill is scored on by default (Triton interpreter)
+AUTO_UPSTREAM_WATERFILL_MAX_EP = 16  # beyond this EP size it is skipped unless asked for
 
 
 @dataclass
@@ -117,8 +119,8 @@ class ReplayConfig:
     nnodes: int = 1
     init_placement: str = "auto"
     modes: tuple[str, ...] = DEFAULT_MODES
-    upstream_waterfill_steps: int = 4
-    lp_method: str = "highs"
+    upstream_waterfill_steps: int | None = None  # None: 4 up to EP 16, else skipped (interpreter cost)
+    lp_method: str = "fast"
     seed: int = 0
     threads: int = 1
     workers: int | None = None
@@ -305,12 +307,18 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
             reason = f"SGLang's Waterfill kernel needs a power-of-two EP size (tl.arange over ranks); got {R}"
         elif cfg.upstream_waterfill_steps == 0:
             reason = "skipped by --upstream-waterfill-steps 0"
+        elif cfg.upstream_waterfill_steps is None and R > AUTO_UPSTREAM_WATERFILL_MAX_EP:
+            reason = (
+                f"too slow at EP {R}: SGLang's Waterfill kernel unrolls over the ranks and runs in the Triton "
+                f"interpreter on CPU; pass --upstream-waterfill-steps K to run it on K steps anyway"
+            )
         if reason:
             for m in upstream_wf:
                 skipped[m.name] = reason
             modes = [m for m in modes if m.waterfill != "upstream"]
         else:
-            n = N if cfg.upstream_waterfill_steps < 0 else min(N, cfg.upstream_waterfill_steps)
+            k_steps = AUTO_UPSTREAM_WATERFILL_STEPS if cfg.upstream_waterfill_steps is None else cfg.upstream_waterfill_steps
+            n = N if k_steps < 0 else min(N, k_steps)
             sampled_steps = sorted({int(round(x)) for x in np.linspace(0, N - 1, n)}) if n < N else list(range(N))
             if n < N:
                 notes.append(
@@ -322,9 +330,13 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
 
     # -- placement state ------------------------------------------------------------------------
     def make_state(p2l: torch.Tensor, l2p: torch.Tensor | None, table_window: torch.Tensor | None, how: str):
+        """Install a placement; the split table is the scenario LP over the window, as the plugin's
+        rebalance solves it, or the even split until the first rebalance (the plugin's start)."""
         pl = Placement(p2l, R, E)
         upl = up.install(p2l, l2p)
-        table = scenario_split(pl, table_window) if table_window is not None else _even_table(pl)
+        if table_window is not None:
+            table_window = table_window[table_window.flatten(1).sum(1) > 0]  # skip empty recorded steps
+        table = scenario_split(pl, table_window) if table_window is not None and len(table_window) else _even_table(pl)
         return _PlacementState(pl, upl, table.reshape(L, P), _local_shared_placement(pl), how)
 
     init = cfg.init_placement
@@ -337,7 +349,7 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
             raise ValueError("--init-placement calibration: this input has no calibration counts")
         calib = trace.calibration.to(torch.float64).reshape(L, E)
         p2l, l2p = up.rebalance(calib[None])
-        state = make_state(p2l, l2p, calib[None], "SGLang EPLB on the calibration counts")
+        state = make_state(p2l, l2p, None, "SGLang EPLB on the calibration counts")
     elif init == "recorded":
         rp = trace.recorded_placement
         if rp is None or tuple(rp.shape) != (L, P):
@@ -353,7 +365,7 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
     else:  # first-window
         w = torch.stack([count_experts_layers(trace.batch(t).topk, E) for t in range(min(window, N))])
         p2l, l2p = up.rebalance(w)
-        state = make_state(p2l, l2p, w, f"SGLang EPLB on the first {min(window, N)} steps (peeks ahead)")
+        state = make_state(p2l, l2p, None, f"SGLang EPLB on the first {min(window, N)} steps (peeks ahead)")
     notes.append(f"initial placement: {state.how}")
 
     # -- pass 1, in order: traffic counts and the placements they lead to ----------------------------

@@ -1,0 +1,162 @@
+"""Regenerate docs/replay.md's results and docs/img/replay_*.png from the bundled default.
+
+Two runs of ``sglang-moe-lb replay`` on the bundled OLMoE data (see docs/replay.md):
+
+1. exactly the no-argument command a user types first; its stdout and wall time go into the
+   docs verbatim;
+2. the same configuration with every mode, SGLang's Waterfill included in both its static
+   (default) and dynamic variants, scored on *every* step (``--upstream-waterfill-steps -1``:
+   a few minutes, SGLang's Triton kernels run in the Triton interpreter). Its JSON becomes the
+   results table, and its plots go to docs/img.
+
+Usage (from the repo root, with the project venv)::
+
+    .venv/bin/python benchmark/replay_default.py            # rewrite docs/replay.md + docs/img
+    .venv/bin/python benchmark/replay_default.py --check    # only run, print, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "replay.md"
+IMG = ROOT / "docs" / "img"
+CLI = [sys.executable, "-m", "sglang_moe_lb", "replay", "--no-progress"]
+
+
+def run(args: list[str]) -> tuple[str, float, float]:
+    """Run the CLI; returns (stdout, wall seconds, CPU seconds of the child processes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(CLI + args, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode:
+        sys.exit(f"replay {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return r.stdout, wall, cpu
+
+
+def markdown_table(js: dict) -> str:
+    rows = [
+        "| mode | by | balancedness mean | p5 | gap to joint LP bound | gap to class bound | MoE time vs static | overhead ms/batch (this CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in js["modes"].items():
+        cls = "joint" if m["class_bound"] == "joint" else "shared-local"
+        ovh = f"{m['overhead_ms_per_batch']:.2f}" + (" (Triton interpreter)" if "overhead_note" in m else "")
+        rows.append(
+            f"| `{name}` | {'SGLang' if m['family'] == 'upstream' else 'ours'} | {m['balancedness_mean']:.4f} | "
+            f"{m['balancedness_p5']:.4f} | {100 * m['gap_to_bound_mean']:.2f}% | {100 * m['gap_to_class_bound_mean']:.2f}% ({cls}) | "
+            f"{m['moe_time_ratio_vs_static']:.4f} | {ovh} |"
+        )
+    for label, key in (("bound: joint LP", "bound"), ("bound: shared expert local", "bound_local_shared")):
+        b = js[key]
+        rows.append(
+            f"| **{label}** | LP | {b['balancedness_mean']:.4f} | {b['balancedness_p5']:.4f} | | | {b['moe_time_ratio_vs_static']:.4f} | |"
+        )
+    return "\n".join(rows)
+
+
+def reading(js: dict) -> str:
+    """Ours vs SGLang vs the bound, in numbers, from the full run."""
+    m = js["modes"]
+
+    def line(name: str) -> str:
+        x = m[name]
+        return (f"`{name}` {x['balancedness_mean']:.4f} (p5 {x['balancedness_p5']:.4f}), MoE time x{x['moe_time_ratio_vs_static']:.3f}, "
+                f"{100 * x['gap_to_bound_mean']:.1f}% from the joint bound")
+
+    ups = [n for n in m if m[n]["family"] == "upstream"]
+    ours = [n for n in m if m[n]["family"] == "ours"]
+    best_up = max(ups, key=lambda n: m[n]["balancedness_mean"])
+    best_ours = max(ours, key=lambda n: m[n]["balancedness_mean"])
+    b = js["bound"]
+    out = [
+        f"- Joint LP bound: balancedness {b['balancedness_mean']:.4f} (p5 {b['balancedness_p5']:.4f}), "
+        f"MoE time x{b['moe_time_ratio_vs_static']:.3f} of `static`; shared expert kept local: "
+        f"{js['bound_local_shared']['balancedness_mean']:.4f}, x{js['bound_local_shared']['moe_time_ratio_vs_static']:.3f}.",
+        f"- Best SGLang mode: {line(best_up)}.",
+        f"- Best of ours: {line(best_ours)}.",
+    ]
+    for a, b_ in (("waterfill-cons", "upstream-waterfill-dyn"), ("waterfill-all", "upstream-waterfill-dyn"),
+                  ("waterfill-cons-static", "upstream-waterfill"), ("waterfill-all-static", "upstream-waterfill"),
+                  ("lplb", "dynamic"), ("lplb-rebalance", "static")):
+        if a in m and b_ in m:
+            out.append(
+                f"- `{a}` vs `{b_}`: {m[a]['balancedness_mean']:.4f} vs {m[b_]['balancedness_mean']:.4f} balancedness, "
+                f"MoE time x{m[a]['moe_time_ratio_vs_static']:.3f} vs x{m[b_]['moe_time_ratio_vs_static']:.3f}."
+            )
+    return "\n".join(out)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pat = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pat.search(text):
+        sys.exit(f"docs/replay.md has no <!-- {name}:begin/end --> markers")
+    return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="run and print only; write nothing")
+    args = ap.parse_args()
+
+    print("1/2 default run: sglang-moe-lb replay", flush=True)
+    default_out, wall, cpu = run([])
+    print(default_out)
+    print(f"wall {wall:.1f} s, CPU {cpu:.1f} s, {os.cpu_count()} cores", flush=True)
+
+    from sglang_moe_lb.replay.simulate import MODES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        js_path = Path(tmp) / "full.json"
+        img = Path(tmp) / "img"
+        full_args = ["--modes", ",".join(MODES), "--upstream-waterfill-steps", "-1", "--json", str(js_path), "--plot", str(img)]
+        print("2/2 full run: sglang-moe-lb replay " + " ".join(full_args[:4]), flush=True)
+        full_out, full_wall, full_cpu = run(full_args)
+        print(full_out)
+        js = json.loads(js_path.read_text())
+        if args.check:
+            return
+        IMG.mkdir(parents=True, exist_ok=True)
+        for p in img.iterdir():
+            shutil.copy(p, IMG / p.name)
+
+    cfg = js["config"]
+    text = DOC.read_text()
+    text = replace_block(
+        text,
+        "replay-default",
+        "```\n$ sglang-moe-lb replay\n" + default_out.rstrip() + "\n```\n\n"
+        f"Wall time {wall:.1f} s ({cpu:.1f} s of CPU over {os.cpu_count()} cores, other jobs sharing the machine), "
+        f"SGLang {cfg['sglang_version']}, torch {cfg['torch_version']}.",
+    )
+    text = replace_block(
+        text,
+        "replay-full",
+        "```\n$ sglang-moe-lb replay --modes " + ",".join(MODES) + " --upstream-waterfill-steps -1\n```\n\n"
+        + markdown_table(js)
+        + f"\n\nEvery mode scored on all {cfg['num_steps']} steps x {cfg['num_layers']} layers "
+        f"(EPLB rebalances at steps {js['rebalance_steps']}; domain phases "
+        + ", ".join(f"{p['label']} from step {p['start_step']}" for p in js["phases"])
+        + f"). Wall time {full_wall:.0f} s ({full_cpu:.0f} s CPU), most of it SGLang's Waterfill kernels in the Triton interpreter.",
+    )
+    text = replace_block(text, "replay-reading", reading(js))
+    DOC.write_text(text)
+    print(f"rewrote {DOC.relative_to(ROOT)} and {IMG.relative_to(ROOT)}/replay_*.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,27 @@ def test_dynamic_matches_reference(device, mode, cand, seed):
         assert torch.equal(total, bals[0].quotas.cpu())  # every copy receives exactly its quota, globally
 
 
+@pytest.mark.parametrize("mode,cand", MODES[:3])
+@pytest.mark.parametrize("seed", range(3))
+def test_table_split_matches_reference(device, mode, cand, seed):
+    """The rebalance-only schedule: a split table applied to each batch's counts."""
+    from .test_plan import random_table
+
+    rng = random.Random(zlib.crc32(repr(("table", mode, cand, seed)).encode()))
+    pl = random_placement(rng, min_ranks=2)
+    K = rng.choice([1, 2, 3])
+    ids = random_ids(rng, rng.choice([0, 5, 33]), K, pl.num_logical)
+    f = random_table(rng, pl)
+    bal = LayerBalancer(pl, 40, K, mode, device, candidates=cand or "all_rank", split="table", source_rank=1 % pl.num_ranks)
+    if bal.static_only:
+        return
+    bal.set_split_table(f.to(device))
+    out = bal(ids.to(device))
+    ref, _ = balance_layer_ref(pl, ids, source_rank=1 % pl.num_ranks, lplb="table", split_table=f,
+                               waterfill=None if mode == "lplb" else cand)
+    _compare(out, ref, bal, mode, ids.shape[0])
+
+
 def test_empty_batch_and_hot_expert(device):
     p2l = torch.tensor([0, 1, 2, 3, 0, 0, 4, 5])
     pl = Placement(p2l, 4, 6)

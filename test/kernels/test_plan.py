@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_lb_kernels.plan import plan_quotas
-from moe_lb_kernels.reference import quotas_ref, split_fixed
+from moe_lb_kernels.reference import quotas_ref, split_fixed, table_quotas_ref
 from sglang_moe_lb import Placement
 
 from .helpers import random_placement
@@ -77,3 +77,21 @@ def test_plan_slow_instance_flags_uncertified(device):
     c = torch.tensor([1000, 1, 1, 1, 1, 1])
     for sweeps in (1, 2, 40):
         _check(pl, c, sweeps, None, device)
+
+
+def random_table(rng, pl):
+    """Split fractions per copy: each expert's copies sum to 1 (float noise included)."""
+    w = torch.tensor([rng.random() ** 2 for _ in range(pl.num_physical)], dtype=torch.float64)
+    p2l = pl.phy2log[0]
+    tot = torch.zeros(pl.num_logical, dtype=torch.float64).scatter_add_(0, p2l, w)
+    return w / tot[p2l]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_plan_table_matches_reference(device, seed):
+    rng = random.Random(2000 + seed)
+    pl = random_placement(rng)
+    c = _counts(rng, pl.num_logical, ["uniform", "skewed", "hot", "zero"][seed % 4])
+    f = random_table(rng, pl)
+    out = plan_quotas(pl.to(device), c.to(device), split_table=f.to(device))
+    assert torch.equal(out["quotas"].cpu(), table_quotas_ref(pl, f, c))

@@ -42,7 +42,8 @@ def signature_of(kernel, args, kwargs) -> tuple[dict, dict, dict]:
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k not in opts})
-    const_names = {p.name for p in kernel.params if p.is_constexpr}
+    params = inspect.signature(fn).parameters
+    const_names = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     sig, const = {}, {}
     for n in names:
         v = bound[n]
@@ -62,11 +63,8 @@ def signature_of(kernel, args, kwargs) -> tuple[dict, dict, dict]:
     return sig, const, opts
 
 
-def aot_compile(kernel, args, kwargs, arch: int = 90):
-    """Compile one launch's specialization for ``sm_<arch>`` without a GPU; returns the compiled kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def spec_of(kernel, args, kwargs) -> dict:
+    """A JSON-able description of one launch: module, kernel name, signature, constexprs, options."""
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel
     sig, const, opts = signature_of(kernel, args, kwargs)
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32), options=opts)
+    return {"module": fn.__module__, "name": fn.__name__, "signature": sig, "constexprs": const, "options": opts}

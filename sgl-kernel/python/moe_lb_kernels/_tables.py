@@ -63,7 +63,11 @@ class LayerTables:
     rep_colour: torch.Tensor  # [NEB] int32 (-1 padding)
     colour_src: torch.Tensor  # [GB, RB] int32
     slot_flat: torch.Tensor  # [P] int32, flat tile index of a replicated slot or -1
-    meta: torch.Tensor  # [4] int32: G, n_rep, max copies, 0
+    rep_fr: torch.Tensor  # [NEB, CB] int32, column of the first copy on the same rank (-1 padding)
+    rep_next: torch.Tensor  # [NEB, CB] int32, column of the next copy on the same rank, or -1
+    rep_mult: torch.Tensor  # [NEB, CB] int32, copies of the expert on that rank (1 on padding)
+    rep_dup: torch.Tensor  # [NEB, CB] int32, index among the expert's copies on that rank
+    meta: torch.Tensor  # [4] int32: G, n_rep, max copies, max copies of one expert on one rank
 
     @classmethod
     def build(
@@ -97,10 +101,19 @@ class LayerTables:
             rep_colour=torch.empty(NEB, **i32),
             colour_src=torch.empty(GB, next_pow2(R), **i32),
             slot_flat=torch.empty(pl.num_physical, **i32),
+            rep_fr=torch.empty(NEB, CB, **i32),
+            rep_next=torch.empty(NEB, CB, **i32),
+            rep_mult=torch.empty(NEB, CB, **i32),
+            rep_dup=torch.empty(NEB, CB, **i32),
             meta=torch.empty(4, **i32),
         )
         t.fill(pl)
         return t
+
+    def plan_args(self) -> tuple:
+        """Table arguments of the plan kernel, in its order."""
+        return (self.p2l, self.rep_expert, self.rep_rank, self.rep_colour, self.colour_src, self.slot_flat,
+                self.rep_fr, self.rep_next, self.rep_mult, self.rep_dup, self.rep_slot, self.meta)
 
     def fits(self, pl: Placement) -> bool:
         experts, copies, colours = _replicated_rows(pl)
@@ -131,7 +144,22 @@ class LayerTables:
         rep_colour = torch.full((NEB,), -1, dtype=torch.int32)
         colour_src = torch.full((GB, RB), -1, dtype=torch.int32)
         slot_flat = torch.full((P,), -1, dtype=torch.int32)
+        rep_fr = torch.full((NEB, CB), -1, dtype=torch.int32)
+        rep_next = torch.full((NEB, CB), -1, dtype=torch.int32)
+        rep_mult = torch.ones(NEB, CB, dtype=torch.int32)
+        rep_dup = torch.zeros(NEB, CB, dtype=torch.int32)
+        max_mult = 1
         for row, (e, slots, g) in enumerate(zip(experts, copies, colours)):
+            on_rank: dict[int, list[int]] = {}
+            for col, slot in enumerate(slots):
+                on_rank.setdefault(slot // S, []).append(col)
+            for cols in on_rank.values():
+                max_mult = max(max_mult, len(cols))
+                for i, col in enumerate(cols):
+                    rep_fr[row, col] = cols[0]
+                    rep_next[row, col] = cols[i + 1] if i + 1 < len(cols) else -1
+                    rep_mult[row, col] = len(cols)
+                    rep_dup[row, col] = i
             rep_id[e] = row
             rep_expert[row] = e
             rep_colour[row] = g
@@ -143,13 +171,14 @@ class LayerTables:
                 if colour_src[g, rank] < 0:
                     colour_src[g, rank] = row * CB + col
         meta = torch.tensor(
-            [(max(colours) + 1) if colours else 0, len(experts), max((len(c) for c in copies), default=1), 0],
+            [(max(colours) + 1) if colours else 0, len(experts), max((len(c) for c in copies), default=1), max_mult],
             dtype=torch.int32,
         )
         for dst, src in (
             (self.p2l, p2l.to(torch.int32)), (self.log2phys0, log2phys0), (self.rep_id, rep_id),
             (self.rep_expert, rep_expert), (self.rep_slot, rep_slot), (self.rep_rank, rep_rank),
             (self.rep_colour, rep_colour), (self.colour_src, colour_src), (self.slot_flat, slot_flat),
+            (self.rep_fr, rep_fr), (self.rep_next, rep_next), (self.rep_mult, rep_mult), (self.rep_dup, rep_dup),
             (self.meta, meta),
         ):
             dst.copy_(src.to(dst.device))

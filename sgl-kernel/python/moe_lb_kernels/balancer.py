@@ -56,6 +56,9 @@ class LayerBalancer:
         device: where the buffers live (CUDA; CPU works under ``TRITON_INTERPRET=1``).
         layer: which layer of a multi-layer placement.
         candidates: Waterfill candidate ranks, ``"all_rank"`` or ``"conservative"``.
+        split: LPLB split of each batch: ``"per_batch"`` (exact solve, the core's
+            ``lplb="per_batch"``) or ``"table"`` (fractions installed with ``set_split_table``,
+            the core's ``lplb="table"``; the buffer starts as the even split).
         source_rank: this rank in the EP group.
         dynamic: use all-gathered global stats (``local_stats`` + ``gathered=``) instead of
             this rank's tokens only.
@@ -76,6 +79,7 @@ class LayerBalancer:
         *,
         layer: int = 0,
         candidates: Literal["all_rank", "conservative"] = "all_rank",
+        split: Literal["per_batch", "table"] = "per_batch",
         source_rank: int = 0,
         dynamic: bool = False,
         max_sweeps: int = DEFAULT_SWEEPS,
@@ -87,6 +91,8 @@ class LayerBalancer:
     ):
         if mode not in ("lplb", "waterfill", "waterfill+lplb"):
             raise ValueError(f"mode must be 'lplb', 'waterfill' or 'waterfill+lplb', got {mode!r}")
+        if split not in ("per_batch", "table"):
+            raise ValueError(f"split must be 'per_batch' or 'table', got {split!r}")
         if candidates not in ("all_rank", "conservative"):
             raise ValueError(f"candidates must be 'all_rank' or 'conservative', got {candidates!r}")
         if max_tokens < 0 or topk < 1:
@@ -106,7 +112,9 @@ class LayerBalancer:
         E, R, S, P = tb.E, tb.R, tb.S, pl.num_physical
         self.lplb = mode in ("lplb", "waterfill+lplb")
         self.wf = 0 if mode == "lplb" else (2 if candidates == "all_rank" else 1)
-        self.joint = mode == "waterfill+lplb" and candidates == "all_rank"
+        self.split = split
+        self.table_mode = self.lplb and split == "table"
+        self.joint = mode == "waterfill+lplb" and candidates == "all_rank" and not self.table_mode
         # "lplb" without replicas is the static map: one light kernel, no counting, no split.
         self.static_only = mode == "lplb" and not pl.has_replicas and max_rows is None
         self.BT = block_tokens(max_tokens, topk)
@@ -114,7 +122,10 @@ class LayerBalancer:
         self.max_blocks = max(1, -(-max_tokens // self.BT))
         budget = max(1, 4096 // (self.KB * max(tb.NEB, tb.RB)))  # one-hot tiles of <= 4096 elements
         self.CT = int(min(self.BT, 1 << (budget.bit_length() - 1)))
-        self.CHB = 32
+        self.NBMAX = next_pow2(self.max_blocks)
+        chb = lambda width: int(min(self.NBMAX, max(1, 4096 // next_pow2(width))))  # noqa: E731
+        self.chb = dict(NBMAX=self.NBMAX, CHB_REP=chb(tb.NEB), CHB_V=chb(2))
+        self.chb_r = dict(NBMAX=self.NBMAX, CHB_R=chb(tb.RB))
         i32 = dict(dtype=torch.int32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         EB, RB, NEB, CB = tb.EB, tb.RB, tb.NEB, tb.CB
@@ -138,6 +149,18 @@ class LayerBalancer:
         self.shared_rank_buf = torch.zeros(nt, **i64)
         self.phys_buf = torch.zeros(nt, topk, **i32)
         self._dummy = torch.zeros(8, **i32)
+        self.split_table = (1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64)).to(device)
+
+    def set_split_table(self, fractions: torch.Tensor) -> None:
+        """Install split fractions ``[P]`` (each expert's copies sum to 1) in place.
+
+        A host-to-device copy into a fixed buffer: graphs captured earlier see the new table.
+        Call it between replays (e.g. after a rebalance), never inside a capture.
+        """
+        f = fractions.reshape(-1)
+        if f.numel() != self.split_table.numel():
+            raise ValueError(f"split table must have {self.split_table.numel()} entries, got {f.numel()}")
+        self.split_table.copy_(f.to(torch.float64))
 
     # -- placement updates ---------------------------------------------------------------------
     def update_placement(self, placement: Placement, layer: int = 0) -> None:
@@ -150,6 +173,7 @@ class LayerBalancer:
             raise ValueError("this balancer was built for a placement without replicas; build a new one")
         self.tables.fill(pl)
         self.placement = pl
+        self.split_table.copy_(1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64))  # even until set
 
     # -- phase 1 of dynamic mode ------------------------------------------------------------------
     def local_stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,68 +220,109 @@ class LayerBalancer:
             optimal, ``flags[1]`` the sweeps it ran.
         """
         self._check_ids(topk_ids, phys_ids)
-        T = topk_ids.shape[0]
-        tb = self.tables
         if self.dynamic != (gathered is not None):
             raise ValueError("pass gathered= exactly when the balancer was built with dynamic=True")
+        if out_fused_ids is not None and (self.wf == 0 or topk_weights is None or out_fused_weights is None):
+            raise ValueError("fused output needs a Waterfill mode, topk_weights and out_fused_weights")
+        T = topk_ids.shape[0]
         if out_phys_ids is None:
             out_phys_ids = self.phys_buf[:T] if self.mode != "waterfill" else phys_ids
         shared = out_shared_rank if out_shared_rank is not None else self.shared_rank_buf[:T]
-        nb = max(1, -(-T // self.BT))
-        common = dict(K=self.topk, KB=self.KB, BT=self.BT, CT=self.CT, R=tb.R, RB=tb.RB, S=tb.S)
         if self.static_only:
-            launch(_dispatch_kernel, (nb,),
-                topk_ids, out_phys_ids, topk_ids, T,
-                tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
-                self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
-                self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, LPLB=1, DYNAMIC=False, WF=0, CHB=self.CHB, **common,
-            )
+            self._step_dispatch(topk_ids, out_phys_ids, None, shared)
             return LayerDispatch(out_phys_ids, None, None)
         if gathered is None:
             self._launch_count(topk_ids, phys_ids)
         else:
-            D = gathered.shape[0]
-            W = tb.E + tb.R + 1
-            BC = 256
-            launch(_gathered_kernel, (-(-W // BC),),
-                gathered, D, self.acc, self.dp_off, self.source_rank,
-                E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8,
-            )
-        launch(_plan_kernel, (1,),
-            tb.p2l, tb.rep_expert, tb.rep_rank, tb.rep_colour, tb.colour_src, tb.slot_flat, tb.meta,
-            self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags, self.wf_scalars,
-            self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
-            E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
-            SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
-            LPLB=self.lplb, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
-            SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
-            num_warps=self.plan_warps,
-        )
-        phys_in = phys_ids if phys_ids is not None else topk_ids
-        launch(_dispatch_kernel, (nb,),
-            topk_ids, out_phys_ids if self.lplb else self._dummy, phys_in, T,
-            tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
-            self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
-            self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, LPLB=2 if self.lplb else 0,
-            DYNAMIC=self.dynamic, WF=self.wf, CHB=self.CHB, **common,
-        )
+            self._step_gathered(gathered)
+        self._step_plan()
+        self._step_dispatch(topk_ids, out_phys_ids, phys_ids, shared)
         phys = out_phys_ids if self.lplb else phys_ids
         if self.wf == 1:
-            for i in range(1, self.topk + 1):
-                last = i == self.topk
-                launch(_wf_round_kernel, (nb,),
-                    phys, T, nb, self.pick, self.todo, self.hists[i - 1], self.hists[i % self.topk],
-                    self.caps[i - 1], self.caps[i], shared,
-                    LAST=last, CHB=self.CHB, **common,
-                )
+            self._step_rounds(phys, shared)
         if out_fused_ids is not None:
-            if topk_weights is None or out_fused_weights is None:
-                raise ValueError("fused output needs topk_weights and out_fused_weights")
-            launch(_fuse_kernel, (nb,),
-                phys, topk_weights, shared, out_fused_ids, out_fused_weights, T, float(shared_weight),
-                K=self.topk, KB=self.KB, BT=self.BT, S=tb.S, MARKER=-1,
-            )
+            self._step_fuse(phys, topk_weights, shared, out_fused_ids, out_fused_weights, shared_weight)
         return LayerDispatch(phys, shared if self.wf else None, self.quotas if self.lplb else None)
+
+    def launches_per_call(self) -> int:
+        """Kernel launches of one static-mode ``__call__`` (without the optional fused output)."""
+        if self.static_only:
+            return 1
+        return 3 + (self.topk if self.wf == 1 else 0)
+
+    def reset(self) -> None:
+        """Zero the count accumulators (only needed after an interrupted call; not graph work)."""
+        self.acc.zero_()
+
+    # -- the steps (each one kernel launch) ---------------------------------------------------------
+    def _common(self) -> dict:
+        tb = self.tables
+        return dict(K=self.topk, KB=self.KB, BT=self.BT, CT=self.CT, R=tb.R, RB=tb.RB, S=tb.S)
+
+    def _step_gathered(self, gathered: torch.Tensor) -> None:
+        tb = self.tables
+        if gathered.dim() != 2 or gathered.shape[1] != tb.E + tb.R + 1 or gathered.dtype != torch.int64:
+            raise ValueError(f"gathered must be int64 [D, {tb.E + tb.R + 1}], got {gathered.dtype} {list(gathered.shape)}")
+        W = tb.E + tb.R + 1
+        BC = 256
+        launch(_gathered_kernel, (-(-W // BC),),
+               gathered, gathered.shape[0], self.acc, self.dp_off, self.source_rank,
+               E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8)
+
+    def _step_plan(self) -> None:
+        tb = self.tables
+        launch(_plan_kernel, (1,),
+               *tb.plan_args(), self.split_table, self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
+               self.wf_scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
+               E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
+               SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
+               CBITS=tb.CB.bit_length() - 1, RBITS=max(tb.RB.bit_length() - 1, 1),
+               LPLB=self.lplb, TABLE=self.table_mode, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
+               SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
+               num_warps=self.plan_warps)
+
+    def _step_dispatch(self, topk_ids, out_phys_ids, phys_ids, shared) -> None:
+        tb = self.tables
+        T = topk_ids.shape[0]
+        lplb = 1 if self.static_only else (2 if self.lplb else 0)
+        launch(_dispatch_kernel, (max(1, -(-T // self.BT)),),
+               topk_ids, out_phys_ids if lplb else self._dummy, phys_ids if phys_ids is not None else topk_ids, T,
+               tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
+               self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
+               self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
+               DYNAMIC=self.dynamic and not self.static_only, WF=0 if self.static_only else self.wf,
+               **self.chb, **self._common())
+
+    def _step_rounds(self, phys, shared) -> None:
+        T = phys.shape[0]
+        nb = max(1, -(-T // self.BT))
+        for i in range(1, self.topk + 1):
+            launch(_wf_round_kernel, (nb,),
+                   phys, T, nb, self.pick, self.todo, self.hists[i - 1], self.hists[i % self.topk],
+                   self.caps[i - 1], self.caps[i], shared, LAST=i == self.topk, **self.chb_r, **self._common())
+
+    def _step_fuse(self, phys, topk_weights, shared, out_ids, out_w, shared_weight) -> None:
+        T = phys.shape[0]
+        launch(_fuse_kernel, (max(1, -(-T // self.BT)),),
+               phys, topk_weights, shared, out_ids, out_w, T, float(shared_weight),
+               K=self.topk, KB=self.KB, BT=self.BT, S=self.tables.S, MARKER=-1)
+
+    def _prefix_calls(self, topk_ids: torch.Tensor, out_phys_ids: torch.Tensor) -> list:
+        """Closures running the first 1, 2 and 3 kernels of a static LPLB call (benchmark breakdown)."""
+        shared = self.shared_rank_buf[: topk_ids.shape[0]]
+
+        def a():
+            self._launch_count(topk_ids, None)
+
+        def ab():
+            a()
+            self._step_plan()
+
+        def abc():
+            ab()
+            self._step_dispatch(topk_ids, out_phys_ids, None, shared)
+
+        return [a, ab, abc]
 
     # -- helpers ------------------------------------------------------------------------------------
     def _check_ids(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:

@@ -21,7 +21,7 @@ import triton.language as tl
 from ._tables import next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _count_kernel(
     ids_ptr, phys_ptr, T,
     acc_ptr,  # [EB + 2 * RB + 8] int32 accumulators (counts | routed | tokens per source | valid tokens)

@@ -31,11 +31,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_prefix(hist_ptr, pid, W: tl.constexpr, WB: tl.constexpr, CHB: tl.constexpr):
-    """Sum of rows ``0..pid-1`` of ``hist [blocks, W]`` (int32) -> ``[WB]`` int32."""
+def _block_prefix(hist_ptr, pid, W: tl.constexpr, WB: tl.constexpr, NBMAX: tl.constexpr, CHB: tl.constexpr):
+    """Sum of rows ``0..pid-1`` of ``hist [blocks, W]`` (int32) -> ``[WB]`` int32.
+
+    Unrolled over the row capacity with masks, so all loads are independent and in flight
+    together (masked rows cost no memory traffic)."""
     w = tl.arange(0, WB)
     acc = tl.zeros([WB], tl.int32)
-    for b0 in range(0, pid, CHB):
+    for b0 in tl.static_range(0, NBMAX, CHB):
         b = b0 + tl.arange(0, CHB)
         v = tl.load(hist_ptr + b[:, None] * W + w[None, :], mask=(b < pid)[:, None] & (w < W)[None, :], other=0)
         acc += tl.sum(v, axis=0)
@@ -43,12 +46,13 @@ def _block_prefix(hist_ptr, pid, W: tl.constexpr, WB: tl.constexpr, CHB: tl.cons
 
 
 @triton.jit
-def _block_total(hist_ptr, pid, n_blocks, W: tl.constexpr, WB: tl.constexpr, CHB: tl.constexpr):
+def _block_total(hist_ptr, pid, n_blocks, W: tl.constexpr, WB: tl.constexpr, NBMAX: tl.constexpr,
+                 CHB: tl.constexpr):
     """(prefix over rows < pid, total over all rows) of ``hist [n_blocks, W]``."""
     w = tl.arange(0, WB)
     pre = tl.zeros([WB], tl.int32)
     tot = tl.zeros([WB], tl.int32)
-    for b0 in range(0, n_blocks, CHB):
+    for b0 in tl.static_range(0, NBMAX, CHB):
         b = b0 + tl.arange(0, CHB)
         v = tl.load(hist_ptr + b[:, None] * W + w[None, :], mask=(b < n_blocks)[:, None] & (w < W)[None, :], other=0)
         tot += tl.sum(v, axis=0)
@@ -73,7 +77,7 @@ def _pick(ph, todo, room_vec, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr
     return tl.where(ok, pick, R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "src_rank"])
 def _dispatch_kernel(
     ids_ptr, out_ptr, phys_in_ptr, T,
     rep_id_ptr, log2phys0_ptr, rep_slot_ptr, rep_expert_ptr, qcum_ptr, rephist_ptr, dp_off_ptr,
@@ -81,20 +85,21 @@ def _dispatch_kernel(
     src_rank,
     K: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, CT: tl.constexpr,
     E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+    CBITS: tl.constexpr,
     LPLB: tl.constexpr,  # 0: phys ids given (phys_in), 1: static map (no replicas), 2: quota dispatch
-    DYNAMIC: tl.constexpr, WF: tl.constexpr, CHB: tl.constexpr,
+    DYNAMIC: tl.constexpr, WF: tl.constexpr, NBMAX: tl.constexpr, CHB_REP: tl.constexpr, CHB_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kk = tl.arange(0, KB)
     row = tl.arange(0, NEB)
     r = tl.arange(0, RB)
     if LPLB == 2:
-        running = _block_prefix(rephist_ptr, pid, NEB, NEB, CHB)
+        running = _block_prefix(rephist_ptr, pid, NEB, NEB, NBMAX, CHB_REP)
         if DYNAMIC:
             rep_e = tl.load(rep_expert_ptr + row)
             running += tl.load(dp_off_ptr + rep_e)
     if WF != 0:
-        vbase = tl.sum(_block_prefix(vcount_ptr, pid, 1, 2, CHB), axis=0)
+        vbase = tl.sum(_block_prefix(vcount_ptr, pid, 1, 2, NBMAX, CHB_V), axis=0)
         keep_src = tl.load(wf_ptr)
         excl_over = tl.load(wf_ptr + 1)
         wvec = tl.load(wf_vec_ptr + r)
@@ -116,10 +121,12 @@ def _dispatch_kernel(
             occ = tl.reshape(occ, [CT, KB])
             isrep = rid >= 0
             ridc = tl.maximum(rid, 0)
+            # number of copies whose inclusive quota prefix is <= occ (binary search, prefixes ascend)
             pos = tl.zeros([CT, KB], tl.int32)
-            for a in tl.static_range(CB):
-                qc = tl.load(qcum_ptr + ridc * CB + a, mask=isrep, other=0)
-                pos += (qc <= occ).to(tl.int32)
+            for i in tl.static_range(CBITS):
+                step = CB >> (i + 1)
+                qc = tl.load(qcum_ptr + ridc * CB + pos + (step - 1), mask=isrep, other=2147483647)
+                pos += tl.where(qc <= occ, step, 0)
             rep_phys = tl.load(rep_slot_ptr + ridc * CB + pos, mask=isrep, other=0)
             one_phys = tl.load(log2phys0_ptr + idc, mask=valid, other=0)
             ph = tl.where(isrep, rep_phys, one_phys)
@@ -151,18 +158,19 @@ def _dispatch_kernel(
         tl.store(hist0_ptr + pid * RB + r, hist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_blocks"])
 def _wf_round_kernel(
     phys_ptr, T, n_blocks, pick_ptr, todo_ptr, hist_prev_ptr, hist_next_ptr, cap_prev_ptr, cap_next_ptr,
     shared_ptr,
     K: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, CT: tl.constexpr,
-    R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, LAST: tl.constexpr, CHB: tl.constexpr,
+    R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, LAST: tl.constexpr, NBMAX: tl.constexpr,
+    CHB_R: tl.constexpr,
 ):
     """Accept the previous round's picks in global token order; unless LAST, pick the next round."""
     pid = tl.program_id(0)
     r = tl.arange(0, RB)
     kk = tl.arange(0, KB)
-    pre, tot = _block_total(hist_prev_ptr, pid, n_blocks, RB, RB, CHB)
+    pre, tot = _block_total(hist_prev_ptr, pid, n_blocks, RB, RB, NBMAX, CHB_R)
     cap = tl.load(cap_prev_ptr + r)
     cap_next = cap - tl.minimum(cap, tot.to(tl.int64))
     if not LAST:
@@ -194,7 +202,7 @@ def _wf_round_kernel(
         tl.store(hist_next_ptr + pid * RB + r, hist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fuse_kernel(phys_ptr, w_ptr, shared_ptr, out_ids_ptr, out_w_ptr, T, shared_weight,
                  K: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, S: tl.constexpr, MARKER: tl.constexpr):
     """``waterfill.fuse_topk``: routed ``p -> p + p // S``, shared column ``r * (S + 1) + S``."""

@@ -26,6 +26,9 @@ import triton.language as tl
 from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
 
 BIG = tl.constexpr(1 << 62)  # larger than any (count + loads) // k
+PADK = tl.constexpr(1 << 60)  # sorts after every real fixed-point load (< 2**53)
+KEYPAD = tl.constexpr(1 << 54)  # certificate keys: (KEYPAD - load) << RBITS | rank
+BIGKEY = tl.constexpr(1 << 62)  # sorts after every real key
 
 
 @triton.jit
@@ -36,41 +39,63 @@ def _gather_1d(src, idx, N: tl.constexpr):
 
 
 @triton.jit
-def _rank_sum(qt, rankc, valid, RB: tl.constexpr, NC: tl.constexpr):
-    """Per-rank sum of a copy tile: ``[NEB, CB] -> [RB]`` (int64, exact)."""
-    qf = tl.reshape(tl.where(valid, qt, 0), [NC])
-    rf = tl.reshape(tl.where(valid, rankc, -1), [NC])
-    r = tl.arange(0, RB)
-    hit = rf[None, :] == r[:, None]
-    return tl.sum(tl.where(hit, qf[None, :], 0), axis=1)
+def _per_copy(ra, fr, mult, dup, valid):
+    """Tokens per copy from the amount on each copy's rank (stored at the rank's first copy):
+    copies sharing a rank split it as evenly as possible, earlier copies first (the core's rule)."""
+    rf = tl.gather(ra, tl.maximum(fr, 0), 1)
+    return tl.where(valid, rf // mult + (dup < rf % mult).to(tl.int64), 0)
 
 
 @triton.jit
-def _block_step(q, load, crow, act, csrc, rankc, valid, first, same3, dup, mult,
+def _rank_amounts(q, nxt, first, maxm):
+    """Per-copy tokens -> amount per (expert, rank), stored at the rank's first copy."""
+    acc = q
+    idx = nxt
+    for _ in range(1, maxm):
+        acc += tl.where(idx >= 0, tl.gather(q, tl.maximum(idx, 0), 1), 0)
+        idx = tl.where(idx >= 0, tl.gather(nxt, tl.maximum(idx, 0), 1), -1)
+    return tl.where(first, acc, 0)
+
+
+@triton.jit
+def _rep_rank_loads(ra, colour_src_ptr, G, RB: tl.constexpr, NC: tl.constexpr):
+    """Load of every rank from the replicated experts: ``[NEB, CB] -> [RB]`` (exact)."""
+    r = tl.arange(0, RB)
+    flat = tl.reshape(ra, [NC])
+    tot = tl.zeros([RB], tl.int64)
+    for g in range(0, G):
+        src = tl.load(colour_src_ptr + g * RB + r)
+        tot += tl.where(src >= 0, tl.gather(flat, tl.maximum(src, 0), 0), 0)
+    return tot
+
+
+@triton.jit
+def _block_step(ra, load, crow, act, csrc, rankc, first, nfirst,
                 NEB: tl.constexpr, CB: tl.constexpr, NC: tl.constexpr):
-    """The core's integer water-fill block step for the experts of one colour (``act`` rows)."""
+    """The core's integer water-fill block step for the experts of one colour (``act`` rows).
+
+    ``ra`` holds each expert's amount per rank at the rank's first copy (the core's
+    ``own_rank``); the step re-pours the expert onto its ranks, lowest level first.
+    """
     col = tl.arange(0, CB)
-    own = tl.sum(tl.where(same3, q[:, None, :], 0), axis=2)
-    base = _gather_1d(load, rankc, NC) - own
-    bj = base[:, :, None]
-    bi = base[:, None, :]
-    inset = first[:, None, :] & ((bi < bj) | ((bi == bj) & (col[None, None, :] <= col[None, :, None])))
-    kj = tl.sum(inset.to(tl.int64), axis=2)
-    sj = tl.sum(tl.where(inset, bi, 0), axis=2)
-    levj = (crow[:, None] + sj) // tl.maximum(kj, 1)
-    level = tl.min(tl.where(first, levj, BIG), axis=1)
+    base = _gather_1d(load, rankc, NC) - ra
+    sk = tl.sort(tl.where(first, base, PADK), dim=1)
+    sk = tl.where(col[None, :] < nfirst[:, None], sk, 0)
+    cs = tl.cumsum(sk, axis=1)
+    kk = (col + 1).to(tl.int64)
+    lev = tl.where(col[None, :] < nfirst[:, None], (crow[:, None] + cs) // kk[None, :], BIG)
+    level = tl.min(lev, axis=1)
     amt = tl.where(first, tl.maximum(level[:, None] - base, 0), 0)
     short = crow - tl.sum(amt, axis=1)
     atl = first & (base <= level[:, None])
     cnt = tl.cumsum(atl.to(tl.int64), axis=1)
     amt = amt + (atl & (cnt <= short[:, None])).to(tl.int64)
-    rank_amt = tl.sum(tl.where(same3, amt[:, None, :], 0), axis=2)
-    per_copy = rank_amt // mult + (dup < rank_amt % mult).to(tl.int64)
-    q = tl.where(act[:, None] & valid, per_copy, tl.where(act[:, None], 0, q))
-    delta = tl.reshape(tl.where(act[:, None] & first, amt - own, 0), [NC])
+    upd = act[:, None] & first
+    delta = tl.reshape(tl.where(upd, amt - ra, 0), [NC])
+    ra = tl.where(upd, amt, ra)
     dr = tl.gather(delta, tl.maximum(csrc, 0), 0)
     load = load + tl.where(csrc >= 0, dr, 0)
-    return q, load
+    return ra, load
 
 
 @triton.jit
@@ -79,13 +104,11 @@ def _shared_step(qs, load, cs, R: tl.constexpr, RB: tl.constexpr):
     r = tl.arange(0, RB)
     rv = r < R
     base = load - qs
-    bj = base[:, None]
-    bi = base[None, :]
-    inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
-    kj = tl.sum(inset.to(tl.int64), axis=1)
-    sj = tl.sum(tl.where(inset, bi, 0), axis=1)
-    levj = (cs + sj) // tl.maximum(kj, 1)
-    level = tl.min(tl.where(rv, levj, BIG), axis=0)
+    sk = tl.sort(tl.where(rv, base, PADK), dim=0)
+    sk = tl.where(rv, sk, 0)
+    csum = tl.cumsum(sk, axis=0)
+    lev = tl.where(rv, (cs + csum) // (r + 1).to(tl.int64), BIG)
+    level = tl.min(lev, axis=0)
     amt = tl.where(rv, tl.maximum(level - base, 0), 0)
     short = cs - tl.sum(amt, axis=0)
     atl = rv & (base <= level)
@@ -95,48 +118,46 @@ def _shared_step(qs, load, cs, R: tl.constexpr, RB: tl.constexpr):
 
 
 @triton.jit
-def _sweep(q, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, valid, first, same3, dup, mult,
+def _sweep(ra, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
            R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, SHARED_BLOCK: tl.constexpr):
     r = tl.arange(0, RB)
     for g in range(0, G):
         csrc = tl.load(colour_src_ptr + g * RB + r)
-        q, load = _block_step(q, load, crow, colour == g, csrc, rankc, valid, first, same3, dup, mult,
-                              NEB, CB, NEB * CB)
+        ra, load = _block_step(ra, load, crow, colour == g, csrc, rankc, first, nfirst, NEB, CB, NEB * CB)
     if SHARED_BLOCK:
         qs, load = _shared_step(qs, load, cs_sh, R, RB)
-    return q, qs, load
+    return ra, qs, load
 
 
 @triton.jit
 def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
-             R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, SHARED_BLOCK: tl.constexpr,
-             TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
-    """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact integers)."""
+             R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+             SHARED_BLOCK: tl.constexpr, TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
+    """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact
+    integers; the core's ``lower_bound``). Ranks are ordered by (load desc, rank asc) via one sort."""
     r = tl.arange(0, RB)
     rv = r < R
-    lm = tl.where(rv, load, -1)
-    m = tl.max(lm, axis=0)
+    m = tl.max(tl.where(rv, load, -1), axis=0)
     thr = m - ((m >> TOL_SHIFT_C) + SLACK)
-    li = lm[None, :]
-    lj = lm[:, None]
-    before = rv[None, :] & ((li > lj) | ((li == lj) & (r[None, :] < r[:, None])))
-    pos = tl.sum(before.to(tl.int32), axis=1)  # [RB], position in order "load desc, rank asc"
-    kk = r + 1  # prefix sizes, axis 0
-    inpre = (pos[None, :] < kk[:, None]) & rv[None, :]
-    num = tl.sum(tl.where(inpre, fixed_s[None, :], 0), axis=1)
-    last = tl.max(tl.where(valid, _gather_1d(pos, rankc, NEB * CB), -1), axis=1)  # [NEB]
-    cont = (last[None, :] < kk[:, None]) & rowvalid[None, :]
+    key = tl.where(rv, ((KEYPAD - load) << RBITS) | r.to(tl.int64), BIGKEY)
+    sk = tl.sort(key, dim=0)  # sk[k-1] = key of the k-th rank in the order
+    sr = (sk & (RB - 1)).to(tl.int32)
+    num = tl.cumsum(tl.where(rv, tl.gather(fixed_s, sr, 0), 0), axis=0)
+    mk = tl.max(tl.where(valid, _gather_1d(key, rankc, NEB * CB), -1), axis=1)  # last rank of each expert
+    cont = (mk[None, :] <= sk[:, None]) & rowvalid[None, :]
     num = num + tl.sum(tl.where(cont, crow_s[None, :], 0), axis=1)
     if SHARED_BLOCK:
-        num = num + tl.where(kk >= R, cs_sh, 0)
-    ok = rv & (num >= kk.to(tl.int64) * thr)
+        num = num + tl.where(r == R - 1, cs_sh, 0)
+    ok = rv & (num >= (r + 1).to(tl.int64) * thr)
     return tl.max(ok.to(tl.int32), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["src_rank", "max_sweeps", "polish_sweeps"])
 def _plan_kernel(
     # tables (LayerTables)
-    p2l_ptr, rep_expert_ptr, rep_rank_ptr, rep_colour_ptr, colour_src_ptr, slot_flat_ptr, meta_ptr,
+    p2l_ptr, rep_expert_ptr, rep_rank_ptr, rep_colour_ptr, colour_src_ptr, slot_flat_ptr,
+    rep_fr_ptr, rep_next_ptr, rep_mult_ptr, rep_dup_ptr, rep_slot_ptr, meta_ptr,
+    table_ptr,  # [P] float64 split fractions (TABLE mode)
     # accumulators [EB + 2 * RB + 8] int32 (counts | routed | tokens per source | valid tokens), zeroed here
     acc_ptr,
     # outputs
@@ -151,7 +172,9 @@ def _plan_kernel(
     src_rank, max_sweeps, polish_sweeps,
     E: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
     NEB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, SB: tl.constexpr, PB: tl.constexpr,
-    LPLB: tl.constexpr,  # per-batch split + quotas
+    CBITS: tl.constexpr, RBITS: tl.constexpr,
+    LPLB: tl.constexpr,  # split + quotas
+    TABLE: tl.constexpr,  # split from the fractions at table_ptr (else the per-batch exact split)
     JOINT: tl.constexpr,  # the shared expert is part of the split (waterfill all_rank + lplb)
     WF: tl.constexpr,  # 0 none, 1 conservative, 2 all_rank
     DYNAMIC: tl.constexpr,  # tokens per source from the gathered stats (else one-hot at src_rank)
@@ -159,6 +182,7 @@ def _plan_kernel(
 ):
     NC: tl.constexpr = NEB * CB
     SHARED_BLOCK: tl.constexpr = JOINT and R >= 2
+    MASK: tl.constexpr = (1 << SCALE_B) - 1
     e_idx = tl.arange(0, EB)
     r = tl.arange(0, RB)
     rv = r < R
@@ -185,19 +209,22 @@ def _plan_kernel(
         # ---- tables ---------------------------------------------------------------------------
         row = tl.arange(0, NEB)
         col = tl.arange(0, CB)
+        tix = row[:, None] * CB + col[None, :]
         G = tl.load(meta_ptr)
-        rank2 = tl.load(rep_rank_ptr + row[:, None] * CB + col[None, :])
+        maxm = tl.load(meta_ptr + 3)
+        rank2 = tl.load(rep_rank_ptr + tix)
         valid = rank2 >= 0
         rankc = tl.where(valid, rank2, 0)
+        fr = tl.load(rep_fr_ptr + tix)
+        nxt = tl.load(rep_next_ptr + tix)
+        mult = tl.load(rep_mult_ptr + tix).to(tl.int64)
+        dup = tl.load(rep_dup_ptr + tix).to(tl.int64)
+        first = valid & (fr == col[None, :])
+        nfirst = tl.sum(first.to(tl.int32), axis=1)
         colour = tl.load(rep_colour_ptr + row)
         rowvalid = colour >= 0
         rep_e = tl.load(rep_expert_ptr + row)
         crow = tl.where(rowvalid, tl.gather(counts, rep_e, 0), 0)
-        same3 = (rankc[:, :, None] == rankc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        lower3 = col[None, None, :] < col[None, :, None]
-        dup = tl.sum((same3 & lower3).to(tl.int64), axis=2)
-        first = valid & (dup == 0)
-        mult = tl.maximum(tl.sum(same3.to(tl.int64), axis=2), 1)
         ncopy = tl.sum(valid.to(tl.int64), axis=1)
         # fixed load per rank: single-copy experts
         s_idx = tl.arange(0, SB)
@@ -212,64 +239,72 @@ def _plan_kernel(
         # ---- fixed-point split -----------------------------------------------------------------
         crow_s = crow << SCALE_B
         cs_sh = n_total << SCALE_B
-        q = tl.where(valid, crow_s[:, None] // tl.maximum(ncopy, 1)[:, None]
-                     + (col[None, :] < (crow_s % tl.maximum(ncopy, 1))[:, None]).to(tl.int64), 0)
         qs = tl.zeros([RB], tl.int64)
-        if SHARED_BLOCK:
-            qs = tl.where(rv, cs_sh // R + (r < cs_sh % R).to(tl.int64), 0)
-        fixed_s = fixed << SCALE_B
-        load = fixed_s + _rank_sum(q, rankc, valid, RB, NC) + qs
-        n_sweeps = max_sweeps
-        if not SHARED_BLOCK:
-            n_sweeps = tl.where(G > 0, max_sweeps, 0)
         it = 0
         cert = tl.zeros([1], tl.int32).sum(axis=0)
-        while (it < n_sweeps) & (cert == 0):
-            q, qs, load = _sweep(q, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, valid, first,
-                                 same3, dup, mult, R, RB, NEB, CB, SHARED_BLOCK)
-            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB, CB, SHARED_BLOCK,
-                            TOL_SHIFT_C, SLACK)
-            it += 1
-        if it == 0:
-            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB, CB, SHARED_BLOCK,
-                            TOL_SHIFT_C, SLACK)
-        # ---- largest remainder on the fixed-point split ------------------------------------------
-        MASK: tl.constexpr = (1 << SCALE_B) - 1
+        if TABLE:
+            # fractions_to_split in fixed point: floor(f * count), remainder to the largest copy
+            slots = tl.load(rep_slot_ptr + tix)
+            f = tl.load(table_ptr + tl.maximum(slots, 0), mask=valid, other=0.0)
+            q = tl.where(valid, tl.maximum(tl.floor(f * crow_s.to(tl.float64)[:, None]).to(tl.int64), 0), 0)
+            resid = crow_s - tl.sum(q, axis=1)
+            big = tl.argmax(tl.where(valid, q, -1), axis=1, tie_break_left=True)
+            q = tl.maximum(q + tl.where(col[None, :] == big[:, None], resid[:, None], 0), 0)
+            q = tl.where(valid, q, 0)
+            cert = cert + 1
+        else:
+            nc1 = tl.maximum(ncopy, 1)
+            q0 = tl.where(valid, (crow_s // nc1)[:, None] + (col[None, :] < (crow_s % nc1)[:, None]).to(tl.int64), 0)
+            ra = _rank_amounts(q0, nxt, first, maxm)
+            if SHARED_BLOCK:
+                qs = tl.where(rv, cs_sh // R + (r < cs_sh % R).to(tl.int64), 0)
+            fixed_s = fixed << SCALE_B
+            load = fixed_s + _rep_rank_loads(ra, colour_src_ptr, G, RB, NC) + qs
+            n_sweeps = max_sweeps
+            if not SHARED_BLOCK:
+                n_sweeps = tl.where(G > 0, max_sweeps, 0)
+            while (it < n_sweeps) & (cert == 0):
+                ra, qs, load = _sweep(ra, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
+                                      R, RB, NEB, CB, SHARED_BLOCK)
+                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
+                                SHARED_BLOCK, TOL_SHIFT_C, SLACK)
+                it += 1
+            if it == 0:
+                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
+                                SHARED_BLOCK, TOL_SHIFT_C, SLACK)
+            q = _per_copy(ra, fr, mult, dup, valid)
+        # ---- largest remainder on the fixed-point split (larger remainder first, then lower slot) --
         fl = q >> SCALE_B
-        fr = q & MASK
         short = crow - tl.sum(fl, axis=1)
-        fi = fr[:, None, :]
-        fj = fr[:, :, None]
-        ahead = valid[:, None, :] & ((fi > fj) | ((fi == fj) & (col[None, None, :] < col[None, :, None])))
-        posj = tl.sum(ahead.to(tl.int64), axis=2)
-        qi = fl + (valid & (posj < short[:, None])).to(tl.int64)
+        key = tl.where(valid, ((MASK - (q & MASK)) << CBITS) | col[None, :].to(tl.int64), BIGKEY)
+        thr = tl.gather(tl.sort(key, dim=1), tl.minimum(tl.maximum(short - 1, 0), CB - 1).to(tl.int32)[:, None], 1)
+        qi = fl + (valid & (short[:, None] > 0) & (key <= thr)).to(tl.int64)
         qsi = tl.zeros([RB], tl.int64)
         if SHARED_BLOCK:
             sfl = qs >> SCALE_B
-            sfr = qs & MASK
             sshort = n_total - tl.sum(sfl, axis=0)
-            sahead = rv[None, :] & ((sfr[None, :] > sfr[:, None]) | ((sfr[None, :] == sfr[:, None]) & (r[None, :] < r[:, None])))
-            qsi = tl.where(rv, sfl + (tl.sum(sahead.to(tl.int64), axis=1) < sshort).to(tl.int64), 0)
+            skey = tl.where(rv, ((MASK - (qs & MASK)) << RBITS) | r.to(tl.int64), BIGKEY)
+            sthr = tl.sum(tl.where(r == tl.minimum(tl.maximum(sshort - 1, 0), RB - 1), tl.sort(skey, dim=0), 0), axis=0)
+            qsi = tl.where(rv, sfl + ((sshort > 0) & (skey <= sthr)).to(tl.int64), 0)
         # ---- integer polish (the core's _polish), kept unless it raises the max rank load ----------
-        load_i = fixed + _rank_sum(qi, rankc, valid, RB, NC) + qsi
-        qp = qi
+        ra_p = _rank_amounts(qi, nxt, first, maxm)
+        load_i = fixed + _rep_rank_loads(ra_p, colour_src_ptr, G, RB, NC) + qsi
+        q_prev = qi
         qsp = qsi
         loadp = load_i
         pit = 0
-        changed = tl.where(G > 0, 1, 0)
-        if SHARED_BLOCK:
-            changed = 1
-        changed = changed * (polish_sweeps > 0).to(tl.int32)
+        changed = (polish_sweeps > 0).to(tl.int32)
         while (pit < polish_sweeps) & (changed != 0):
-            q_old = qp
             qs_old = qsp
-            qp, qsp, loadp = _sweep(qp, qsp, loadp, crow, n_total, colour, colour_src_ptr, G, rankc, valid, first,
-                                    same3, dup, mult, R, RB, NEB, CB, SHARED_BLOCK)
-            changed = tl.max((qp != q_old).to(tl.int32), axis=1)
-            changed = tl.max(changed, axis=0) | tl.max((qsp != qs_old).to(tl.int32), axis=0)
+            ra_p, qsp, loadp = _sweep(ra_p, qsp, loadp, crow, n_total, colour, colour_src_ptr, G, rankc, first,
+                                      nfirst, R, RB, NEB, CB, SHARED_BLOCK)
+            q_now = _per_copy(ra_p, fr, mult, dup, valid)
+            diff = tl.max(tl.max((q_now != q_prev).to(tl.int32), axis=1), axis=0)
+            changed = diff | tl.max((qsp != qs_old).to(tl.int32), axis=0)
+            q_prev = q_now
             pit += 1
         better = tl.max(tl.where(rv, loadp, -1), axis=0) <= tl.max(tl.where(rv, load_i, -1), axis=0)
-        qf = tl.where(better, qp, qi)
+        qf = tl.where(better, q_prev, qi)
         qs_final = tl.where(better, qsp, qsi)
         load_f = tl.where(better, loadp, load_i)
         routed = load_f - qs_final
@@ -287,7 +322,7 @@ def _plan_kernel(
         tl.store(quotas_ptr + p, quota, mask=pm)
         qc = tl.cumsum(qf, axis=1)
         qc = tl.where(col[None, :] >= (ncopy - 1)[:, None], 2147483647, qc)
-        tl.store(qcum_ptr + row[:, None] * CB + col[None, :], qc.to(tl.int32))
+        tl.store(qcum_ptr + tix, qc.to(tl.int32))
         tl.store(flags_ptr + tl.arange(0, 1), cert.to(tl.int32) + tl.zeros([1], tl.int32))
         tl.store(flags_ptr + 1 + tl.arange(0, 1), it + tl.zeros([1], tl.int32))
         tl.store(flags_ptr + 2 + tl.arange(0, 1), pit + tl.zeros([1], tl.int32))
@@ -300,15 +335,11 @@ def _plan_kernel(
             qsh = qs_final
         else:
             # waterfill.shared_quotas in float64, same operations as the core
-            lf = routed.to(tl.float64)
-            bj = routed[:, None]
-            bi = routed[None, :]
-            inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
-            kj = tl.sum(inset.to(tl.int64), axis=1)
-            sj = tl.sum(tl.where(inset, bi, 0), axis=1)
-            levj = (n_total + sj).to(tl.float64) / tl.maximum(kj, 1).to(tl.float64)
-            level = tl.min(tl.where(rv, levj, float("inf")), axis=0)
-            y = tl.maximum(level - lf, 0.0)
+            sk = tl.sort(tl.where(rv, routed, PADK), dim=0)
+            csum = tl.cumsum(tl.where(rv, sk, 0), axis=0)
+            levk = (n_total + csum).to(tl.float64) / (r + 1).to(tl.float64)
+            level = tl.min(tl.where(rv, levk, float("inf")), axis=0)
+            y = tl.maximum(level - routed.to(tl.float64), 0.0)
             yfl = tl.floor(y)
             yfr = y - yfl
             sshort = n_total - tl.sum(tl.where(rv, yfl.to(tl.int64), 0), axis=0)
@@ -355,7 +386,7 @@ def _stats_kernel(acc_ptr, stats_ptr, E: tl.constexpr, R: tl.constexpr, RB: tl.c
     tl.store(stats_ptr + E + R + tl.arange(0, 1), n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D", "src_rank"])
 def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
                      E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, BC: tl.constexpr,
                      BD: tl.constexpr):
@@ -385,7 +416,7 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
 
 
 def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 8, polish_sweeps: int = 8,
-                num_warps: int = 4) -> dict:
+                num_warps: int = 4, split_table=None) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 
     ``pl`` single-layer placement, ``counts [E]``. With ``shared_tokens`` the shared expert
@@ -413,13 +444,16 @@ def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int
         flags=torch.zeros(8, dtype=torch.int32, device=dev), wf=torch.zeros(8, **i64),
         wf_vec=torch.zeros(RB + 1, **i64), routed=torch.zeros(RB, **i64),
     )
+    table = (split_table.to(device=dev, dtype=torch.float64).contiguous() if split_table is not None
+             else torch.zeros(1, dtype=torch.float64, device=dev))
     launch(
         _plan_kernel, (1,),
-        tb.p2l, tb.rep_expert, tb.rep_rank, tb.rep_colour, tb.colour_src, tb.slot_flat, tb.meta, acc,
+        *tb.plan_args(), table, acc,
         out["counts"], out["quotas"], out["qcum"], out["shared_q"], out["flags"], out["wf"], out["wf_vec"],
         out["routed"], 0, max_sweeps, polish_sweeps,
         E=tb.E, R=tb.R, S=tb.S, P=pl.num_physical, NEB=tb.NEB, CB=tb.CB, RB=RB, EB=EB,
-        SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), LPLB=True, JOINT=joint, WF=2 if joint else 0,
+        SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), CBITS=tb.CB.bit_length() - 1, RBITS=max(RB.bit_length() - 1, 1),
+        LPLB=True, TABLE=split_table is not None, JOINT=joint, WF=2 if joint else 0,
         DYNAMIC=False, SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS, num_warps=num_warps,
     )
     out["shared_q"] = out["shared_q"][: tb.R]

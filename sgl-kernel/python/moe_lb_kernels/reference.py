@@ -42,6 +42,8 @@ __all__ = [
     "certificate",
     "largest_remainder_fixed",
     "quotas_ref",
+    "table_split_fixed",
+    "table_quotas_ref",
     "balance_layer_ref",
     "local_stats_ref",
 ]
@@ -189,6 +191,37 @@ def quotas_ref(
     return q, qf, cert
 
 
+def table_split_fixed(pl: Placement, fractions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``lp_split.fractions_to_split`` in fixed point: ``[P]`` long, units of ``2**-SCALE_BITS``.
+
+    Each copy gets ``floor(fraction * (count << SCALE_BITS))`` (one float64 product, then floor);
+    the expert's remainder goes to its largest copy (lowest slot on ties), as ``_conserve`` does.
+    """
+    c = counts.to(torch.long).reshape(-1)
+    p2l = pl.phy2log[0]
+    cs = c << SCALE_BITS
+    f = fractions.reshape(-1).to(torch.float64)
+    x = torch.floor(f * cs[p2l].to(torch.float64)).to(torch.long).clamp(min=0)
+    resid = cs - torch.zeros_like(cs).scatter_add_(0, p2l, x)
+    P = p2l.numel()
+    idx = torch.arange(P, device=x.device)
+    # largest copy of each expert, lowest slot on ties
+    better = (p2l[None, :] == p2l[:, None]) & ((x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (idx[None, :] < idx[:, None])))
+    largest = ~better.any(1)
+    return (x + torch.where(largest, resid[p2l], 0)).clamp(min=0)
+
+
+def table_quotas_ref(pl: Placement, fractions: torch.Tensor, counts: torch.Tensor, polish_sweeps: int = 8) -> torch.Tensor:
+    """``integer_quotas(pl, fractions_to_split(pl, fractions, counts), counts)`` in fixed point."""
+    c = counts.to(torch.long).reshape(-1)
+    q = largest_remainder_fixed(pl, table_split_fixed(pl, fractions, c), c)
+    if polish_sweeps > 0 and pl.has_replicas:
+        qp = _polish(pl, q[None], c[None], polish_sweeps)[0]
+        if int(pl.rank_loads(qp).max()) <= int(pl.rank_loads(q).max()):
+            q = qp
+    return q
+
+
 def local_stats_ref(pl: Placement, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``joint.local_stats`` for one layer (``[E + R + 1]`` long)."""
     from sglang_moe_lb.joint import local_stats
@@ -205,12 +238,14 @@ def balance_layer_ref(
     waterfill: str | None = None,
     gathered: torch.Tensor | None = None,
     phys_ids: torch.Tensor | None = None,
+    split_table: torch.Tensor | None = None,
     max_sweeps: int = DEFAULT_SWEEPS,
     polish_sweeps: int = 8,
 ) -> tuple[LayerDispatch, bool]:
     """``joint.balance_layer`` for a single-layer ``pl`` with the fixed-point split.
 
-    Returns (``LayerDispatch``, certified). ``lplb`` is ``"per_batch"`` or ``"off"``.
+    Returns (``LayerDispatch``, certified). ``lplb`` is ``"per_batch"``, ``"table"`` (with
+    ``split_table``) or ``"off"``.
     """
     E, R, S = pl.num_logical, pl.num_ranks, pl.slots_per_rank
     dev = topk_ids.device
@@ -236,8 +271,10 @@ def balance_layer_ref(
         quotas, shared_q = q_ext[:, :S].reshape(-1), q_ext[:, S]
     elif lplb == "per_batch":
         quotas, _, cert = quotas_ref(pl, counts, max_sweeps, polish_sweeps)
+    elif lplb == "table":
+        quotas = table_quotas_ref(pl, split_table, counts, polish_sweeps)
     elif lplb != "off":
-        raise ValueError(f"lplb must be 'per_batch' or 'off', got {lplb!r}")
+        raise ValueError(f"lplb must be 'per_batch', 'table' or 'off', got {lplb!r}")
     if quotas is not None:
         phys_ids = dispatch(pl, topk_ids, quotas, offsets)
         routed = pl.rank_loads(quotas)

@@ -118,12 +118,10 @@ def main() -> None:
     print(default_out)
     print(f"wall {wall:.1f} s, CPU {cpu:.1f} s, {os.cpu_count()} cores", flush=True)
 
-    from sglang_moe_lb.replay.simulate import MODES
-
     with tempfile.TemporaryDirectory() as tmp:
         js_path = Path(tmp) / "full.json"
         img = Path(tmp) / "img"
-        full_args = ["--modes", ",".join(MODES), "--upstream-waterfill-steps", "-1", "--json", str(js_path), "--plot", str(img)]
+        full_args = ["--modes", "all", "--upstream-waterfill-steps", "-1", "--json", str(js_path), "--plot", str(img)]
         print("2/2 full run: sglang-moe-lb replay " + " ".join(full_args[:4]), flush=True)
         full_out, full_wall, full_cpu = run(full_args)
         print(full_out)
@@ -146,7 +144,7 @@ def main() -> None:
     text = replace_block(
         text,
         "replay-full",
-        "```\n$ sglang-moe-lb replay --modes " + ",".join(MODES) + " --upstream-waterfill-steps -1\n```\n\n"
+        "```\n$ sglang-moe-lb replay --modes all --upstream-waterfill-steps -1\n```\n\n"
         + markdown_table(js)
         + f"\n\nEvery mode scored on all {cfg['num_steps']} steps x {cfg['num_layers']} layers "
         f"(EPLB rebalances at steps {js['rebalance_steps']}; domain phases "

@@ -9,6 +9,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from dataclasses import replace
 __all__ = ["main", "build_parser"]
 
 # Defaults of the no-argument run (the bundled OLMoE data); docs/replay.md documents them.
-BUNDLED_STEPS = 72
+BUNDLED_STEPS = 60
 BUNDLED_TOKENS = "512:4096"
 SYNTHETIC_STEPS = 60
 SYNTHETIC_TOKENS = "4096"
@@ -36,6 +37,12 @@ def _tokens(text: str) -> tuple[int, int]:
     if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
     return parts[0], parts[1]
+
+
+def _modes(text: str) -> list[str]:
+    from .replay.simulate import MODES
+
+    return list(MODES) if text.strip() == "all" else _csv(text)
 
 
 def _csv(text: str) -> list[str]:
@@ -152,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "first window; auto picks the first available in that order",
     )
     sim.add_argument(
-        "--modes", type=_csv, default=list(DEFAULT_MODES), metavar="M1,M2,...",
-        help="modes to run (default: all but upstream-waterfill-dyn); must include static",
+        "--modes", type=_modes, default=list(DEFAULT_MODES), metavar="M1,M2,...|all",
+        help="modes to run, or 'all' (default: all but upstream-waterfill-dyn, waterfill-cons-static, "
+        "waterfill-all-static); must include static",
     )
     sim.add_argument(
         "--upstream-waterfill-steps", type=int, default=None, metavar="K",
@@ -232,16 +240,27 @@ def _replay(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Called without ``argv`` (the console script, ``python -m sglang_moe_lb``), the process ends
+    right after its output is flushed: with SGLang, Triton and torch loaded, the interpreter's
+    teardown otherwise spends seconds in native finalizers that do nothing useful here.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "replay":
-            return _replay(args)
+            rc = _replay(args)
+        else:
+            parser.error(f"unknown command {args.command!r}")
     except CliError as err:
         print(f"sglang-moe-lb {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+        rc = 2
+    if argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ MODES: dict[str, Mode] = {
            "our joint per-batch split: shared expert = one more expert with a copy on every rank"),
     ]
 }
-DEFAULT_MODES = tuple(m for m in MODES if m != "upstream-waterfill-dyn")
+# The no-argument run leaves out the opt-in variants (SGLang's dynamic Waterfill, our no-collective
+# Waterfill) to stay under a minute on 2 cores; docs/replay.md's full table has them all.
+OPT_IN_MODES = ("upstream-waterfill-dyn", "waterfill-cons-static", "waterfill-all-static")
+DEFAULT_MODES = tuple(m for m in MODES if m not in OPT_IN_MODES)
 AUTO_UPSTREAM_WATERFILL_STEPS = 4  # steps SGLang's Waterfill is scored on by default (Triton interpreter)
 AUTO_UPSTREAM_WATERFILL_MAX_EP = 16  # beyond this EP size it is skipped unless asked for
 
@@ -341,9 +344,15 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
 
     init = cfg.init_placement
     if init == "auto":
+        rp = trace.recorded_placement
         init = "calibration" if trace.calibration is not None else (
-            "recorded" if trace.recorded_placement is not None and trace.recorded_placement.shape == (L, P) else "trivial"
+            "recorded" if rp is not None and tuple(rp.shape) == (L, P) else "trivial"
         )
+        if init == "trivial" and rp is not None:
+            notes.append(
+                f"the input's recorded map has shape {list(rp.shape)}, not [layers, experts + --redundant-experts] = "
+                f"{[L, P]}; starting from the trivial placement instead"
+            )
     if init == "calibration":
         if trace.calibration is None:
             raise ValueError("--init-placement calibration: this input has no calibration counts")
@@ -387,7 +396,10 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
         if kept is not None:
             small = batch.topk.to(torch.int16 if E < 2**15 else torch.int32)
             kept_bytes += small.numel() * small.element_size()
-            kept = kept + [(small, batch.rank_sizes)] if kept_bytes < _KEEP_BYTES else None
+            if kept_bytes < _KEEP_BYTES:
+                kept.append((small, batch.rank_sizes))
+            else:
+                kept = None  # too big to hold: the workers regenerate batches (deterministic)
 
     # -- pass 2: every mode on every step (steps are independent now; forked workers share them) --
     global _JOB
@@ -408,10 +420,10 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
         from tqdm import tqdm
 
         bar = tqdm(total=N, desc="replay", unit="step", leave=False, dynamic_ncols=True)
+    pool = None
     try:
         if workers == 1:
             results_iter = map(_eval_step, order)
-            pool = None
         else:
             import multiprocessing as mp
 
@@ -424,10 +436,10 @@ def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
             routed_total[t] = out["routed_total"]
             if bar is not None:
                 bar.update(1)
-        if pool is not None:
-            pool.close()
-            pool.join()
     finally:
+        if pool is not None:
+            pool.terminate()  # every result is in (or we are failing): stop the workers now
+            pool.join()
         if bar is not None:
             bar.close()
         _JOB = None

@@ -22,6 +22,7 @@ CONFIGS = [
     (256, 64, 64, 8, 256, "waterfill+lplb", "conservative", False),
     (256, 32, 0, 8, 16384, "waterfill", "conservative", True),
     (256, 32, 0, 8, 16384, "lplb", "all_rank", False),  # no replicas: static map only
+    (256, 32, 32, 8, 16384, "waterfill+lplb", "all_rank", False, "table"),  # rebalance-only split table
 ]
 
 
@@ -39,9 +40,10 @@ def _placement(E, R, red, gen):
 def recorded_launches():
     gen = torch.Generator().manual_seed(0)
     seen = {}
-    for E, R, red, K, max_tokens, mode, cand, dyn in CONFIGS:
+    for E, R, red, K, max_tokens, mode, cand, dyn, *split in CONFIGS:
         pl = _placement(E, R, red, gen)
-        bal = LayerBalancer(pl, max_tokens, K, mode, "cpu", candidates=cand, source_rank=1, dynamic=dyn)
+        bal = LayerBalancer(pl, max_tokens, K, mode, "cpu", candidates=cand, source_rank=1, dynamic=dyn,
+                            split=split[0] if split else "per_batch")
         ids = torch.randint(0, E, (3, K), dtype=torch.int32, generator=gen)
         phys = ids.clone() if mode == "waterfill" else None
         if mode == "waterfill":

@@ -415,7 +415,7 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
         tl.store(acc_ptr + EB + RB + d, nt.to(tl.int32))
 
 
-def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 8, polish_sweeps: int = 8,
+def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16, polish_sweeps: int = 8,
                 num_warps: int = 4, split_table=None) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 

@@ -52,7 +52,7 @@ SCALE_BITS = 28  # fixed-point unit: 2**-28 tokens (3.7e-9)
 TOL_SHIFT = 30  # certificate: relative tolerance 2**-30 (9.3e-10) ...
 SLACK_UNITS = 256  # ... plus 256 units (9.5e-7 tokens) absolute
 PAD = 1 << 56  # sorts after every real fixed-point load (loads < 2**25 tokens)
-DEFAULT_SWEEPS = 8  # see docs/kernels.md for how it was chosen
+DEFAULT_SWEEPS = 16  # cap; stops at the first certified sweep. See docs/kernels.md (sweep study)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """End-to-end tests against a real SGLang 0.5.23 server on CPU (the TEST AND DEMO harness).
 
-Tests marked ``e2e`` start real servers (about 20 s each on 2 cores) and are skipped
-unless selected: ``pytest test/e2e -m e2e`` (or SGLANG_MOE_LB_E2E=1).
+Tests marked ``e2e`` start real servers (about 20-60 s each on 2 cores, one per mode, reused
+by every test of that mode) or spawn SGLang ranks, and are skipped unless selected:
+``pytest test/e2e -m e2e`` (or SGLANG_MOE_LB_E2E=1, which scripts/run_tests.sh sets).
 Server logs go to SGLANG_MOE_LB_E2E_LOG_DIR if set, else to pytest's temporary dir.
 """
 
@@ -16,6 +17,8 @@ import pytest
 
 # Wall times of this session (server start, each test), printed at the end.
 TIMINGS: dict[str, float] = {}
+# mode -> rank-load statistics from the harness's slot log, printed at the end.
+SLOT_STATS: dict[str, dict] = {}
 
 
 def pytest_configure(config):
@@ -44,6 +47,13 @@ def pytest_runtest_call(item):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if SLOT_STATS:
+        terminalreporter.section("e2e MoE calls at the optimal max rank load (slot log)")
+        for mode, st in SLOT_STATS.items():
+            terminalreporter.write_line(
+                f"{mode:16s} {st['optimal']}/{st['calls']} calls; with a replicated expert in play: "
+                f"{st['contested_optimal']}/{st['contested']}"
+            )
     if not TIMINGS:
         return
     terminalreporter.section("e2e wall times (s)")
@@ -66,6 +76,17 @@ def e2e_log_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def e2e_timings() -> dict:
     return TIMINGS
+
+
+@pytest.fixture(scope="session")
+def live_dumps() -> dict:
+    """mode -> recorder dump written by that mode's live server (fed to replay)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def slot_stats() -> dict:
+    return SLOT_STATS
 
 
 @pytest.fixture(scope="session")

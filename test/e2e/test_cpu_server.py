@@ -5,29 +5,54 @@ DeepSeek-V3, dummy weights that do not depend on expert placement (see
 ``sglang_moe_lb.testing.cpu_serving.dummy_weights``) and ``--dtype float32``, so greedy
 outputs are decided by real margins, not by bf16 rounding. Then, per mode:
 greedy generation (repeatable), ``sglang.bench_serving`` (all requests complete), the
-expert distribution recorder (dump is ``logical_count[steps, layers, experts]``), the
-EPLB rebalance log line, and greedy outputs equal to those of ``off``.
+expert distribution recorder (dump is ``logical_count[steps, layers, experts]``) and
+``sglang-moe-lb replay`` on that dump, the EPLB rebalance log line, and greedy outputs equal
+to those of ``off``. For the plugin's modes also: its start-up line on both ranks, for
+``lplb`` the split tables HiGHS solved in each EPLB rebalance (the plugin's log line), and for
+per-batch ``lplb`` that every MoE call the server ran reached the optimal max rank load (from
+the harness's slot log, which counts what each rank actually executed).
 
-To cover another mode, add it to ``MODES`` (``--moe-lb MODE`` is passed when MODE != "off").
+Waterfill modes are not served here: the plugin refuses them without ``--moe-a2a-backend
+deepep`` (``test_waterfill_refused_without_deepep``), and DeepEP needs GPUs. Waterfill is proved
+one layer down instead, through SGLang's real ``DeepseekV2MoE`` on 2 gloo ranks
+(``test_waterfill_gloo.py``).
+
+To try another configuration without editing: ``SGLANG_MOE_LB_E2E_MODES=off,lplb`` (names from
+``MODE_FLAGS``; any other name is passed as ``--moe-lb NAME``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from sglang_moe_lb.testing.cpu_serving.ep_moe import moe_forward_native_ep
+from sglang_moe_lb.testing.cpu_serving.ep_moe import SLOT_LOG_ENV, moe_forward_native_ep
 from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
-from sglang_moe_lb.testing.cpu_serving.server import EP2_EPLB_ARGS, EPLB_REBALANCE_RE, launch_cpu_server, omp_bind
+from sglang_moe_lb.testing.cpu_serving.server import (
+    EP2_EPLB_ARGS,
+    EPLB_REBALANCE_RE,
+    ServerStartError,
+    launch_cpu_server,
+    omp_bind,
+)
 
-MODES = ["off"]  # add "lplb", "waterfill", "waterfill+lplb" as they land
-# Try other modes without editing: SGLANG_MOE_LB_E2E_MODES=off,lplb. "off" runs first: it is the
-# reference of test_outputs_equal_off (a module-scoped parametrized fixture runs in param order).
-MODES = [m.strip() for m in os.environ.get("SGLANG_MOE_LB_E2E_MODES", ",".join(MODES)).split(",") if m.strip()]
+MODE_FLAGS = {
+    "off": [],
+    "lplb": ["--moe-lb", "lplb"],  # split tables, solved by HiGHS in every EPLB rebalance
+    "lplb-per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch"],  # exact split per batch
+}
+# "off" runs first: it is the reference of test_outputs_equal_off (a module-scoped
+# parametrized fixture runs in param order).
+MODES = [m.strip() for m in os.environ.get("SGLANG_MOE_LB_E2E_MODES", ",".join(MODE_FLAGS)).split(",") if m.strip()]
 MODES.sort(key=lambda m: m != "off")
 
 # float32: LB modes move (token, expert) pairs between ranks, which changes float summation
@@ -35,6 +60,7 @@ MODES.sort(key=lambda m: m != "off")
 # tokens of this random model; in float32 the smallest top-2 log-prob gap seen (2.6e-4) is
 # far above the rounding differences.
 SERVER_ARGS = [*EP2_EPLB_ARGS, "--dtype", "float32"]
+START_TIMEOUT_S = 240
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -49,20 +75,45 @@ PROMPTS = [
 MAX_NEW_TOKENS = 16
 
 CONFIG = json.loads((prepare_model_dir() / "config.json").read_text())
+MOE_LAYERS = CONFIG["num_hidden_layers"] - CONFIG["first_k_dense_replace"]
+# replay runs once per session (~15 s), on this mode's live dump.
+REPLAY_MODE = "lplb" if "lplb" in MODES else MODES[-1]
+
+# The plugin's lines (python/sglang_moe_lb/plugin/hooks.py and rebalance.py).
+READY_RE = re.compile(r"\[[^\]]*?(TP\d+)[^\]]*\] \[moe-lb\] ready: (mode=\S+.*?), (\d+) layers, (\d+) ranks x (\d+) slots, hot path (\S+)")
+TABLES_RE = re.compile(
+    r"\[moe-lb\] (rebalance #\d+): LPLB tables for (\d+) layers \((\d+) failed, (\d+) stale\) solved in ([0-9.]+)s"
+    r".*?Balancedness old->even->lplb: (.*)$",
+    re.M,
+)
 
 
 def mode_args(mode: str) -> list[str]:
-    return list(SERVER_ARGS) + ([] if mode == "off" else ["--moe-lb", mode])
+    return list(SERVER_ARGS) + MODE_FLAGS.get(mode, ["--moe-lb", mode])
+
+
+def slug(mode: str) -> str:
+    return mode.replace("+", "_")
 
 
 @pytest.fixture(scope="module", params=MODES)
 def server(request, e2e_log_dir, e2e_timings):
     mode = request.param
-    log = e2e_log_dir / f"server_{mode.replace('+', '_')}.log"
+    log = e2e_log_dir / f"server_{slug(mode)}.log"
+    slot_dir = e2e_log_dir / f"slots_{slug(mode)}"
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    for old in slot_dir.glob("slots_ep*.jsonl"):
+        old.unlink()
     t0 = time.monotonic()
-    srv = launch_cpu_server(mode_args(mode), ep=2, log_path=log, recorder_dir=e2e_log_dir / f"recorder_{mode.replace('+', '_')}")
+    # A failed start raises ServerStartError with the log's tail; pytest keeps that error for
+    # every test of this mode instead of starting the server again.
+    srv = launch_cpu_server(
+        mode_args(mode), ep=2, log_path=log, recorder_dir=e2e_log_dir / f"recorder_{slug(mode)}",
+        extra_env={SLOT_LOG_ENV: str(slot_dir)}, timeout=START_TIMEOUT_S,
+    )  # fmt: skip
     e2e_timings[f"server start [{mode}]"] = time.monotonic() - t0
     srv.mode = mode
+    srv.slot_dir = slot_dir
     try:
         yield srv
     finally:
@@ -101,7 +152,7 @@ def test_bench_serving_completes(server, e2e_log_dir):
     num_prompts = 8
     result = server.bench_serving(
         num_prompts=num_prompts, input_len=32, output_len=8,
-        output_file=e2e_log_dir / f"bench_{server.mode.replace('+', '_')}.jsonl",
+        output_file=e2e_log_dir / f"bench_{slug(server.mode)}.jsonl",
     )  # fmt: skip
     assert result["completed"] == num_prompts, result["_log"][-3000:]
     assert result["total_output_tokens"] == num_prompts * 8
@@ -109,7 +160,7 @@ def test_bench_serving_completes(server, e2e_log_dir):
 
 
 @pytest.mark.e2e
-def test_expert_distribution_recorder_dump(server):
+def test_expert_distribution_recorder_dump(server, live_dumps):
     before = set(server.recorder_dumps())
     server.start_expert_distribution_record()
     try:
@@ -131,6 +182,54 @@ def test_expert_distribution_recorder_dump(server):
     assert int(count.min()) >= 0
     # Dense layers (before first_k_dense_replace) route nothing.
     assert int(count[:, : CONFIG["first_k_dense_replace"]].sum()) == 0
+    assert int(count.sum()) > 0
+    live_dumps[server.mode] = new[0]
+
+
+@pytest.mark.e2e
+def test_replay_on_live_dump(server, live_dumps, e2e_log_dir):
+    """``sglang-moe-lb replay`` (a subprocess, as a user runs it) on the dump this server wrote."""
+    if server.mode != REPLAY_MODE:
+        pytest.skip(f"replay runs once, on the {REPLAY_MODE!r} server's dump")
+    dump = live_dumps.get(server.mode)
+    if dump is None:
+        pytest.skip("needs test_expert_distribution_recorder_dump of this mode")
+    out = e2e_log_dir / f"replay_{slug(server.mode)}.json"
+    cmd = [
+        sys.executable, "-m", "sglang_moe_lb", "replay", str(dump),
+        "--ep-size", "2", "--redundant-experts", "2", "--top-k", str(CONFIG["num_experts_per_tok"]),
+        "--upstream-waterfill-steps", "1", "--workers", "1", "--no-progress", "--json", str(out),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"replay failed (rc={res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    table = res.stdout
+    (e2e_log_dir / f"replay_{slug(server.mode)}.txt").write_text(table)
+    assert "SGLang recorder dump (stat)" in table and str(dump) in table, table[-2000:]
+    for mode in ("static", "dynamic", "lplb-rebalance", "lplb", "waterfill-cons", "waterfill+lplb-all", "bound (joint LP)"):
+        assert re.search(rf"^{re.escape(mode)}\s", table, re.M), f"no row {mode!r} in:\n{table}"
+
+    result = json.loads(out.read_text())
+    cfg = result["config"]
+    recorded = torch.load(dump, weights_only=False)["logical_count"]
+    steps_with_tokens = int((recorded.sum((1, 2)) > 0).sum())
+    assert cfg["trace"]["kind"] == "stat" and cfg["trace"]["files"] == [str(dump)]
+    assert (cfg["ep_size"], cfg["num_logical_experts"], cfg["num_physical_experts"], cfg["top_k"], cfg["num_layers"]) == (
+        2, CONFIG["n_routed_experts"], CONFIG["n_routed_experts"] + 2, CONFIG["num_experts_per_tok"], CONFIG["num_hidden_layers"],
+    )
+    assert cfg["num_steps"] == steps_with_tokens >= 1
+    modes = result["modes"]
+    assert modes["static"]["moe_time_ratio_vs_static"] == pytest.approx(1.0)
+    for name, m in modes.items():
+        if name in result["skipped"]:
+            continue
+        assert 0.0 < m["balancedness_mean"] <= 1.0 + 1e-9, (name, m)
+        assert m["balancedness_mean"] <= result["bound"]["balancedness_mean"] + 1e-9, (name, m)
+        if m["family"] == "ours" and "upstream" not in name:
+            assert m["steps_scored"] == steps_with_tokens, (name, m)
+    # Per-batch LPLB is never worse than SGLang's static dispatch on a batch (it is optimal
+    # among integral dispatches); the joint mode reaches the joint LP bound up to integrality.
+    assert modes["lplb"]["moe_time_ratio_vs_static"] <= 1.0 + 1e-9
+    assert modes["waterfill+lplb-all"]["moe_time_ratio_vs_static"] <= modes["lplb"]["moe_time_ratio_vs_static"] + 1e-9
 
 
 @pytest.mark.e2e
@@ -143,6 +242,102 @@ def test_eplb_rebalanced(server):
     assert found, f"no '[EPLBManager] rebalance end' line in {server.log_path}"
     ranks = {ln.split("]")[0] for ln in server.log_text().splitlines() if EPLB_REBALANCE_RE.search(ln)}
     assert any("TP0" in r for r in ranks) and any("TP1" in r for r in ranks), ranks
+
+
+@pytest.mark.e2e
+def test_moe_lb_ready_on_both_ranks(server):
+    """The plugin activated in both scheduler processes, in the requested configuration."""
+    if server.mode == "off":
+        assert "[moe-lb] ready" not in server.log_text()
+        pytest.skip("plugin off")
+    text = server.log_text()
+    ready = {m.group(1): m for m in READY_RE.finditer(text)}
+    assert set(ready) == {"TP0", "TP1"}, f"no '[moe-lb] ready' line on both ranks in {server.log_path}"
+    want_schedule = "per-batch" if "per-batch" in mode_args(server.mode) else "rebalance-only"
+    for rank, m in ready.items():
+        assert f"lplb={want_schedule}" in m.group(2), m.group(0)
+        assert (int(m.group(4)), int(m.group(5))) == (2, (CONFIG["n_routed_experts"] + 2) // 2), m.group(0)
+    # The server log has no level column: look for the plugin's warning wording instead.
+    warning_words = re.compile(r"(?i)fail|error|ignored|falls? back|without the TopK path|LPLB is off")
+    # (The per-rebalance table lines count their failures; test_lplb_tables_solved_in_rebalance checks them.)
+    problems = [
+        ln for ln in text.splitlines()
+        if ("[moe-lb]" in ln and warning_words.search(ln) and not TABLES_RE.search(ln)) or "Traceback" in ln
+    ]
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.e2e
+def test_lplb_tables_solved_in_rebalance(server):
+    """Our rebalance hook ran in SGLang's EPLB cycle and HiGHS produced non-trivial split tables."""
+    if "--moe-lb" not in mode_args(server.mode) or "per-batch" in mode_args(server.mode):
+        pytest.skip("split tables are the rebalance-only LPLB schedule")
+    text = server.log_text()
+    if not TABLES_RE.search(text):  # the install point is the pass after a rebalance
+        server.generate(PROMPTS[:2], greedy=True, max_new_tokens=24)
+        server.wait_for_log(TABLES_RE, timeout=30)
+        text = server.log_text()
+    lines = list(TABLES_RE.finditer(text))
+    assert lines, f"no '[moe-lb] rebalance #N: LPLB tables' line in {server.log_path}"
+    eplb_ends = [ln for ln in text.splitlines() if EPLB_REBALANCE_RE.search(ln) and "TP0" in ln]
+    assert len(lines) >= len(eplb_ends) - 1, (len(lines), len(eplb_ends))  # the last may still be installing
+    improved = 0
+    for m in lines:
+        label, installed, failed = m.group(1), int(m.group(2)), int(m.group(3))
+        assert failed == 0, m.group(0)
+        assert installed <= MOE_LAYERS, m.group(0)
+        for layer, before, even, lplb in re.findall(r"(\d+):(\S+?)->(\S+?)->(\S+)", m.group(6)):
+            if "n/a" in (even, lplb):
+                continue
+            # The scenario LP's table is never worse than the even split on the window it solved.
+            assert float(lplb) >= float(even) - 1e-3, (label, layer, even, lplb)
+            improved += float(lplb) > float(even) + 1e-3
+    assert max(int(m.group(2)) for m in lines) == MOE_LAYERS, [m.group(0) for m in lines]
+    assert improved > 0, "every table equals the even split: did HiGHS solve anything?"
+    assert "scenario LP failed" not in text and "LPLB solve failed" not in text
+
+
+def _slot_calls(slot_dir: Path) -> list[dict]:
+    """Per MoE call the server ran: per-rank loads and the best max rank load possible (2 ranks)."""
+    files = [slot_dir / f"slots_ep{r}.jsonl" for r in range(2)]
+    per_rank = [[json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else [] for f in files]
+    n = min(len(p) for p in per_rank)
+    calls = []
+    for i in range(n):
+        a, b = per_rank[0][i], per_rank[1][i]
+        assert a["layer"] == b["layer"] and a["p2l"] == b["p2l"], f"slot logs out of step at call {i}"
+        S = len(a["counts"])
+        p2l = a["p2l"]
+        counts = a["counts"] + b["counts"]  # global physical slot order: rank 0's slots, then rank 1's
+        per_expert: dict[int, int] = {}
+        ranks_of: dict[int, set] = {}
+        for p, c in enumerate(counts):
+            per_expert[p2l[p]] = per_expert.get(p2l[p], 0) + c
+            ranks_of.setdefault(p2l[p], set()).add(p // S)
+        fixed = [sum(c for e, c in per_expert.items() if ranks_of[e] == {r}) for r in range(2)]
+        total = sum(counts)
+        loads = [sum(a["counts"]), sum(b["counts"])]
+        flexible = total - sum(fixed)
+        calls.append({"layer": a["layer"], "loads": loads, "best": max(*fixed, math.ceil(total / 2)), "flexible": flexible})
+    return calls
+
+
+@pytest.mark.e2e
+def test_rank_loads_from_slot_log(server, slot_stats):
+    """What each rank really executed, per MoE call. Per-batch LPLB must reach the optimum
+    (2 ranks: max(tokens pinned to rank 0, pinned to rank 1, ceil(total / 2))) on every call."""
+    calls = _slot_calls(server.slot_dir)
+    assert len(calls) >= 10 * MOE_LAYERS, f"only {len(calls)} MoE calls logged in {server.slot_dir}"
+    optimal = sum(max(c["loads"]) == c["best"] for c in calls)
+    contested = [c for c in calls if c["flexible"] > 0]
+    slot_stats[server.mode] = {"calls": len(calls), "optimal": optimal, "contested": len(contested),
+                               "contested_optimal": sum(max(c["loads"]) == c["best"] for c in contested)}
+    print(f"\n[{server.mode}] slot log: {slot_stats[server.mode]}")
+    assert all(max(c["loads"]) >= c["best"] for c in calls)  # nothing beats the optimum (sanity of the log)
+    if "per-batch" in mode_args(server.mode):
+        assert contested, "no call had tokens of a replicated expert: nothing to balance"
+        bad = [c for c in calls if max(c["loads"]) != c["best"]]
+        assert not bad, f"{len(bad)} of {len(calls)} calls above the optimal max rank load, e.g. {bad[:3]}"
 
 
 @pytest.mark.e2e
@@ -192,6 +387,19 @@ def test_ep_moe_wrapper_drops_foreign_experts():
     full = torch.tensor([[0, 1]] * 5)
     with torch.no_grad():
         torch.testing.assert_close(moe_forward_native_ep(upstream, None, x, (weights, full, None), None), _reference_moe(x, weights, full, experts))
+
+
+@pytest.mark.e2e
+def test_waterfill_refused_without_deepep(tmp_path):
+    """The CPU server runs ``--moe-a2a-backend none``; the plugin must refuse Waterfill there,
+    before any scheduler starts, with a message that says why (exit status 2)."""
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError) as err:
+        launch_cpu_server([*SERVER_ARGS, "--moe-lb", "waterfill"], ep=2, log_path=tmp_path / "server.log",
+                          recorder_dir=tmp_path / "rec", timeout=120)
+    assert "exited with code 2" in str(err.value), str(err.value)[-2000:]
+    assert "needs --moe-a2a-backend deepep" in str(err.value), str(err.value)[-2000:]
+    assert time.monotonic() - t0 < 120
 
 
 def test_omp_bind_splits_cpus():

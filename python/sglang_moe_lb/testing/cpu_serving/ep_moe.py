@@ -9,13 +9,47 @@ are passed to the original function, one pair per row, and the rows are summed b
 per token in float32. Batches without ``-1`` go to the original unchanged.
 
 Installed as an AROUND hook by ``sglang_moe_lb.testing.cpu_serving.plugin``.
+
+Slot log (opt-in, ``SGLANG_MOE_LB_CPU_SLOT_LOG=<dir>``): every call appends one JSON line to
+``<dir>/slots_ep<rank>.jsonl`` with the layer id, this rank's tokens per local expert slot,
+and the layer's physical-to-logical map at that moment. Both EP ranks run the same batches in
+the same order (no a2a backend), so line i of each file is the same MoE call, and together
+they give the per-rank loads the server really executed, independent of any balancer's own
+bookkeeping. Tests use it to check that per-batch LPLB reached the optimal max rank load.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 _ARG_NAMES = ("layer", "x", "topk_output", "moe_runner_config")
+SLOT_LOG_ENV = "SGLANG_MOE_LB_CPU_SLOT_LOG"
+
+
+def _log_slots(layer, topk_ids: torch.Tensor) -> None:
+    out_dir = os.environ.get(SLOT_LOG_ENV)
+    layer_id = getattr(layer, "layer_id", None)
+    if not out_dir or layer_id is None:
+        return
+    num_local = int(getattr(layer, "num_local_experts", 0) or 0)
+    ids = topk_ids[topk_ids >= 0].to(torch.long)
+    counts = torch.bincount(ids, minlength=num_local).tolist() if ids.numel() else [0] * num_local
+    p2l = None
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        md = get_global_expert_location_metadata()
+        if md is not None and layer_id < md.num_layers:
+            p2l = md.physical_to_logical_map_cpu[layer_id].tolist()
+    except Exception:
+        pass
+    rank = int(getattr(layer, "moe_ep_rank", 0) or 0)
+    line = json.dumps({"layer": int(layer_id), "counts": counts, "p2l": p2l})
+    with open(os.path.join(out_dir, f"slots_ep{rank}.jsonl"), "a") as f:
+        f.write(line + "\n")
 
 
 def moe_forward_native_ep(original, *args, **kwargs):
@@ -26,6 +60,7 @@ def moe_forward_native_ep(original, *args, **kwargs):
         return original(*args, **kwargs)  # an unknown call shape: leave it to upstream
     layer, x, topk_output, cfg = (bound[n] for n in _ARG_NAMES)
     topk_weights, topk_ids = topk_output[0], topk_output[1]
+    _log_slots(layer, topk_ids)
     keep = topk_ids >= 0
     if bool(keep.all()):
         return original(layer, x, topk_output, cfg)

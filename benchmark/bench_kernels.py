@@ -264,6 +264,21 @@ def graph_time(dev, fn, reps, inner) -> float:
     return median_us(g.replay, dev, reps, inner)
 
 
+def hard_batch(pl, pop, T, gen, dev, tries: int = 6):
+    """Of a few drifted batches, the one whose split needs the most sweeps (CPU reference)."""
+    from moe_lb_kernels.reference import split_fixed
+
+    best, best_sw = None, -1
+    for _ in range(tries):
+        ids = batch_topk(pop, T, 8, gen)
+        c = torch.bincount(ids.reshape(-1).long(), minlength=pop.numel())
+        _, cert, sw = split_fixed(pl, c, 64)
+        sw = sw if cert else 65
+        if sw > best_sw:
+            best, best_sw = ids, sw
+    return best.to(dev)
+
+
 def bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=False, torch_ref=True) -> None:
     pl, pop, _ = make_case(E, red, R, max(Ts), 11, dev)
     Tmax = max(Ts)
@@ -290,12 +305,22 @@ def bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=False, 
                 parts = bal._prefix_calls(ids, outb)
                 ts = [graph_time(dev, f, reps, inner) for f in parts]
                 rec["count_us"], rec["split_us"], rec["dispatch_us"] = ts[0], ts[1] - ts[0], ts[2] - ts[1]
-                if warps_sweep:
+                if warps_sweep and T == max(Ts) and budget.ok(45):
                     rec["plan_warps_us"] = {}
                     for w in (1, 2, 4, 8):
                         bw = LayerBalancer(pl, Tmax, 8, "lplb", dev, plan_warps=w)
                         bw(ids, outb)
                         rec["plan_warps_us"][w] = graph_time(dev, lambda: bw(ids, outb), reps, inner)
+                    # cost of the sweeps themselves: same call with the certificate's early exit
+                    # disabled by a cap of 1 / 4 / 16 / 64 sweeps on a batch that needs many
+                    rec["by_sweep_cap"] = {}
+                    hard = hard_batch(pl, pop, T, gen, dev)
+                    for cap in (1, 4, 16, 64):
+                        bc = LayerBalancer(pl, Tmax, 8, "lplb", dev, max_sweeps=cap)
+                        bc(hard, outb)
+                        t_us = graph_time(dev, lambda: bc(hard, outb), reps, inner)
+                        rec["by_sweep_cap"][cap] = {"graph_us": t_us, "sweeps": int(bc.flags[1]),
+                                                    "certified": bool(bc.flags[0])}
             else:
                 # no replicas: the static map; compare with a plain torch gather of the same map
                 first = pl.copy_order[0][pl.copy_start[0]].to(dev)
@@ -416,9 +441,13 @@ def write_md(out, path) -> None:
             f"{fmt(t.get('torch_gather_us'))} |" + (f" {t.get('error') or t.get('skipped')}" if t.get("error") or t.get("skipped") else ""))
     pw = [t for t in out["timings"] if t.get("plan_warps_us")]
     if pw:
-        lines += ["", "Split kernel warps (graph µs of the whole call): "
+        lines += ["", "Split kernel warps (graph µs of the whole call, E=256 red=32 R=32): "
                   + "; ".join(f"T={t['T']}: " + ", ".join(f"{k} warps {fmt(v)}" for k, v in t["plan_warps_us"].items())
                               for t in pw)]
+        lines += ["", "Sweep cap on the hardest of 6 drifted batches (graph µs of the whole call / sweeps run / "
+                  "certified): " + "; ".join(
+                      f"T={t['T']}: " + ", ".join(f"cap {k}: {fmt(v['graph_us'])} / {v['sweeps']} / {fmt(v['certified'])}"
+                                                  for k, v in t.get("by_sweep_cap", {}).items()) for t in pw)]
     lines += ["", "## Waterfill (µs per layer, fused [T, 9] output)", "",
               "| E | red | R | T | mode | candidates | graph µs | launches | upstream eager µs | note |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -428,6 +457,8 @@ def write_md(out, path) -> None:
         lines.append(f"| {t.get('E')} | {t.get('red')} | {t.get('R')} | {t.get('T')} | {t.get('mode')} | "
                      f"{t.get('candidates', '–')} | {fmt(t.get('graph_us'))} | {fmt(t.get('launches'))} | "
                      f"{fmt(t.get('eager_us'))} | {t.get('note') or t.get('error') or t.get('skipped') or ''} |")
+    if out.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}` (full trace in results.json)" for e in out["errors"]]
     lines += ["", "Columns: *graph µs* = one per-layer call inside a CUDA graph, replayed back to back "
               "(kernel time + in-graph launch gaps); *count/split/dispatch* = differences of graphs holding "
               "the first 1/2/3 kernels; *sweeps* = split sweeps run (stops at the first certified sweep, "
@@ -493,31 +524,13 @@ def sweep_study(seeds: int, md_path: str | None) -> None:
             f.write(text + "\n")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--budget-s", type=float, default=200.0)
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, any device (TRITON_INTERPRET=1 on CPU)")
-    ap.add_argument("--sweep-study", type=int, metavar="SEEDS", default=0,
-                    help="CPU only: measure sweeps-to-certify on a corpus (needs highspy) and exit")
-    args = ap.parse_args()
-    if args.sweep_study:
-        sweep_study(args.sweep_study, os.path.join(args.out, "sweep_study.md") if args.out else None)
-        return 0
-    os.makedirs(args.out, exist_ok=True)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SECTIONS = ("checks", "graph", "lplb", "waterfill")
+
+
+def run_section(name: str, dev, args, out: dict) -> None:
     budget = Budget(args.budget_s)
-    out = {"env": env_report(dev), "dry_run": args.dry_run, "checks": [], "graph": [], "timings": []}
-    log(f"env: {out['env']}")
-    json_path, md_path = os.path.join(args.out, "results.json"), os.path.join(args.out, "results.md")
-
-    def save():
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-        write_md(out, md_path)
-
     if args.dry_run:
-        E, K = 16, 8
+        E = 16
         check_shapes = [(E, 4, 4, 24)]
         graph_shape = (E, 4, 4, 24)
         lplb_cfgs = [(E, 4, 4, [8, 24]), (E, 0, 4, [8])]
@@ -532,33 +545,95 @@ def main() -> int:
         ]
         wf_cfg = (256, 32, 32, 4096)
         reps, inner = 7, 20
-    for name, fn in (
-        ("checks", lambda: run_checks(dev, check_shapes, budget, out)),
-        ("graph", lambda: run_graph_checks(dev, graph_shape, budget, out)),
-        ("lplb", lambda: [bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=(i == 0),
-                                     torch_ref=(i == 0 or args.dry_run))
-                          for i, (E, red, R, Ts) in enumerate(lplb_cfgs)]),
-        ("waterfill", lambda: bench_waterfill(dev, *wf_cfg, reps, inner, budget, out)),
-    ):
-        log(f"== {name} (budget left {budget.left():.0f} s)")
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001
-            out.setdefault("errors", []).append(f"{name}: {type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}")
-            log(f"  step {name} failed: {err}")
-        save()
+    if name == "checks":
+        run_checks(dev, check_shapes, budget, out)
+    elif name == "graph":
+        run_graph_checks(dev, graph_shape, budget, out)
+    elif name == "lplb":
+        for i, (E, red, R, Ts) in enumerate(lplb_cfgs):
+            bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=(i == 0),
+                       torch_ref=(i == 0 or args.dry_run))
+    elif name == "waterfill":
+        bench_waterfill(dev, *wf_cfg, reps, inner, budget, out)
+    else:
+        raise ValueError(f"unknown section {name!r}")
+
+
+def report(out: dict, args) -> int:
     tgt = [t for t in out["timings"] if t.get("mode") == "lplb" and (t.get("E"), t.get("red"), t.get("R"), t.get("T"))
            == (TARGET["E"], TARGET["red"], TARGET["R"], TARGET["T"]) and "graph_us" in t]
     if tgt:
         us = tgt[0]["graph_us"]
         out["goal"] = {"us": us, "verdict": "PASS" if us <= GOAL_US else "MISS"}
-    elif args.dry_run:
+    elif out.get("dry_run"):
         out["goal"] = {"us": None, "verdict": "not measured (dry run)"}
-    ok = all(c.get("ok", True) for c in out["checks"]) and all(g.get("ok", True) for g in out["graph"])
+    else:
+        out["goal"] = {"us": None, "verdict": "not measured (section failed or out of time; see bench.log)"}
+    ran = {sec for sec in out.get("sections_done", [])}
+    missing = [sec for sec in SECTIONS if sec not in ran]
+    if missing:
+        out.setdefault("errors", []).append(f"sections without results: {missing}")
+    ok = (all(c.get("ok", True) for c in out["checks"]) and all(g.get("ok", True) for g in out["graph"])
+          and not missing)
     out["all_checks_ok"] = ok
-    save()
-    log(f"done: checks ok={ok}, goal={out.get('goal')}, results in {md_path}")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    write_md(out, os.path.join(args.out, "results.md"))
+    log(f"report: checks ok={ok}, goal={out.get('goal')}, missing sections={missing}")
     return 0 if ok else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--budget-s", type=float, default=200.0, help="time budget of this process")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, any device (TRITON_INTERPRET=1 on CPU)")
+    ap.add_argument("--section", choices=SECTIONS, action="append",
+                    help="run only these sections (repeatable); default: all, in one process")
+    ap.add_argument("--partial-dir", default=None,
+                    help="write each section's results to DIR/<section>.json (to run sections in separate processes)")
+    ap.add_argument("--report", action="store_true", help="merge DIR/*.json (--partial-dir) into results.json/.md")
+    ap.add_argument("--sweep-study", type=int, metavar="SEEDS", default=0,
+                    help="CPU only: measure sweeps-to-certify on a corpus (needs highspy) and exit")
+    args = ap.parse_args()
+    if args.sweep_study:
+        sweep_study(args.sweep_study, os.path.join(args.out, "sweep_study.md") if args.out else None)
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.report:
+        out = {"env": env_report(dev), "dry_run": args.dry_run, "checks": [], "graph": [], "timings": [],
+               "sections_done": []}
+        for sec in SECTIONS:
+            path = os.path.join(args.partial_dir, f"{sec}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    part = json.load(f)
+                for key in ("checks", "graph", "timings", "errors"):
+                    out.setdefault(key, []).extend(part.get(key, []))
+                out["sections_done"] += part.get("sections_done", [])
+        return report(out, args)
+    out = {"env": env_report(dev), "dry_run": args.dry_run, "checks": [], "graph": [], "timings": [],
+           "sections_done": []}
+    log(f"env: {out['env']}")
+    sections = args.section or list(SECTIONS)
+    for name in sections:
+        log(f"== {name} (budget {args.budget_s:.0f} s)")
+        try:
+            run_section(name, dev, args, out)
+            out["sections_done"].append(name)
+        except Exception as err:  # noqa: BLE001
+            out.setdefault("errors", []).append(f"{name}: {type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}")
+            log(f"  section {name} failed: {err}")
+        if args.partial_dir:
+            os.makedirs(args.partial_dir, exist_ok=True)
+            with open(os.path.join(args.partial_dir, f"{name}.json"), "w") as f:
+                json.dump({k: out.get(k, []) if k != "sections_done" else [name] * (name in out["sections_done"])
+                           for k in ("checks", "graph", "timings", "errors", "sections_done")}, f, default=str)
+            out.update(checks=[], graph=[], timings=[], errors=[])
+    if args.partial_dir:
+        return 0
+    return report(out, args)
 
 
 if __name__ == "__main__":

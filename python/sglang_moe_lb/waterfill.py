@@ -19,9 +19,11 @@ loads (``shared_quotas``), rounded by largest remainder. How tokens meet those q
      with the most spare quota left, in a fixed number of rounds; what finds no room
      stays local.
 
-Every rank's final load is at most ``max(always-local max load, its quota level)``, so the
-result is never worse than always-local, in static mode (``rank_load`` from this rank's own
-tokens, no communication) and dynamic mode (global loads supplied by the caller).
+Every rank's final load is at most ``max(always-local max load, its quota level)`` *of the
+loads it was given*. Dynamic mode (global loads from the one collective) is therefore never
+worse than always-local in the global max. Static mode (``rank_load`` from this rank's own
+tokens, no communication) only has that guarantee for its own tokens' view: ranks decide
+independently, so the union can overshoot a rank (replay measures how often).
 """
 
 from __future__ import annotations

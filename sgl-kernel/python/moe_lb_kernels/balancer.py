@@ -143,9 +143,10 @@ class LayerBalancer:
         self.stats = torch.zeros(E + R + 1, **i64)
         self.caps = torch.zeros(topk + 1, RB + 1, **i64)
         nt = max(max_tokens, 1)
-        self.pick = torch.zeros(nt, **i32)
-        self.todo = torch.zeros(nt, **i32)
-        self.hists = torch.zeros(topk, self.max_blocks, RB, **i32)
+        cons = self.wf == 1  # conservative rounds' scratch only where used
+        self.pick = torch.zeros(nt if cons else 1, **i32)
+        self.todo = torch.zeros(nt if cons else 1, **i32)
+        self.hists = torch.zeros(topk, self.max_blocks if cons else 1, RB, **i32)
         self.shared_rank_buf = torch.zeros(nt, **i64)
         self.phys_buf = torch.zeros(nt, topk, **i32)
         self._dummy = torch.zeros(8, **i32)

@@ -44,6 +44,7 @@ from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularit
 from sglang_moe_lb.joint import balance_layer  # noqa: E402
 
 GOAL_US = 20.0
+MAX_TOKENS = 16384  # every balancer is built for this many tokens, so all sections share compiled kernels
 TARGET = dict(E=256, red=32, R=32, T=16384)
 
 
@@ -175,7 +176,8 @@ def run_checks(dev, shapes, budget, out) -> None:
             try:
                 pl, _, batches = make_case(E, red, R, T, 100 + i, dev)
                 src = 1 % R
-                bal = LayerBalancer(pl, T, 8, mode, dev, candidates=cand, source_rank=src)
+                bal = LayerBalancer(pl, max(T, MAX_TOKENS if dev.type == "cuda" else T), 8, mode, dev,
+                                    candidates=cand, source_rank=src)
                 phys = static_phys(pl, batches[0]) if mode == "waterfill" else None
                 rec.update(check_against_reference(bal, pl, batches[0], dev, mode, cand, src, phys))
                 if mode == "lplb" and not bal.static_only:
@@ -202,7 +204,7 @@ def run_graph_checks(dev, shape, budget, out) -> None:
         try:
             pl, _, batches = make_case(E, red, R, T, 7, dev)
             src = 1 % R
-            bal = LayerBalancer(pl, T, 8, mode, dev, candidates=cand, source_rank=src, dynamic=dynamic)
+            bal = LayerBalancer(pl, max(T, MAX_TOKENS), 8, mode, dev, candidates=cand, source_rank=src, dynamic=dynamic)
             ids_buf = batches[0].to(dev).clone()
             out_buf = torch.empty_like(ids_buf)
             shared_buf = torch.empty(T, dtype=torch.int64, device=dev)
@@ -349,7 +351,8 @@ def bench_waterfill(dev, E, red, R, T, reps, inner, budget, out) -> None:
             continue
         rec = {"E": E, "red": red, "R": R, "T": T, "mode": mode, "candidates": cand, "fused_output": True}
         try:
-            bal = LayerBalancer(pl, T, 8, mode, dev, candidates=cand, source_rank=1)
+            bal = LayerBalancer(pl, max(T, MAX_TOKENS if dev.type == "cuda" else T), 8, mode, dev,
+                                candidates=cand, source_rank=1)
             p_in = phys if mode == "waterfill" else None
             outb = torch.empty_like(ids) if mode != "waterfill" else None
 

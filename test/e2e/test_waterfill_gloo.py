@@ -68,7 +68,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, e2e_timings):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import prepare_server_args
@@ -107,7 +107,7 @@ def ranks(tmp_path_factory):
     assert not hung, f"ranks {hung} did not finish in {TIMEOUT_S}s (deadlock?); errors: {errors}"
     assert not errors and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}: {errors}"
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(R)]
-    print(f"waterfill gloo run: {time.monotonic() - t0:.1f}s for {len(MODES)} modes")
+    e2e_timings[f"waterfill gloo ranks ({len(MODES)} modes)"] = time.monotonic() - t0
     return {name: [res[name] for res in results] for name in MODES}
 
 

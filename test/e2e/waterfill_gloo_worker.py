@@ -17,7 +17,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys  # noqa: E402
 import traceback  # noqa: E402
 
 

@@ -65,6 +65,8 @@ def test_plan_edge_cases(device, shared):
         (Placement(torch.tensor([0, 1, 0, 2]), 1, 3), torch.tensor([5, 0, 7])),
         (Placement(torch.tensor([0, 1, 0, 2, 0, 3]), 3, 4), torch.tensor([1000, 0, 0, 0])),
         (Placement(torch.tensor([0, 1, 0, 2, 0, 3]), 3, 4), torch.zeros(4, dtype=torch.long)),
+        # three copies of expert 0 on rank 0, two on rank 1, one on rank 2 (same-rank copies share evenly)
+        (Placement(torch.tensor([0, 0, 0, 1, 0, 0, 2, 3, 0, 4, 1, 2]), 3, 5), torch.tensor([1001, 7, 30, 2, 9])),
     ]
     for pl, c in cases:
         _check(pl, c, 8, shared, device)

@@ -7,9 +7,9 @@ functions for that device:
 * ``local_stats(topk_ids, num_logical, num_ranks, slots_per_rank, phys_ids=None)``
 * ``fuse_topk(phys_ids, weights, shared_rank, slots_per_rank, shared_weight)``
 
-The core's torch functions are the reference and the CPU path. A kernel package
-(import name ``moe_lb_kernels``, distribution ``sglang-moe-lb-kernels``) becomes the CUDA
-path by exporting any of these three names with the same signature and semantics; the ones
+The core's torch functions are the reference and the CPU path. The kernel package
+(import name ``moe_lb_kernels``, distribution ``sglang-moe-lb-kernels``; its module
+``moe_lb_kernels.seam``) becomes the CUDA path by exporting any of these three names with the same signature and semantics; the ones
 it does not export stay on the core. If it also sets ``CUDA_GRAPH_SAFE = True``, it promises
 that all three run without host synchronisation and read plans through fixed tensor
 addresses, and the start-up check then allows ``--moe-lb`` with CUDA graphs. (On an H200 the
@@ -31,7 +31,7 @@ from ..waterfill import fuse_topk as _core_fuse_topk
 
 __all__ = ["impl", "kernels_graph_safe", "KERNEL_MODULE"]
 
-KERNEL_MODULE = "moe_lb_kernels"
+KERNEL_MODULE = "moe_lb_kernels.seam"  # sgl-kernel/python/moe_lb_kernels/seam.py
 _NAMES = ("balance_layer", "local_stats", "fuse_topk")
 _CORE = SimpleNamespace(
     name="core-torch",

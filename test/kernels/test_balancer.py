@@ -49,7 +49,8 @@ def test_static_matches_reference(device, mode, cand, seed):
         ids = ids.to(torch.int32)
     src = rng.randrange(pl.num_ranks)
     phys = upstream_phys(pl, ids, rng) if mode == "waterfill" else None
-    bal = LayerBalancer(pl, 48, K, mode, device, candidates=cand or "all_rank", source_rank=src)
+    bal = LayerBalancer(pl, 48, K, mode, device, candidates=cand or "all_rank", source_rank=src,
+                        count_group=[None, 2, 4][seed % 3])
     ref, cert = _ref(pl, ids, mode, cand, src, phys)
     out = bal(ids.to(device), phys_ids=None if phys is None else phys.to(device))
     _compare(out, ref, bal, mode, T)
@@ -69,7 +70,8 @@ def test_dynamic_matches_reference(device, mode, cand, seed):
     R, K = pl.num_ranks, rng.choice([2, 3])
     ids = [random_ids(rng, rng.choice([0, 3, 17]), K, pl.num_logical) for _ in range(R)]
     phys = [upstream_phys(pl, x, rng) if mode == "waterfill" else None for x in ids]
-    bals = [LayerBalancer(pl, 24, K, mode, device, candidates=cand or "all_rank", source_rank=d, dynamic=True)
+    bals = [LayerBalancer(pl, 24, K, mode, device, candidates=cand or "all_rank", source_rank=d, dynamic=True,
+                          count_group=1 + seed)
             for d in range(R)]
     rows = []
     for d in range(R):

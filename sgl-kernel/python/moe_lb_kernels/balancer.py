@@ -34,7 +34,7 @@ from sglang_moe_lb.joint import LayerDispatch
 
 from ._launch import launch
 from ._tables import LayerTables, next_pow2
-from .count import _count_kernel, block_tokens
+from .count import _count_kernel, block_tokens, count_sub_blocks
 from .dispatch import _dispatch_kernel, _fuse_kernel, _wf_round_kernel
 from .plan import _gathered_kernel, _plan_kernel, _stats_kernel
 from .reference import DEFAULT_SWEEPS, SCALE_BITS, SLACK_UNITS, TOL_SHIFT
@@ -67,6 +67,8 @@ class LayerBalancer:
         max_rows / max_copies / max_colours: table capacities, so that later placements can
             be installed in place (``update_placement``) without re-capturing graphs.
         plan_warps: warps of the single-CTA split kernel.
+        count_group: blocks of ``BT`` tokens per counting program (default: about 64 programs
+            at ``max_tokens``); a tuning knob, results do not depend on it.
     """
 
     def __init__(
@@ -87,7 +89,8 @@ class LayerBalancer:
         max_rows: int | None = None,
         max_copies: int | None = None,
         max_colours: int | None = None,
-        plan_warps: int = 4,
+        plan_warps: int = 8,
+        count_group: int | None = None,
     ):
         if mode not in ("lplb", "waterfill", "waterfill+lplb"):
             raise ValueError(f"mode must be 'lplb', 'waterfill' or 'waterfill+lplb', got {mode!r}")
@@ -120,6 +123,8 @@ class LayerBalancer:
         self.BT = block_tokens(max_tokens, topk)
         self.KB = next_pow2(topk)
         self.max_blocks = max(1, -(-max_tokens // self.BT))
+        self.SUB = int(count_group) if count_group else count_sub_blocks(self.max_blocks)
+        self.max_blocks = -(-self.max_blocks // self.SUB) * self.SUB  # counting programs cover whole groups
         budget = max(1, 4096 // (self.KB * max(tb.NEB, tb.RB)))  # one-hot tiles of <= 4096 elements
         self.CT = int(min(self.BT, 1 << (budget.bit_length() - 1)))
         self.NBMAX = next_pow2(self.max_blocks)
@@ -277,7 +282,7 @@ class LayerBalancer:
                self.wf_scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
                E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
                SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
-               CBITS=tb.CB.bit_length() - 1, RBITS=max(tb.RB.bit_length() - 1, 1),
+               JC=tb.pair_chunk(),
                LPLB=self.lplb, TABLE=self.table_mode, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
                SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
                num_warps=self.plan_warps)
@@ -290,7 +295,7 @@ class LayerBalancer:
                topk_ids, out_phys_ids if lplb else self._dummy, phys_ids if phys_ids is not None else topk_ids, T,
                tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
                self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
-               self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
+               self.source_rank, E=tb.E, EB=tb.EB, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
                DYNAMIC=self.dynamic and not self.static_only, WF=0 if self.static_only else self.wf,
                **self.chb, **self._common())
 
@@ -340,10 +345,10 @@ class LayerBalancer:
     def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
         tb = self.tables
         T = topk_ids.shape[0]
-        nb = max(1, -(-T // self.BT))
+        nb = max(1, -(-T // (self.BT * self.SUB)))
         launch(_count_kernel, (nb,),
             topk_ids, phys_ids if phys_ids is not None else topk_ids, T, self.acc,
             tb.rep_expert, tb.rep_colour, self.rephist, self.vcount,
-            K=self.topk, KB=self.KB, BT=self.BT, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
+            K=self.topk, KB=self.KB, BT=self.BT, SUB=self.SUB, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
             COUNT=self.lplb or self.dynamic, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
         )

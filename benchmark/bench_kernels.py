@@ -169,7 +169,7 @@ def run_checks(dev, shapes, budget, out) -> None:
              ("waterfill", "all_rank"), ("waterfill", "conservative")]
     for i, (E, red, R, T) in enumerate(shapes):
         for mode, cand in modes if i == 0 else modes[:1]:
-            if not budget.ok(30):
+            if not budget.ok(12):
                 out["checks"].append({"skipped": "time budget", "E": E, "red": red, "R": R, "T": T})
                 return
             rec = {"E": E, "red": red, "R": R, "T": T, "mode": mode, "candidates": cand}
@@ -197,7 +197,7 @@ def run_graph_checks(dev, shape, budget, out) -> None:
     E, red, R, T = shape
     for mode, cand, dynamic in (("lplb", "all_rank", False), ("waterfill+lplb", "all_rank", False),
                                 ("waterfill+lplb", "conservative", False), ("lplb", "all_rank", True)):
-        if not budget.ok(20):
+        if not budget.ok(10):
             out["graph"].append({"skipped": "time budget", "mode": mode})
             return
         rec = {"mode": mode, "candidates": cand, "dynamic": dynamic, "E": E, "red": red, "R": R, "T": T}

@@ -79,8 +79,13 @@ def test_dynamic_matches_reference(device, mode, cand, seed):
         assert torch.equal(row.cpu(), local_stats_ref(pl, ids[d], phys[d] if mode == "waterfill" else None))
         rows.append(row)
     gathered = torch.stack(rows)
+    # the calls run on fresh balancers that never ran local_stats (the plugin takes its rows
+    # from the core): each call must stand on its own
+    bals = [LayerBalancer(pl, 24, K, mode, device, candidates=cand or "all_rank", source_rank=d, dynamic=True,
+                          count_group=1 + seed)
+            for d in range(R)]
     total = torch.zeros(pl.num_physical, dtype=torch.long)
-    for d in range(R):
+    for d in reversed(range(R)):
         out = bals[d](ids[d].to(device), phys_ids=None if phys[d] is None else phys[d].to(device), gathered=gathered)
         ref, _ = _ref(pl, ids[d], mode, cand, d, phys[d], gathered.cpu())
         _compare(out, ref, bals[d], mode, ids[d].shape[0])

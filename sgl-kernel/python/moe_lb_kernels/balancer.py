@@ -187,7 +187,8 @@ class LayerBalancer:
 
         Dynamic mode only. ``phys_ids`` is required in ``"waterfill"`` mode. The caller
         all-gathers these rows (``[D, E + R + 1]``, D = EP size) and passes them to
-        ``__call__(..., gathered=...)`` with the same ``topk_ids``.
+        ``__call__(..., gathered=...)``; any source of the same rows works (e.g. the core's
+        ``joint.local_stats``): the call recounts its own tokens for the per-block offsets.
         """
         self._check_ids(topk_ids, phys_ids)
         self._launch_count(topk_ids, phys_ids)
@@ -240,6 +241,9 @@ class LayerBalancer:
         if gathered is None:
             self._launch_count(topk_ids, phys_ids)
         else:
+            # this call's own per-block numbers (occurrence offsets, valid-token order); the totals
+            # come from the gathered rows, so no atomics (and no need for a local_stats before)
+            self._launch_count(topk_ids, phys_ids, atomic=False)
             self._step_gathered(gathered)
         self._step_plan()
         self._step_dispatch(topk_ids, out_phys_ids, phys_ids, shared)
@@ -342,7 +346,7 @@ class LayerBalancer:
             if phys_ids is None or phys_ids.shape != topk_ids.shape or not phys_ids.is_contiguous():
                 raise ValueError("mode 'waterfill' needs contiguous phys_ids shaped like topk_ids")
 
-    def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
+    def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None, atomic: bool = True) -> None:
         tb = self.tables
         T = topk_ids.shape[0]
         nb = max(1, -(-T // (self.BT * self.SUB)))
@@ -351,4 +355,5 @@ class LayerBalancer:
             tb.rep_expert, tb.rep_colour, self.rephist, self.vcount,
             K=self.topk, KB=self.KB, BT=self.BT, SUB=self.SUB, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
             COUNT=self.lplb or self.dynamic, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
+            ATOMIC=atomic,
         )

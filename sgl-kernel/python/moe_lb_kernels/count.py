@@ -32,6 +32,7 @@ def _count_kernel(
     REP: tl.constexpr,  # per-block counts of replicated experts
     ROUTED: tl.constexpr,  # per-rank counts of phys ids
     VALID: tl.constexpr,  # tokens with a valid route (per block and total)
+    ATOMIC: tl.constexpr = True,  # add the totals to the accumulators (False: per-block numbers only)
 ):
     """One program per SUB consecutive blocks of BT tokens (the dispatch kernel's blocks): the
     per-block numbers are stored per block, the totals go out with one atomic per bin."""
@@ -67,12 +68,13 @@ def _count_kernel(
             nv = tl.sum(tl.max(src_valid.to(tl.int32), axis=1), axis=0)
             tl.store(vcount_ptr + blk + tl.arange(0, 1), nv + tl.zeros([1], tl.int32))
             ntot += nv
-    if COUNT:
-        tl.atomic_add(acc_ptr + e_idx, htot, mask=(e_idx < E) & (htot > 0))
-    if ROUTED:
-        tl.atomic_add(acc_ptr + EB + r2, hrt, mask=(r2 < R) & (hrt > 0))
-    if VALID:
-        tl.atomic_add(acc_ptr + EB + 2 * RB + tl.arange(0, 1), ntot + tl.zeros([1], tl.int32), mask=ntot > 0)
+    if ATOMIC:
+        if COUNT:
+            tl.atomic_add(acc_ptr + e_idx, htot, mask=(e_idx < E) & (htot > 0))
+        if ROUTED:
+            tl.atomic_add(acc_ptr + EB + r2, hrt, mask=(r2 < R) & (hrt > 0))
+        if VALID:
+            tl.atomic_add(acc_ptr + EB + 2 * RB + tl.arange(0, 1), ntot + tl.zeros([1], tl.int32), mask=ntot > 0)
 
 
 def block_tokens(max_tokens: int, topk: int) -> int:

@@ -169,7 +169,7 @@ def run_checks(dev, shapes, budget, out) -> None:
              ("waterfill", "all_rank"), ("waterfill", "conservative")]
     for i, (E, red, R, T) in enumerate(shapes):
         for mode, cand in modes if i == 0 else modes[:1]:
-            if not budget.ok(12):
+            if not budget.ok(30):
                 out["checks"].append({"skipped": "time budget", "E": E, "red": red, "R": R, "T": T})
                 return
             rec = {"E": E, "red": red, "R": R, "T": T, "mode": mode, "candidates": cand}
@@ -197,7 +197,7 @@ def run_graph_checks(dev, shape, budget, out) -> None:
     E, red, R, T = shape
     for mode, cand, dynamic in (("lplb", "all_rank", False), ("waterfill+lplb", "all_rank", False),
                                 ("waterfill+lplb", "conservative", False), ("lplb", "all_rank", True)):
-        if not budget.ok(10):
+        if not budget.ok(20):
             out["graph"].append({"skipped": "time budget", "mode": mode})
             return
         rec = {"mode": mode, "candidates": cand, "dynamic": dynamic, "E": E, "red": red, "R": R, "T": T}
@@ -313,11 +313,6 @@ def bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=False, 
                         bw = LayerBalancer(pl, Tmax, 8, "lplb", dev, plan_warps=w)
                         bw(ids, outb)
                         rec["plan_warps_us"][w] = graph_time(dev, lambda: bw(ids, outb), reps, inner)
-                    rec["count_group_us"] = {}
-                    for cg in (1, 2, 4, 8):
-                        bq = LayerBalancer(pl, Tmax, 8, "lplb", dev, count_group=cg)
-                        bq(ids, outb)
-                        rec["count_group_us"][cg] = graph_time(dev, lambda: bq(ids, outb), reps, inner)
                     # cost of the sweeps themselves: same call with the certificate's early exit
                     # disabled by a cap of 1 / 4 / 16 / 64 sweeps on a batch that needs many
                     rec["by_sweep_cap"] = {}
@@ -452,10 +447,6 @@ def write_md(out, path) -> None:
         lines += ["", "Split kernel warps (graph µs of the whole call, E=256 red=32 R=32): "
                   + "; ".join(f"T={t['T']}: " + ", ".join(f"{k} warps {fmt(v)}" for k, v in t["plan_warps_us"].items())
                               for t in pw)]
-        lines += ["", "Counting blocks per program (graph µs of the whole call; default "
-                  f"{LayerBalancer(make_case(16, 4, 4, 8, 0, torch.device('cpu'))[0], TARGET['T'], 8).SUB} at 16k "
-                  "tokens): " + "; ".join(f"T={t['T']}: " + ", ".join(f"{k}: {fmt(v)}" for k, v in
-                                                                      t.get("count_group_us", {}).items()) for t in pw)]
         lines += ["", "Sweep cap on the hardest of 6 drifted batches (graph µs of the whole call / sweeps run / "
                   "certified): " + "; ".join(
                       f"T={t['T']}: " + ", ".join(f"cap {k}: {fmt(v['graph_us'])} / {v['sweeps']} / {fmt(v['certified'])}"

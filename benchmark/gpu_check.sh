@@ -61,7 +61,7 @@ else
     NW=$("$PY" -c "import os; print(max(1, min(12, (os.cpu_count() or 2) - 2)))")
     PYTEST_ARGS+=(-n "$NW")
   fi
-  PYTEST_LIMIT=100
+  PYTEST_LIMIT=110
 fi
 
 # 1) exactness at benchmark shapes, CUDA graphs, latency: one process per section, so that a
@@ -69,7 +69,7 @@ fi
 PART="$(mktemp -d)"
 : > "$OUT/bench.log"
 for SEC in checks graph lplb waterfill; do
-  case $SEC in checks) B=${BUDGET_CHECKS:-50};; graph) B=${BUDGET_GRAPH:-45};; lplb) B=${BUDGET_LPLB:-100};; waterfill) B=${BUDGET_WF:-25};; esac
+  case $SEC in checks) B=${BUDGET_CHECKS:-35};; graph) B=${BUDGET_GRAPH:-30};; lplb) B=${BUDGET_LPLB:-90};; waterfill) B=${BUDGET_WF:-25};; esac
   [ $DRY = 1 ] && B=120
   say "[$(elapsed)s] benchmark section $SEC (budget ${B}s)"
   ARGS=(--out "$OUT" --section "$SEC" --partial-dir "$PART" --budget-s "$B")

@@ -24,9 +24,8 @@ def _counts(rng, E, kind):
     return torch.zeros(E, dtype=torch.long)
 
 
-def _check(pl, c, sweeps, shared_tokens, device, pair_chunk=None):
-    out = plan_quotas(pl.to(device), c.to(device), shared_tokens=shared_tokens, max_sweeps=sweeps,
-                      pair_chunk=pair_chunk)
+def _check(pl, c, sweeps, shared_tokens, device):
+    out = plan_quotas(pl.to(device), c.to(device), shared_tokens=shared_tokens, max_sweeps=sweeps)
     if shared_tokens is None:
         q, _, cert = quotas_ref(pl, c, sweeps)
         _, _, n_sw = split_fixed(pl, c, sweeps)
@@ -55,8 +54,7 @@ def test_plan_matches_reference(device, seed):
     c = _counts(rng, pl.num_logical, kind)
     sweeps = [0, 1, 2, 8][(seed // 4) % 4]
     shared = rng.randint(0, 80) if seed % 3 == 0 else None
-    chunk = [None, 1, 2][seed % 3]  # pairwise tiles in chunks of 1/2 candidates, as big placements use
-    _check(pl, c, sweeps, shared, device, chunk)
+    _check(pl, c, sweeps, shared, device)
 
 
 @pytest.mark.parametrize("shared", [None, 0, 17])

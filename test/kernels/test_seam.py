@@ -49,6 +49,28 @@ def test_seam_follows_a_new_placement_and_a_larger_batch():
     assert torch.equal(pl2.phy2log[0][res.phys_ids.long()], torch.cat([topk2] * 10))
 
 
+@pytest.mark.parametrize("waterfill", [None, "all_rank"])
+def test_seam_dynamic_union_meets_global_quotas(waterfill):
+    # Two DP ranks; gathered rows come from the core's local_stats, as in the plugin.
+    from sglang_moe_lb import local_stats
+
+    pl, topk = _case(3)
+    parts = [topk[:25], topk[25:]]
+    R, S, E = pl.num_ranks, pl.slots_per_rank, pl.num_logical
+    gathered = torch.zeros(R, E + R + 1, dtype=torch.long, device=DEV)
+    for d, part in enumerate(parts):
+        gathered[d] = local_stats(part, E, R, S)
+    union = torch.zeros(pl.num_physical, dtype=torch.long, device=DEV)
+    quotas = None
+    for d, part in enumerate(parts):
+        res = seam.balance_layer(pl, part, source_rank=d, waterfill=waterfill, gathered=gathered)
+        assert torch.equal(pl.phy2log[0][res.phys_ids.long()], part)
+        union += torch.bincount(res.phys_ids.reshape(-1).long(), minlength=pl.num_physical)
+        quotas = res.quotas.long().clone() if quotas is None else quotas
+        assert torch.equal(res.quotas.long(), quotas)
+    assert torch.equal(union, quotas)
+
+
 def test_hot_path_picks_the_seam_on_cuda_only():
     assert hot_path.impl("cpu").name == "core-torch"
     if torch.cuda.is_available():

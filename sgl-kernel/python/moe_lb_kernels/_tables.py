@@ -110,11 +110,6 @@ class LayerTables:
         t.fill(pl)
         return t
 
-    def pair_chunk(self, budget: int = 4096) -> int:
-        """Candidates per pairwise tile ``[NEB, JC, CB]`` of the split kernel (<= ``budget`` elements)."""
-        jc = max(1, budget // (self.NEB * self.CB))
-        return int(min(self.CB, 1 << (jc.bit_length() - 1)))
-
     def plan_args(self) -> tuple:
         """Table arguments of the plan kernel, in its order."""
         return (self.p2l, self.rep_expert, self.rep_rank, self.rep_colour, self.colour_src, self.slot_flat,

@@ -34,7 +34,7 @@ from sglang_moe_lb.joint import LayerDispatch
 
 from ._launch import launch
 from ._tables import LayerTables, next_pow2
-from .count import _count_kernel, block_tokens, count_sub_blocks
+from .count import _count_kernel, block_tokens
 from .dispatch import _dispatch_kernel, _fuse_kernel, _wf_round_kernel
 from .plan import _gathered_kernel, _plan_kernel, _stats_kernel
 from .reference import DEFAULT_SWEEPS, SCALE_BITS, SLACK_UNITS, TOL_SHIFT
@@ -67,8 +67,6 @@ class LayerBalancer:
         max_rows / max_copies / max_colours: table capacities, so that later placements can
             be installed in place (``update_placement``) without re-capturing graphs.
         plan_warps: warps of the single-CTA split kernel.
-        count_group: blocks of ``BT`` tokens per counting program (default: about 64 programs
-            at ``max_tokens``); a tuning knob, results do not depend on it.
     """
 
     def __init__(
@@ -89,8 +87,7 @@ class LayerBalancer:
         max_rows: int | None = None,
         max_copies: int | None = None,
         max_colours: int | None = None,
-        plan_warps: int = 8,
-        count_group: int | None = None,
+        plan_warps: int = 4,
     ):
         if mode not in ("lplb", "waterfill", "waterfill+lplb"):
             raise ValueError(f"mode must be 'lplb', 'waterfill' or 'waterfill+lplb', got {mode!r}")
@@ -123,8 +120,6 @@ class LayerBalancer:
         self.BT = block_tokens(max_tokens, topk)
         self.KB = next_pow2(topk)
         self.max_blocks = max(1, -(-max_tokens // self.BT))
-        self.SUB = int(count_group) if count_group else count_sub_blocks(self.max_blocks)
-        self.max_blocks = -(-self.max_blocks // self.SUB) * self.SUB  # counting programs cover whole groups
         budget = max(1, 4096 // (self.KB * max(tb.NEB, tb.RB)))  # one-hot tiles of <= 4096 elements
         self.CT = int(min(self.BT, 1 << (budget.bit_length() - 1)))
         self.NBMAX = next_pow2(self.max_blocks)
@@ -148,10 +143,9 @@ class LayerBalancer:
         self.stats = torch.zeros(E + R + 1, **i64)
         self.caps = torch.zeros(topk + 1, RB + 1, **i64)
         nt = max(max_tokens, 1)
-        cons = self.wf == 1  # conservative rounds' scratch only where used
-        self.pick = torch.zeros(nt if cons else 1, **i32)
-        self.todo = torch.zeros(nt if cons else 1, **i32)
-        self.hists = torch.zeros(topk, self.max_blocks if cons else 1, RB, **i32)
+        self.pick = torch.zeros(nt, **i32)
+        self.todo = torch.zeros(nt, **i32)
+        self.hists = torch.zeros(topk, self.max_blocks, RB, **i32)
         self.shared_rank_buf = torch.zeros(nt, **i64)
         self.phys_buf = torch.zeros(nt, topk, **i32)
         self._dummy = torch.zeros(8, **i32)
@@ -187,8 +181,7 @@ class LayerBalancer:
 
         Dynamic mode only. ``phys_ids`` is required in ``"waterfill"`` mode. The caller
         all-gathers these rows (``[D, E + R + 1]``, D = EP size) and passes them to
-        ``__call__(..., gathered=...)``; any source of the same rows works (e.g. the core's
-        ``joint.local_stats``): the call recounts its own tokens for the per-block offsets.
+        ``__call__(..., gathered=...)`` with the same ``topk_ids``.
         """
         self._check_ids(topk_ids, phys_ids)
         self._launch_count(topk_ids, phys_ids)
@@ -241,9 +234,6 @@ class LayerBalancer:
         if gathered is None:
             self._launch_count(topk_ids, phys_ids)
         else:
-            # this call's own per-block numbers (occurrence offsets, valid-token order); the totals
-            # come from the gathered rows, so no atomics (and no need for a local_stats before)
-            self._launch_count(topk_ids, phys_ids, atomic=False)
             self._step_gathered(gathered)
         self._step_plan()
         self._step_dispatch(topk_ids, out_phys_ids, phys_ids, shared)
@@ -286,7 +276,7 @@ class LayerBalancer:
                self.wf_scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
                E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
                SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
-               JC=tb.pair_chunk(),
+               CBITS=tb.CB.bit_length() - 1, RBITS=max(tb.RB.bit_length() - 1, 1),
                LPLB=self.lplb, TABLE=self.table_mode, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
                SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
                num_warps=self.plan_warps)
@@ -299,7 +289,7 @@ class LayerBalancer:
                topk_ids, out_phys_ids if lplb else self._dummy, phys_ids if phys_ids is not None else topk_ids, T,
                tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
                self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
-               self.source_rank, E=tb.E, EB=tb.EB, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
+               self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
                DYNAMIC=self.dynamic and not self.static_only, WF=0 if self.static_only else self.wf,
                **self.chb, **self._common())
 
@@ -346,14 +336,13 @@ class LayerBalancer:
             if phys_ids is None or phys_ids.shape != topk_ids.shape or not phys_ids.is_contiguous():
                 raise ValueError("mode 'waterfill' needs contiguous phys_ids shaped like topk_ids")
 
-    def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None, atomic: bool = True) -> None:
+    def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
         tb = self.tables
         T = topk_ids.shape[0]
-        nb = max(1, -(-T // (self.BT * self.SUB)))
+        nb = max(1, -(-T // self.BT))
         launch(_count_kernel, (nb,),
             topk_ids, phys_ids if phys_ids is not None else topk_ids, T, self.acc,
             tb.rep_expert, tb.rep_colour, self.rephist, self.vcount,
-            K=self.topk, KB=self.KB, BT=self.BT, SUB=self.SUB, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
+            K=self.topk, KB=self.KB, BT=self.BT, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
             COUNT=self.lplb or self.dynamic, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
-            ATOMIC=atomic,
         )

@@ -84,8 +84,8 @@ def _dispatch_kernel(
     vcount_ptr, wf_ptr, wf_vec_ptr, shared_ptr, pick_ptr, todo_ptr, hist0_ptr,
     src_rank,
     K: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, CT: tl.constexpr,
-    E: tl.constexpr, EB: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
-    NEB: tl.constexpr, CB: tl.constexpr, CBITS: tl.constexpr,
+    E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+    CBITS: tl.constexpr,
     LPLB: tl.constexpr,  # 0: phys ids given (phys_in), 1: static map (no replicas), 2: quota dispatch
     DYNAMIC: tl.constexpr, WF: tl.constexpr, NBMAX: tl.constexpr, CHB_REP: tl.constexpr, CHB_V: tl.constexpr,
 ):
@@ -93,19 +93,7 @@ def _dispatch_kernel(
     kk = tl.arange(0, KB)
     row = tl.arange(0, NEB)
     r = tl.arange(0, RB)
-    NE: tl.constexpr = CT * KB
-    i_flat = tl.arange(0, NE)  # entries of a chunk, row-major (token, k)
-    k_flat = i_flat % KB
-    t_flat = i_flat // KB
-    if LPLB != 0:
-        # the lookup tables live in registers: no dependent global loads per entry
-        e_idx = tl.arange(0, EB)
-        l2p = tl.load(log2phys0_ptr + e_idx, mask=e_idx < E, other=0)
     if LPLB == 2:
-        rep_id = tl.load(rep_id_ptr + e_idx, mask=e_idx < E, other=-1)
-        NC: tl.constexpr = NEB * CB
-        qcum = tl.load(qcum_ptr + tl.arange(0, NC))
-        slots = tl.load(rep_slot_ptr + tl.arange(0, NC))
         running = _block_prefix(rephist_ptr, pid, NEB, NEB, NBMAX, CHB_REP)
         if DYNAMIC:
             rep_e = tl.load(rep_expert_ptr + row)
@@ -120,30 +108,33 @@ def _dispatch_kernel(
         t = pid * BT + c0 + tl.arange(0, CT)
         tm = t < T
         m = tm[:, None] & (kk < K)[None, :]
-        if LPLB != 0:
-            tf = pid * BT + c0 + t_flat
-            mf = (tf < T) & (k_flat < K)
-            ids = tl.load(ids_ptr + tf * K + k_flat, mask=mf, other=-1)
-            valid = mf & (ids >= 0)
-            idc = tl.where(valid, ids, 0).to(tl.int32)
-            ph = tl.where(valid, tl.gather(l2p, idc, 0), ids)
-            if LPLB == 2:
-                rid = tl.where(valid, tl.gather(rep_id, idc, 0), -1)
-                oh = rid[:, None] == row[None, :]
-                cs = tl.cumsum(oh.to(tl.int32), axis=0)
-                ridc = tl.maximum(rid, 0)
-                occ = tl.sum(tl.where(oh, cs, 0), axis=1) - 1 + tl.gather(running, ridc, 0)
-                running += tl.sum(oh.to(tl.int32), axis=0)
-                # number of copies whose inclusive quota prefix is <= occ (binary search, prefixes ascend)
-                pos = tl.zeros([NE], tl.int32)
-                for i in tl.static_range(CBITS):
-                    step = CB >> (i + 1)
-                    qc = tl.gather(qcum, ridc * CB + pos + (step - 1), 0)
-                    pos += tl.where(qc <= occ, step, 0)
-                ph = tl.where(rid >= 0, tl.gather(slots, ridc * CB + pos, 0), ph)
-            tl.store(out_ptr + tf * K + k_flat, ph.to(out_ptr.dtype.element_ty), mask=mf)
-            if WF != 0:
-                ph = tl.reshape(tl.where(mf, ph, -1), [CT, KB])
+        ids = tl.load(ids_ptr + t[:, None] * K + kk[None, :], mask=m, other=-1)
+        valid = m & (ids >= 0)
+        idc = tl.where(valid, ids, 0).to(tl.int32)
+        if LPLB == 2:
+            rid = tl.load(rep_id_ptr + idc, mask=valid, other=-1)
+            rflat = tl.reshape(rid, [CT * KB])
+            oh = rflat[:, None] == row[None, :]
+            cs = tl.cumsum(oh.to(tl.int32), axis=0)
+            occ = tl.sum(tl.where(oh, cs, 0), axis=1) - 1 + tl.gather(running, tl.maximum(rflat, 0), 0)
+            running += tl.sum(oh.to(tl.int32), axis=0)
+            occ = tl.reshape(occ, [CT, KB])
+            isrep = rid >= 0
+            ridc = tl.maximum(rid, 0)
+            # number of copies whose inclusive quota prefix is <= occ (binary search, prefixes ascend)
+            pos = tl.zeros([CT, KB], tl.int32)
+            for i in tl.static_range(CBITS):
+                step = CB >> (i + 1)
+                qc = tl.load(qcum_ptr + ridc * CB + pos + (step - 1), mask=isrep, other=2147483647)
+                pos += tl.where(qc <= occ, step, 0)
+            rep_phys = tl.load(rep_slot_ptr + ridc * CB + pos, mask=isrep, other=0)
+            one_phys = tl.load(log2phys0_ptr + idc, mask=valid, other=0)
+            ph = tl.where(isrep, rep_phys, one_phys)
+            ph = tl.where(valid, ph, ids)
+            tl.store(out_ptr + t[:, None] * K + kk[None, :], ph.to(out_ptr.dtype.element_ty), mask=m)
+        elif LPLB == 1:
+            ph = tl.where(valid, tl.load(log2phys0_ptr + idc, mask=valid, other=0), ids)
+            tl.store(out_ptr + t[:, None] * K + kk[None, :], ph.to(out_ptr.dtype.element_ty), mask=m)
         else:
             ph = tl.load(phys_in_ptr + t[:, None] * K + kk[None, :], mask=m, other=-1)
         if WF != 0:

@@ -25,12 +25,10 @@ import triton.language as tl
 
 from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
 
-BIG64 = tl.constexpr(1 << 62)  # larger than any fixed-point (count + loads) // k
-BIG32 = tl.constexpr(1 << 30)  # larger than any integer (count + loads) // k (polish runs in int32)
-
-# No tl.sort anywhere: Triton's bitonic sort costs a layout conversion per stage, which made a
-# block step ~2.5 µs on an H200. Orders are taken by pairwise comparison instead ("how many
-# candidates come before me"), in chunks of JC candidates to bound the [rows, JC, CB] tiles.
+BIG = tl.constexpr(1 << 62)  # larger than any (count + loads) // k
+PADK = tl.constexpr(1 << 60)  # sorts after every real fixed-point load (< 2**53)
+KEYPAD = tl.constexpr(1 << 54)  # certificate keys: (KEYPAD - load) << RBITS | rank
+BIGKEY = tl.constexpr(1 << 62)  # sorts after every real key
 
 
 @triton.jit
@@ -41,19 +39,11 @@ def _gather_1d(src, idx, N: tl.constexpr):
 
 
 @triton.jit
-def _at(src, idx, NEB: tl.constexpr, W: tl.constexpr):
-    """``src[idx]`` for a 1-D ``src [W]`` and an index tile ``[NEB, CB]`` (gather along axis 1 of
-    ``src`` broadcast over the rows: no reshapes)."""
-    return tl.gather(tl.broadcast_to(src[None, :], [NEB, W]), idx, 1)
-
-
-@triton.jit
 def _per_copy(ra, fr, mult, dup, valid):
     """Tokens per copy from the amount on each copy's rank (stored at the rank's first copy):
     copies sharing a rank split it as evenly as possible, earlier copies first (the core's rule)."""
     rf = tl.gather(ra, tl.maximum(fr, 0), 1)
-    m = mult.to(ra.dtype)
-    return tl.where(valid, rf // m + (dup.to(ra.dtype) < rf % m).to(ra.dtype), 0)
+    return tl.where(valid, rf // mult + (dup < rf % mult).to(tl.int64), 0)
 
 
 @triton.jit
@@ -72,7 +62,7 @@ def _rep_rank_loads(ra, colour_src_ptr, G, RB: tl.constexpr, NC: tl.constexpr):
     """Load of every rank from the replicated experts: ``[NEB, CB] -> [RB]`` (exact)."""
     r = tl.arange(0, RB)
     flat = tl.reshape(ra, [NC])
-    tot = tl.zeros([RB], ra.dtype)
+    tot = tl.zeros([RB], tl.int64)
     for g in range(0, G):
         src = tl.load(colour_src_ptr + g * RB + r)
         tot += tl.where(src >= 0, tl.gather(flat, tl.maximum(src, 0), 0), 0)
@@ -80,48 +70,28 @@ def _rep_rank_loads(ra, colour_src_ptr, G, RB: tl.constexpr, NC: tl.constexpr):
 
 
 @triton.jit
-def _level(base, first, crow, NEB: tl.constexpr, CB: tl.constexpr, JC: tl.constexpr, BIGV: tl.constexpr):
-    """Water level of each row: ``min_k floor((c + sum of the k lowest bases) / k)`` over its first
-    copies. The k-th lowest prefix is "every base before j in (base, column) order, j included"."""
-    col = tl.arange(0, CB)
-    bi = base[:, None, :]
-    fi = first[:, None, :]
-    ci = col[None, None, :]
-    level = tl.full([NEB], BIGV, base.dtype)
-    for j0 in tl.static_range(0, CB, JC):
-        jj = j0 + tl.arange(0, JC)
-        if JC == CB:
-            bj = base
-            fj = first
-        else:
-            idx = tl.broadcast_to(jj[None, :], [NEB, JC])
-            bj = tl.gather(base, idx, 1)
-            fj = tl.gather(first.to(tl.int32), idx, 1) != 0
-        inset = fi & ((bi < bj[:, :, None]) | ((bi == bj[:, :, None]) & (ci <= jj[None, :, None])))
-        kj = tl.sum(inset.to(base.dtype), axis=2)
-        sj = tl.sum(tl.where(inset, bi, 0), axis=2)
-        lev = tl.where(fj, (crow[:, None] + sj) // tl.maximum(kj, 1), BIGV)
-        level = tl.minimum(level, tl.min(lev, axis=1))
-    return level
-
-
-@triton.jit
-def _block_step(ra, load, crow, act, csrc, rankc, first,
-                NEB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, JC: tl.constexpr, BIGV: tl.constexpr):
+def _block_step(ra, load, crow, act, csrc, rankc, first, nfirst,
+                NEB: tl.constexpr, CB: tl.constexpr, NC: tl.constexpr):
     """The core's integer water-fill block step for the experts of one colour (``act`` rows).
 
     ``ra`` holds each expert's amount per rank at the rank's first copy (the core's
     ``own_rank``); the step re-pours the expert onto its ranks, lowest level first.
     """
-    base = _at(load, rankc, NEB, RB) - ra
-    level = _level(base, first, crow, NEB, CB, JC, BIGV)
+    col = tl.arange(0, CB)
+    base = _gather_1d(load, rankc, NC) - ra
+    sk = tl.sort(tl.where(first, base, PADK), dim=1)
+    sk = tl.where(col[None, :] < nfirst[:, None], sk, 0)
+    cs = tl.cumsum(sk, axis=1)
+    kk = (col + 1).to(tl.int64)
+    lev = tl.where(col[None, :] < nfirst[:, None], (crow[:, None] + cs) // kk[None, :], BIG)
+    level = tl.min(lev, axis=1)
     amt = tl.where(first, tl.maximum(level[:, None] - base, 0), 0)
     short = crow - tl.sum(amt, axis=1)
     atl = first & (base <= level[:, None])
-    cnt = tl.cumsum(atl.to(base.dtype), axis=1)
-    amt = amt + (atl & (cnt <= short[:, None])).to(base.dtype)
+    cnt = tl.cumsum(atl.to(tl.int64), axis=1)
+    amt = amt + (atl & (cnt <= short[:, None])).to(tl.int64)
     upd = act[:, None] & first
-    delta = tl.reshape(tl.where(upd, amt - ra, 0), [NEB * CB])
+    delta = tl.reshape(tl.where(upd, amt - ra, 0), [NC])
     ra = tl.where(upd, amt, ra)
     dr = tl.gather(delta, tl.maximum(csrc, 0), 0)
     load = load + tl.where(csrc >= 0, dr, 0)
@@ -129,85 +99,57 @@ def _block_step(ra, load, crow, act, csrc, rankc, first,
 
 
 @triton.jit
-def _shared_step(qs, load, cs, R: tl.constexpr, RB: tl.constexpr, BIGV: tl.constexpr):
+def _shared_step(qs, load, cs, R: tl.constexpr, RB: tl.constexpr):
     """The same block step for the shared expert (one copy on every rank, copy order = rank order)."""
     r = tl.arange(0, RB)
     rv = r < R
     base = load - qs
-    bj = base[:, None]
-    bi = base[None, :]
-    inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
-    kj = tl.sum(inset.to(base.dtype), axis=1)
-    sj = tl.sum(tl.where(inset, bi, 0), axis=1)
-    level = tl.min(tl.where(rv, (cs + sj) // tl.maximum(kj, 1), BIGV), axis=0)
+    sk = tl.sort(tl.where(rv, base, PADK), dim=0)
+    sk = tl.where(rv, sk, 0)
+    csum = tl.cumsum(sk, axis=0)
+    lev = tl.where(rv, (cs + csum) // (r + 1).to(tl.int64), BIG)
+    level = tl.min(lev, axis=0)
     amt = tl.where(rv, tl.maximum(level - base, 0), 0)
     short = cs - tl.sum(amt, axis=0)
     atl = rv & (base <= level)
-    cnt = tl.cumsum(atl.to(base.dtype), axis=0)
-    amt = amt + (atl & (cnt <= short)).to(base.dtype)
+    cnt = tl.cumsum(atl.to(tl.int64), axis=0)
+    amt = amt + (atl & (cnt <= short)).to(tl.int64)
     return amt, base + amt
 
 
 @triton.jit
-def _sweep(ra, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, first,
-           R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, JC: tl.constexpr,
-           SHARED_BLOCK: tl.constexpr, BIGV: tl.constexpr):
+def _sweep(ra, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
+           R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr, SHARED_BLOCK: tl.constexpr):
     r = tl.arange(0, RB)
     for g in range(0, G):
         csrc = tl.load(colour_src_ptr + g * RB + r)
-        ra, load = _block_step(ra, load, crow, colour == g, csrc, rankc, first, NEB, CB, RB, JC, BIGV)
+        ra, load = _block_step(ra, load, crow, colour == g, csrc, rankc, first, nfirst, NEB, CB, NEB * CB)
     if SHARED_BLOCK:
-        qs, load = _shared_step(qs, load, cs_sh, R, RB, BIGV)
+        qs, load = _shared_step(qs, load, cs_sh, R, RB)
     return ra, qs, load
 
 
 @triton.jit
 def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
-             R: tl.constexpr, RB: tl.constexpr, NEB: tl.constexpr, SHARED_BLOCK: tl.constexpr,
-             TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
+             R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+             SHARED_BLOCK: tl.constexpr, TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
     """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact
-    integers; the core's ``lower_bound``), ranks ordered by (load desc, rank asc)."""
+    integers; the core's ``lower_bound``). Ranks are ordered by (load desc, rank asc) via one sort."""
     r = tl.arange(0, RB)
     rv = r < R
-    lm = tl.where(rv, load, -1)
-    m = tl.max(lm, axis=0)
+    m = tl.max(tl.where(rv, load, -1), axis=0)
     thr = m - ((m >> TOL_SHIFT_C) + SLACK)
-    li = lm[None, :]
-    lj = lm[:, None]
-    before = rv[None, :] & ((li > lj) | ((li == lj) & (r[None, :] < r[:, None])))
-    pos = tl.sum(before.to(tl.int32), axis=1)  # [RB], position of each rank in the order
-    kk = r + 1  # prefix sizes, axis 0
-    inpre = (pos[None, :] < kk[:, None]) & rv[None, :]
-    num = tl.sum(tl.where(inpre, fixed_s[None, :], 0), axis=1)
-    last = tl.max(tl.where(valid, _at(pos, rankc, NEB, RB), -1), axis=1)  # last position of each expert
-    cont = (last[None, :] < kk[:, None]) & rowvalid[None, :]
+    key = tl.where(rv, ((KEYPAD - load) << RBITS) | r.to(tl.int64), BIGKEY)
+    sk = tl.sort(key, dim=0)  # sk[k-1] = key of the k-th rank in the order
+    sr = (sk & (RB - 1)).to(tl.int32)
+    num = tl.cumsum(tl.where(rv, tl.gather(fixed_s, sr, 0), 0), axis=0)
+    mk = tl.max(tl.where(valid, _gather_1d(key, rankc, NEB * CB), -1), axis=1)  # last rank of each expert
+    cont = (mk[None, :] <= sk[:, None]) & rowvalid[None, :]
     num = num + tl.sum(tl.where(cont, crow_s[None, :], 0), axis=1)
     if SHARED_BLOCK:
-        num = num + tl.where(kk >= R, cs_sh, 0)
-    ok = rv & (num >= kk.to(tl.int64) * thr)
+        num = num + tl.where(r == R - 1, cs_sh, 0)
+    ok = rv & (num >= (r + 1).to(tl.int64) * thr)
     return tl.max(ok.to(tl.int32), axis=0)
-
-
-@triton.jit
-def _lr_plus(fr_, valid, short, NEB: tl.constexpr, CB: tl.constexpr, JC: tl.constexpr):
-    """1 on the ``short`` copies of each row with the largest remainders (ties: lower column)."""
-    col = tl.arange(0, CB)
-    out = tl.zeros([NEB, CB], tl.int64)
-    fi = fr_[:, None, :]
-    vi = valid[:, None, :]
-    ci = col[None, None, :]
-    for j0 in tl.static_range(0, CB, JC):
-        jj = j0 + tl.arange(0, JC)
-        if JC == CB:
-            fj = fr_
-        else:
-            fj = tl.gather(fr_, tl.broadcast_to(jj[None, :], [NEB, JC]), 1)
-        ahead = vi & ((fi > fj[:, :, None]) | ((fi == fj[:, :, None]) & (ci < jj[None, :, None])))
-        posj = tl.sum(ahead.to(tl.int64), axis=2)  # [NEB, JC]
-        plus = (posj < short[:, None]).to(tl.int64)
-        # scatter the chunk's answers back to their columns
-        out += tl.sum(tl.where(col[None, None, :] == jj[None, :, None], plus[:, :, None], 0), axis=1)
-    return tl.where(valid, out, 0)
 
 
 @triton.jit(do_not_specialize=["src_rank", "max_sweeps", "polish_sweeps"])
@@ -230,7 +172,7 @@ def _plan_kernel(
     src_rank, max_sweeps, polish_sweeps,
     E: tl.constexpr, R: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
     NEB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, SB: tl.constexpr, PB: tl.constexpr,
-    JC: tl.constexpr,  # pairwise chunk width (candidates per [NEB, JC, CB] tile)
+    CBITS: tl.constexpr, RBITS: tl.constexpr,
     LPLB: tl.constexpr,  # split + quotas
     TABLE: tl.constexpr,  # split from the fractions at table_ptr (else the per-batch exact split)
     JOINT: tl.constexpr,  # the shared expert is part of the split (waterfill all_rank + lplb)
@@ -275,9 +217,10 @@ def _plan_kernel(
         rankc = tl.where(valid, rank2, 0)
         fr = tl.load(rep_fr_ptr + tix)
         nxt = tl.load(rep_next_ptr + tix)
-        mult = tl.load(rep_mult_ptr + tix)
-        dup = tl.load(rep_dup_ptr + tix)
+        mult = tl.load(rep_mult_ptr + tix).to(tl.int64)
+        dup = tl.load(rep_dup_ptr + tix).to(tl.int64)
         first = valid & (fr == col[None, :])
+        nfirst = tl.sum(first.to(tl.int32), axis=1)
         colour = tl.load(rep_colour_ptr + row)
         rowvalid = colour >= 0
         rep_e = tl.load(rep_expert_ptr + row)
@@ -321,51 +264,49 @@ def _plan_kernel(
             if not SHARED_BLOCK:
                 n_sweeps = tl.where(G > 0, max_sweeps, 0)
             while (it < n_sweeps) & (cert == 0):
-                ra, qs, load = _sweep(ra, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, first,
-                                      R, RB, NEB, CB, JC, SHARED_BLOCK, BIG64)
-                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB,
+                ra, qs, load = _sweep(ra, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
+                                      R, RB, NEB, CB, SHARED_BLOCK)
+                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
                                 SHARED_BLOCK, TOL_SHIFT_C, SLACK)
                 it += 1
             if it == 0:
-                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, NEB,
+                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
                                 SHARED_BLOCK, TOL_SHIFT_C, SLACK)
             q = _per_copy(ra, fr, mult, dup, valid)
         # ---- largest remainder on the fixed-point split (larger remainder first, then lower slot) --
         fl = q >> SCALE_B
         short = crow - tl.sum(fl, axis=1)
-        qi = fl + _lr_plus(q & MASK, valid, short, NEB, CB, JC)
+        key = tl.where(valid, ((MASK - (q & MASK)) << CBITS) | col[None, :].to(tl.int64), BIGKEY)
+        thr = tl.gather(tl.sort(key, dim=1), tl.minimum(tl.maximum(short - 1, 0), CB - 1).to(tl.int32)[:, None], 1)
+        qi = fl + (valid & (short[:, None] > 0) & (key <= thr)).to(tl.int64)
         qsi = tl.zeros([RB], tl.int64)
         if SHARED_BLOCK:
             sfl = qs >> SCALE_B
-            sfr = qs & MASK
             sshort = n_total - tl.sum(sfl, axis=0)
-            sahead = rv[None, :] & ((sfr[None, :] > sfr[:, None]) | ((sfr[None, :] == sfr[:, None]) & (r[None, :] < r[:, None])))
-            qsi = tl.where(rv, sfl + (tl.sum(sahead.to(tl.int64), axis=1) < sshort).to(tl.int64), 0)
+            skey = tl.where(rv, ((MASK - (qs & MASK)) << RBITS) | r.to(tl.int64), BIGKEY)
+            sthr = tl.sum(tl.where(r == tl.minimum(tl.maximum(sshort - 1, 0), RB - 1), tl.sort(skey, dim=0), 0), axis=0)
+            qsi = tl.where(rv, sfl + ((sshort > 0) & (skey <= sthr)).to(tl.int64), 0)
         # ---- integer polish (the core's _polish), kept unless it raises the max rank load ----------
-        # in int32 (token counts): half the work of int64 and a cheaper division
-        qi32 = qi.to(tl.int32)
-        qsi32 = qsi.to(tl.int32)
-        crow32 = crow.to(tl.int32)
-        ra_p = _rank_amounts(qi32, nxt, first, maxm)
-        load_i = (fixed + qsi).to(tl.int32) + _rep_rank_loads(ra_p, colour_src_ptr, G, RB, NC)
-        q_prev = qi32
-        qsp = qsi32
+        ra_p = _rank_amounts(qi, nxt, first, maxm)
+        load_i = fixed + _rep_rank_loads(ra_p, colour_src_ptr, G, RB, NC) + qsi
+        q_prev = qi
+        qsp = qsi
         loadp = load_i
         pit = 0
         changed = (polish_sweeps > 0).to(tl.int32)
         while (pit < polish_sweeps) & (changed != 0):
             qs_old = qsp
-            ra_p, qsp, loadp = _sweep(ra_p, qsp, loadp, crow32, n_total.to(tl.int32), colour, colour_src_ptr, G,
-                                      rankc, first, R, RB, NEB, CB, JC, SHARED_BLOCK, BIG32)
+            ra_p, qsp, loadp = _sweep(ra_p, qsp, loadp, crow, n_total, colour, colour_src_ptr, G, rankc, first,
+                                      nfirst, R, RB, NEB, CB, SHARED_BLOCK)
             q_now = _per_copy(ra_p, fr, mult, dup, valid)
             diff = tl.max(tl.max((q_now != q_prev).to(tl.int32), axis=1), axis=0)
             changed = diff | tl.max((qsp != qs_old).to(tl.int32), axis=0)
             q_prev = q_now
             pit += 1
         better = tl.max(tl.where(rv, loadp, -1), axis=0) <= tl.max(tl.where(rv, load_i, -1), axis=0)
-        qf = tl.where(better, q_prev, qi32).to(tl.int64)
-        qs_final = tl.where(better, qsp, qsi32).to(tl.int64)
-        load_f = tl.where(better, loadp, load_i).to(tl.int64)
+        qf = tl.where(better, q_prev, qi)
+        qs_final = tl.where(better, qsp, qsi)
+        load_f = tl.where(better, loadp, load_i)
         routed = load_f - qs_final
         if JOINT:
             if R == 1:
@@ -394,13 +335,9 @@ def _plan_kernel(
             qsh = qs_final
         else:
             # waterfill.shared_quotas in float64, same operations as the core
-            # min over k of (n + sum of the k lowest loads) / k; the k-th prefix via pairwise order
-            bj = routed[:, None]
-            bi = routed[None, :]
-            inset = rv[None, :] & ((bi < bj) | ((bi == bj) & (r[None, :] <= r[:, None])))
-            kj = tl.sum(inset.to(tl.int64), axis=1)
-            sj = tl.sum(tl.where(inset, bi, 0), axis=1)
-            levk = (n_total + sj).to(tl.float64) / tl.maximum(kj, 1).to(tl.float64)
+            sk = tl.sort(tl.where(rv, routed, PADK), dim=0)
+            csum = tl.cumsum(tl.where(rv, sk, 0), axis=0)
+            levk = (n_total + csum).to(tl.float64) / (r + 1).to(tl.float64)
             level = tl.min(tl.where(rv, levk, float("inf")), axis=0)
             y = tl.maximum(level - routed.to(tl.float64), 0.0)
             yfl = tl.floor(y)
@@ -479,7 +416,7 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
 
 
 def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16, polish_sweeps: int = 8,
-                num_warps: int = 4, split_table=None, pair_chunk: int | None = None) -> dict:
+                num_warps: int = 4, split_table=None) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 
     ``pl`` single-layer placement, ``counts [E]``. With ``shared_tokens`` the shared expert
@@ -515,7 +452,7 @@ def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int
         out["counts"], out["quotas"], out["qcum"], out["shared_q"], out["flags"], out["wf"], out["wf_vec"],
         out["routed"], 0, max_sweeps, polish_sweeps,
         E=tb.E, R=tb.R, S=tb.S, P=pl.num_physical, NEB=tb.NEB, CB=tb.CB, RB=RB, EB=EB,
-        SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), JC=pair_chunk or tb.pair_chunk(),
+        SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), CBITS=tb.CB.bit_length() - 1, RBITS=max(RB.bit_length() - 1, 1),
         LPLB=True, TABLE=split_table is not None, JOINT=joint, WF=2 if joint else 0,
         DYNAMIC=False, SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS, num_warps=num_warps,
     )

@@ -67,4 +67,8 @@ def balance_layer(
     if split == "table" and entry[2] is not split_table:
         bal.set_split_table(split_table)
         entry[2] = split_table
+    if gathered is not None:
+        # The balancer's dynamic call reads per-block offsets that its own local_stats leaves
+        # behind; the plugin built ``gathered`` from the core's rows, so recount here.
+        bal.local_stats(topk_ids, phys_ids)
     return bal(topk_ids, phys_ids=phys_ids, gathered=gathered)

@@ -52,34 +52,24 @@ def _csv(text: str) -> list[str]:
     return items
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _bounded(kind: type, minimum: float, noun: str):
+    """argparse type: a ``kind`` (int or float) of at least ``minimum``, with a clear message."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not v >= minimum:
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum:g}, got {text if kind is float else v}")
+        return v
+
+    return parse
 
 
-def _nonneg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
+_positive = _bounded(int, 1, "an integer")
+_nonneg = _bounded(int, 0, "an integer")
+_nonneg_float = _bounded(float, 0, "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,6 @@ included, through the dispatcher safety net), the static ones none.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sglang_moe_lb.testing.gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.e2e  # ~1 min: two spawned ranks import SGLang and run 6 modes
 
@@ -59,14 +60,6 @@ def _argv(*extra):
     return ["--model-path", str(TINY), "--device", "cpu", "--load-format", "dummy", *COMMON, *extra]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, e2e_timings):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -89,24 +82,8 @@ def ranks(tmp_path_factory, e2e_timings):
     finally:
         hooks.uninstall()
     out = tmp_path_factory.mktemp("waterfill_gloo")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
     t0 = time.monotonic()
-    procs = [ctx.Process(target=waterfill_gloo_worker.run, args=(r, R, port, jobs, str(out), BATCHES)) for r in range(R)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    errors = {r: (out / f"error_{r}.txt").read_text() for r in range(R) if (out / f"error_{r}.txt").exists()}
-    assert not hung, f"ranks {hung} did not finish in {TIMEOUT_S}s (deadlock?); errors: {errors}"
-    assert not errors and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}: {errors}"
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(R)]
+    results = run_ranks(waterfill_gloo_worker.run, R, (jobs, str(out), BATCHES), out, TIMEOUT_S)
     e2e_timings[f"waterfill gloo ranks ({len(MODES)} modes)"] = time.monotonic() - t0
     return {name: [res[name] for res in results] for name in MODES}
 

@@ -50,14 +50,9 @@ def _run(rank, world, port, jobs, out_dir, batches):
     torch.set_num_threads(1)
     register()  # what load_plugins() does in a scheduler process
     HookRegistry.apply_hooks()
-    calls = {"n": 0}
-    real_gather = comm.all_gather_rows
+    from sglang_moe_lb.testing.gloo_ranks import count_all_gathers
 
-    def counting_gather(row, ep):
-        calls["n"] += 1
-        return real_gather(row, ep)
-
-    comm.all_gather_rows = counting_gather
+    calls = count_all_gathers(comm)
 
     results = {}
     groups_ready = False

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from sglang_moe_lb.testing.gloo_ranks import free_port  # noqa: F401 (re-exported for tests)
 
 TINY = Path(__file__).parent / "data" / "tiny_dsv3"
 E, K = 16, 4  # tiny_dsv3: routed experts, experts per token
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_argv(*extra: str) -> list[str]:

@@ -11,12 +11,12 @@ the global quotas.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import time
 
 import pytest
 import torch
-from plugin_helpers import E, K, base_argv, free_port
+from plugin_helpers import E, K, base_argv
+
+from sglang_moe_lb.testing.gloo_ranks import run_ranks
 
 from sglang_moe_lb import Placement, balance_layer, fuse_topk, integer_quotas, local_stats, routed_rank_load, solve_split
 
@@ -58,22 +58,7 @@ def ranks(tmp_path_factory):
     finally:
         hooks.uninstall()
     out = tmp_path_factory.mktemp("mp")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=plugin_mp_worker.run, args=(r, R, port, jobs, str(out), IDLE)) for r in range(R)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = {r: (out / f"error_{r}.txt").read_text() for r in range(R) if (out / f"error_{r}.txt").exists()}
-    assert not hung, f"ranks {hung} did not finish in {TIMEOUT_S}s (deadlock?); errors: {errors}"
-    assert not errors and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}: {errors}"
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(R)]
+    results = run_ranks(plugin_mp_worker.run, R, (jobs, str(out), IDLE), out, TIMEOUT_S)
     return {name: [res[name] for res in results] for name in MODES}
 
 

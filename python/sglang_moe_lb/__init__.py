@@ -2,10 +2,14 @@
 
 The core (this package's top level) needs only torch, numpy and highspy; the SGLang
 plugin lives in ``sglang_moe_lb.plugin`` and is imported only by SGLang's plugin loader.
+docs/layout.md says which module owns what.
 """
 
-from .joint import LayerDispatch, balance_layer, local_stats
+from .chain import LayerDispatch, balance_layer, local_stats
+from .cost import CostModel
 from .lp_split import even_split, fractions_to_split, lower_bound, scenario_split, solve_split
+from .mode import BalanceMode, ModeError
+from .objective import FLOAT_STEPS, balanced_quotas, table_quotas
 from .placement import Placement, PlacementError
 from .quota_dispatch import count_experts, dispatch, dp_offsets, integer_quotas
 from .waterfill import assign_shared, fuse_topk, routed_rank_load, shared_quotas, waterfill
@@ -13,6 +17,12 @@ from .waterfill import assign_shared, fuse_topk, routed_rank_load, shared_quotas
 __all__ = [
     "Placement",
     "PlacementError",
+    "BalanceMode",
+    "ModeError",
+    "CostModel",
+    "balanced_quotas",
+    "table_quotas",
+    "FLOAT_STEPS",
     "solve_split",
     "even_split",
     "lower_bound",
@@ -31,4 +41,4 @@ __all__ = [
     "local_stats",
     "LayerDispatch",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -31,11 +31,18 @@ import torch
 
 from .placement import Placement
 
-__all__ = ["solve_split", "even_split", "lower_bound", "scenario_split", "fractions_to_split", "SplitError"]
+__all__ = [
+    "solve_split",
+    "even_split",
+    "even_fractions",
+    "lower_bound",
+    "scenario_split",
+    "fractions_to_split",
+    "SplitError",
+]
 
 logger = logging.getLogger(__name__)
 
-_BIG = 1e300
 _warned: set[str] = set()
 
 
@@ -52,6 +59,13 @@ def _warn_once(key: str, msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Small helpers shared by both solvers
 # ---------------------------------------------------------------------------------------------
+def even_fractions(pl: Placement) -> torch.Tensor:
+    """The even split table: every copy gets ``1 / copies`` of its expert. ``[L, P]`` float64.
+
+    It is also what a split table starts as before any window has been solved."""
+    return 1.0 / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
+
+
 def even_split(pl: Placement, counts: torch.Tensor) -> torch.Tensor:
     """Each expert's tokens shared equally by its copies.
 
@@ -61,7 +75,7 @@ def even_split(pl: Placement, counts: torch.Tensor) -> torch.Tensor:
         ``[L, P]`` float64 tokens per physical slot.
     """
     c = counts.to(torch.float64)
-    x = c.gather(1, pl.phy2log) / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
+    x = c.gather(1, pl.phy2log) * even_fractions(pl)
     return _conserve(x, pl, c) if pl.has_replicas else x  # c/n summed n times need not equal c
 
 
@@ -319,7 +333,14 @@ def fractions_to_split(pl: Placement, fractions: torch.Tensor, logical_counts: t
     Returns: float64 tokens per slot, same leading shape.
     """
     c = pl.check_counts(logical_counts).to(torch.float64)
+    if not isinstance(fractions, torch.Tensor) or fractions.numel() != pl.num_layers * pl.num_physical:
+        raise ValueError(
+            f"fractions must be [{pl.num_physical}] or [{pl.num_layers}, {pl.num_physical}] for this placement, "
+            f"got {list(getattr(fractions, 'shape', []))}"
+        )
     f = fractions.reshape(pl.num_layers, pl.num_physical).to(torch.float64)
+    if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+        raise ValueError("fractions must be finite and non-negative")
     x = _conserve(f * c.gather(1, pl.phy2log), pl, c)
     return x[0] if pl.single_layer else x
 
@@ -351,8 +372,7 @@ def scenario_split(
     w = w[-max_steps:].to(torch.float64)
     for t in range(w.shape[0]):
         pl.check_counts(w[t, 0] if pl.single_layer else w[t], name=f"window_counts[{t}]")
-    even = 1.0 / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
-    out = even.clone()
+    out = even_fractions(pl)
     if pl.has_replicas and w.shape[0] > 0:
         p2l = pl.phy2log.cpu().numpy()
         rep = pl.replicated_slot.cpu().numpy()

@@ -48,11 +48,17 @@ Candidates = Literal["conservative", "all_rank"]
 LOCAL_SHARED_MARKER = -1  # a token with no valid routed id gets no shared slot (ignored by dispatch)
 
 
+def _bins(key: torch.Tensor, n: int) -> torch.Tensor:
+    """``bincount(key, minlength=n)`` for keys in ``[0, n)``, with a fixed shape (no host sync)."""
+    key = key.reshape(-1).to(torch.long)
+    return torch.zeros(n, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+
+
 def routed_rank_load(phys_topk_ids: torch.Tensor, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
     """Routed tokens per rank from physical ids: ``[T, k] -> [R]`` long (padding ignored)."""
     ids = phys_topk_ids.reshape(-1).to(torch.long)
     rank = torch.where(ids >= 0, ids // slots_per_rank, num_ranks)
-    return torch.bincount(rank, minlength=num_ranks + 1)[:num_ranks]
+    return _bins(rank, num_ranks + 1)[:num_ranks]
 
 
 def shared_quotas(rank_load: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
@@ -135,13 +141,13 @@ def assign_shared(
         ok = todo & (room.gather(1, best[:, None]).squeeze(1) > 0)
         pick = torch.where(ok, pick, R)
         perm = torch.argsort(pick, stable=True)  # token order within each picked rank
-        cnt = torch.bincount(pick, minlength=R + 1)
+        cnt = _bins(pick, R + 1)
         first = torch.cumsum(cnt, 0) - cnt
         rank_in_pick = torch.empty_like(perm)
         rank_in_pick[perm] = tok - first[pick[perm]]
         accept = ok & (rank_in_pick < cap_ext[pick])
         out = torch.where(accept, pick, out)
-        cap_ext = cap_ext - torch.bincount(torch.where(accept, pick, R), minlength=R + 1)
+        cap_ext = cap_ext - _bins(torch.where(accept, pick, R), R + 1)
         cap_ext[R] = 0
         todo = todo & ~accept
     return out

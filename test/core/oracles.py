@@ -56,3 +56,63 @@ def brute_integer_min_max(phy2log: list[int], num_ranks: int, counts: list[int])
         m = max(load)
         best = m if best is None else min(best, m)
     return best
+
+
+def _milp(build) -> float:
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    build(h)
+    h.run()
+    assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    return float(h.getInfo().objective_function_value)
+
+
+def milp_min_max_tokens(phy2log: list[int], num_ranks: int, counts: list[int]) -> int:
+    """Best max rank load over integral token splits, as a HiGHS MILP over all slots."""
+    P = len(phy2log)
+    S = P // num_ranks
+    inf = highspy.kHighsInf
+
+    def build(h):
+        for _ in range(P):
+            h.addVar(0.0, inf)
+        h.addVar(0.0, inf)  # M
+        h.changeColCost(P, 1.0)
+        h.changeColsIntegrality(P, np.arange(P, dtype=np.int32), np.array([highspy.HighsVarType.kInteger] * P))
+        for e, c in enumerate(counts):
+            cols = [p for p in range(P) if phy2log[p] == e]
+            h.addRow(c, c, len(cols), np.array(cols, dtype=np.int32), np.ones(len(cols)))
+        for r in range(num_ranks):
+            cols = list(range(r * S, (r + 1) * S)) + [P]
+            h.addRow(-inf, 0.0, len(cols), np.array(cols, dtype=np.int32), np.array([1.0] * S + [-1.0]))
+
+    return round(_milp(build))
+
+
+def milp_min_max_tiles(phy2log: list[int], num_ranks: int, counts: list[int], tile: int) -> int:
+    """Best busiest-rank tile count over integral token splits, as a HiGHS MILP.
+
+    Variables per slot: tokens q_p and tiles n_p (integers) with q_p <= tile * n_p; per
+    expert the tokens sum to its count; per rank the tiles are <= M; minimise M.
+    """
+    P = len(phy2log)
+    S = P // num_ranks
+    inf = highspy.kHighsInf
+
+    def build(h):
+        for _ in range(2 * P):  # q_0..q_{P-1}, n_0..n_{P-1}
+            h.addVar(0.0, inf)
+        h.addVar(0.0, inf)  # M
+        h.changeColCost(2 * P, 1.0)
+        idx = np.arange(2 * P, dtype=np.int32)
+        h.changeColsIntegrality(2 * P, idx, np.array([highspy.HighsVarType.kInteger] * (2 * P)))
+        for e, c in enumerate(counts):
+            cols = [p for p in range(P) if phy2log[p] == e]
+            h.addRow(c, c, len(cols), np.array(cols, dtype=np.int32), np.ones(len(cols)))
+        for p in range(P):
+            h.addRow(-inf, 0.0, 2, np.array([p, P + p], dtype=np.int32), np.array([1.0, -float(tile)]))
+        for r in range(num_ranks):
+            cols = [P + p for p in range(r * S, (r + 1) * S)] + [2 * P]
+            h.addRow(-inf, 0.0, len(cols), np.array(cols, dtype=np.int32), np.array([1.0] * S + [-1.0]))
+
+    return round(_milp(build))

@@ -127,3 +127,27 @@ def test_empty_batch():
 def test_dp_offsets_rank_check():
     with pytest.raises(ValueError, match="rank 3 out of range"):
         dp_offsets(torch.zeros(2, 4, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize(
+    "call, msg",
+    [
+        (lambda pl: dispatch(pl, torch.tensor([[0, 3]]), torch.ones(4, dtype=torch.long)), r"topk_ids must lie in \[-1, 3\)"),
+        (lambda pl: dispatch(pl, torch.tensor([[0, -2]]), torch.ones(4, dtype=torch.long)), "topk_ids must lie"),
+        (lambda pl: dispatch(pl, torch.tensor([0, 1]), torch.ones(4, dtype=torch.long)), r"topk_ids must be \[tokens, k\]"),
+        (lambda pl: dispatch(pl, torch.tensor([[0.0, 1.0]]), torch.ones(4, dtype=torch.long)), "integer ids"),
+        (lambda pl: dispatch(pl, torch.tensor([[0, 1]]), torch.ones(3, dtype=torch.long)), r"quotas must be \[4\]"),
+        (lambda pl: dispatch(pl, torch.tensor([[0, 1]]), -torch.ones(4, dtype=torch.long)), "quotas has negative"),
+        (lambda pl: dispatch(pl, torch.tensor([[0, 1]]), torch.ones(4), None), "quotas must be integer"),
+        (lambda pl: dispatch(pl, torch.tensor([[0, 1]]), torch.ones(4, dtype=torch.long), torch.zeros(2)), r"offsets must be \[3\]"),
+        (lambda pl: count_experts(torch.tensor([[0, 5]]), 3), r"topk_ids must lie in \[-1, 3\)"),
+        (lambda pl: integer_quotas(pl, torch.tensor([float("nan"), 1, 1, 1]), torch.tensor([1, 1, 1])), "split has NaN or inf"),
+        (lambda pl: integer_quotas(pl, torch.tensor([float("inf"), 1, 1, 1]), torch.tensor([1, 1, 1])), "split has NaN or inf"),
+        (lambda pl: integer_quotas(pl, torch.tensor([-1.0, 1, 1, 1]), torch.tensor([1, 1, 1])), "split has negative"),
+        (lambda pl: integer_quotas(pl, torch.tensor([1.0, 1]), torch.tensor([1, 1, 1])), r"split must be \[4\]"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(call, msg):
+    pl = Placement(torch.tensor([0, 1, 0, 2]), 2)
+    with pytest.raises(ValueError, match=msg):
+        call(pl)

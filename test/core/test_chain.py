@@ -7,18 +7,25 @@ from hypothesis import strategies as st
 
 from core.strategies import placements
 from sglang_moe_lb import (
+    BalanceMode,
     Placement,
     balance_layer,
-    count_experts,
-    dispatch,
     fuse_topk,
-    integer_quotas,
     local_stats,
     routed_rank_load,
     shared_quotas,
-    solve_split,
     waterfill,
 )
+
+LPLB = BalanceMode(lplb="per-batch", lplb_sync="global")
+
+
+def joint(candidates: str) -> BalanceMode:
+    return BalanceMode(lplb="per-batch", lplb_sync="global", waterfill=candidates)
+
+
+def waterfill_only(candidates: str) -> BalanceMode:
+    return BalanceMode(waterfill=candidates, waterfill_sync="global")
 
 
 def greedy_unit_fill(load: list[int], n: int) -> int:
@@ -107,11 +114,8 @@ def test_fuse_topk_layout():
     assert torch.allclose(out_w, torch.tensor([[0.6, 0.4, 2.5], [0.0, 0.0, 0.0], [1.0, 0.0, 2.5]]))
 
 
-def _gathered(pl, batches, phys=None):
-    R, S = pl.num_ranks, pl.slots_per_rank
-    return torch.stack(
-        [local_stats(b, pl.num_logical, R, S, None if phys is None else phys[i]) for i, b in enumerate(batches)]
-    )
+def _gathered(pl, mode, batches, phys=None):
+    return torch.stack([local_stats(pl, b, mode, None if phys is None else phys[i]) for i, b in enumerate(batches)])
 
 
 def _total_load(pl, results, batches):
@@ -132,23 +136,21 @@ def _total_load(pl, results, batches):
 @given(data=st.data())
 def test_joint_never_worse_than_either_alone(candidates, data):
     pl, batches = data.draw(ep_batches())
-    g = _gathered(pl, batches)
-    kw = dict(gathered=g)
-    lplb = [balance_layer(pl, b, source_rank=s, lplb="per_batch", **kw) for s, b in enumerate(batches)]
+    g = _gathered(pl, LPLB, batches)
+    lplb = [balance_layer(pl, b, LPLB, source_rank=s, gathered=g) for s, b in enumerate(batches)]
     up = [static_mapping(pl, b) for b in batches]
-    g_up = _gathered(pl, batches, up)
-    wf = [
-        balance_layer(pl, b, source_rank=s, lplb="off", phys_ids=up[s], waterfill=candidates, gathered=g_up)
-        for s, b in enumerate(batches)
-    ]
-    joint = [balance_layer(pl, b, source_rank=s, waterfill=candidates, **kw) for s, b in enumerate(batches)]
-    m_joint = int(_total_load(pl, joint, batches).max())
+    wf_mode = waterfill_only(candidates)
+    g_up = _gathered(pl, wf_mode, batches, up)
+    wf = [balance_layer(pl, b, wf_mode, source_rank=s, phys_ids=up[s], gathered=g_up) for s, b in enumerate(batches)]
+    jm = joint(candidates)
+    joint_res = [balance_layer(pl, b, jm, source_rank=s, gathered=_gathered(pl, jm, batches)) for s, b in enumerate(batches)]
+    m_joint = int(_total_load(pl, joint_res, batches).max())
     assert m_joint <= int(_total_load(pl, lplb, batches).max())
     if candidates == "all_rank":
         assert m_joint <= int(_total_load(pl, wf, batches).max())
     # every rank agrees on the global quotas, and routed ids keep their logical experts
-    assert all(torch.equal(r.quotas, joint[0].quotas) for r in joint)
-    for r, b in zip(joint, batches):
+    assert all(torch.equal(r.quotas, joint_res[0].quotas) for r in joint_res)
+    for r, b in zip(joint_res, batches):
         assert torch.equal(torch.where(b >= 0, pl.phy2log[0][r.phys_ids.clamp(min=0)], b), b)
 
 
@@ -156,15 +158,28 @@ def test_balance_layer_argument_errors():
     pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
     topk = torch.tensor([[0, 1]])
     with pytest.raises(ValueError, match="phys_ids"):
-        balance_layer(pl, topk, lplb="off")
+        balance_layer(pl, topk, waterfill_only("all_rank"))
     with pytest.raises(ValueError, match="split_table"):
-        balance_layer(pl, topk, lplb="table")
-    with pytest.raises(ValueError, match="lplb must be"):
-        balance_layer(pl, topk, lplb="sometimes")
+        balance_layer(pl, topk, BalanceMode(lplb="table"))
+    with pytest.raises(ValueError, match="mode must be a BalanceMode"):
+        balance_layer(pl, topk, "lplb")
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[-1, 2\)"):
+        balance_layer(pl, torch.tensor([[0, 2]]), LPLB)
+    with pytest.raises(ValueError, match="topk_ids must lie"):
+        balance_layer(pl, torch.tensor([[-2, 0]]), LPLB)
+    with pytest.raises(ValueError, match="source_rank 5 out of range"):
+        balance_layer(pl, topk, LPLB, source_rank=5)
+    with pytest.raises(ValueError, match="has no collective"):
+        local = BalanceMode(lplb="per-batch", lplb_sync="local")
+        balance_layer(pl, topk, local, gathered=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="gathered must be"):
+        balance_layer(pl, topk, LPLB, gathered=torch.zeros(2, 7, dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs a cost model"):
+        balance_layer(pl, topk, BalanceMode(lplb="per-batch", objective="tiles"))
 
 
 def test_split_table_mode_uses_fractions():
     pl = Placement(torch.tensor([0, 1, 0, 2]), 2)
     topk = torch.tensor([[0]] * 10)
-    res = balance_layer(pl, topk, lplb="table", split_table=torch.tensor([0.3, 1.0, 0.7, 1.0]))
+    res = balance_layer(pl, topk, BalanceMode(lplb="table"), split_table=torch.tensor([0.3, 1.0, 0.7, 1.0]))
     assert res.quotas.tolist() == [3, 0, 7, 0]

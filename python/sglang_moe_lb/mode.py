@@ -1,0 +1,260 @@
+"""One frozen description of a balancing mode, and its one vocabulary.
+
+Every layer of the project speaks of modes through ``BalanceMode``: the server flags
+(``--moe-lb`` and its sub-options), the plugin runtime, the kernels, ``replay``'s mode names,
+the docs and the test ids. A mode has five choices:
+
+=================  ===========================  ==============================================
+field              values                       meaning
+=================  ===========================  ==============================================
+``lplb``           ``off`` | ``table`` |        LPLB schedule: no split; a split table solved
+                   ``per-batch``                at each EPLB rebalance; or an exact split of
+                                                every batch
+``lplb_sync``      ``local`` | ``global``       per-batch LPLB: each rank splits its own tokens
+                                                (no collective), or the global counts from one
+                                                all-gather per MoE layer
+``objective``      ``tokens`` | ``tiles``       per-batch LPLB: minimise the busiest rank's
+                                                tokens, or its grouped-GEMM tiles
+``waterfill``      None | ``conservative`` |    Waterfill candidates for the shared expert
+                   ``all_rank``
+``waterfill_sync`` ``local`` | ``global``       Waterfill without per-batch LPLB (with it, the
+                                                two share ``lplb_sync``)
+``gate``           bool                         skip balancing where the cost model predicts
+                                                less gain than the mode's overhead
+=================  ===========================  ==============================================
+
+Fields that do not apply to a mode are normalised to None, so two modes that behave the
+same compare equal and have the same ``name``. Names are the ``--moe-lb`` value followed by
+the relevant choices, ``/``-separated, in a fixed order::
+
+    lplb/table
+    lplb/per-batch/local/tiles/gate
+    waterfill/conservative/local
+    waterfill+lplb/per-batch/global/tokens/all_rank
+
+``BalanceMode.parse`` reads a name back (the parts after the first in any order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+__all__ = [
+    "BalanceMode",
+    "ModeError",
+    "FLAGS",
+    "SCHEDULES",
+    "SYNCS",
+    "OBJECTIVES",
+    "CANDIDATES",
+    "SERVER_DEFAULTS",
+]
+
+Schedule = Literal["off", "table", "per-batch"]
+Sync = Literal["local", "global"]
+Objective = Literal["tokens", "tiles"]
+Candidates = Literal["conservative", "all_rank"]
+
+FLAGS: tuple[str, ...] = ("off", "lplb", "waterfill", "waterfill+lplb")
+SCHEDULES: tuple[str, ...] = ("table", "per-batch")
+SYNCS: tuple[str, ...] = ("local", "global")
+OBJECTIVES: tuple[str, ...] = ("tokens", "tiles")
+CANDIDATES: tuple[str, ...] = ("conservative", "all_rank")
+
+
+# What ``--moe-lb FLAG`` runs when a sub-option is not given. Chosen by measurement
+# (docs/defaults.md); every other choice stays selectable.
+SERVER_DEFAULTS: dict = {
+    "schedule": "table",
+    "lplb_sync": "global",
+    "objective": "tokens",
+    "candidates": "conservative",
+    "waterfill_sync": "local",
+    "gate": False,
+}
+
+
+class ModeError(ValueError):
+    """A mode description with an unknown or contradictory choice."""
+
+
+@dataclass(frozen=True)
+class BalanceMode:
+    """What one MoE layer does per batch (see the module docstring for every field).
+
+    Construct with keywords, ``BalanceMode.from_flag`` (the server's flag spelling) or
+    ``BalanceMode.parse`` (a name). Irrelevant fields become None.
+    """
+
+    lplb: Schedule = "off"
+    lplb_sync: Sync | None = None
+    objective: Objective | None = None
+    waterfill: Candidates | None = None
+    waterfill_sync: Sync | None = None
+    gate: bool = False
+
+    def __post_init__(self) -> None:
+        def check(name: str, value, allowed) -> None:
+            if value is not None and value not in allowed:
+                raise ModeError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+        check("lplb", self.lplb, ("off",) + SCHEDULES)
+        check("lplb_sync", self.lplb_sync, SYNCS)
+        check("objective", self.objective, OBJECTIVES)
+        check("waterfill", self.waterfill, CANDIDATES)
+        check("waterfill_sync", self.waterfill_sync, SYNCS)
+        if not isinstance(self.gate, bool):
+            raise ModeError(f"gate must be a bool; got {self.gate!r}")
+        per_batch = self.lplb == "per-batch"
+        set_ = object.__setattr__  # frozen: normalise in place, once
+        set_(self, "lplb_sync", (self.lplb_sync or "global") if per_batch else None)
+        set_(self, "objective", (self.objective or "tokens") if per_batch else None)
+        own_wf_sync = self.waterfill is not None and not per_batch
+        set_(self, "waterfill_sync", (self.waterfill_sync or "local") if own_wf_sync else None)
+        if self.lplb == "off" and self.waterfill is None:
+            set_(self, "gate", False)  # nothing to gate
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def flag(self) -> str:
+        """The ``--moe-lb`` value: ``off``, ``lplb``, ``waterfill`` or ``waterfill+lplb``."""
+        lp, wf = self.lplb != "off", self.waterfill is not None
+        return "waterfill+lplb" if lp and wf else "lplb" if lp else "waterfill" if wf else "off"
+
+    @property
+    def active(self) -> bool:
+        return self.flag != "off"
+
+    @property
+    def per_batch(self) -> bool:
+        return self.lplb == "per-batch"
+
+    @property
+    def joint(self) -> bool:
+        """Waterfill decided together with the per-batch split (one problem, one sync)."""
+        return self.waterfill is not None and self.per_batch
+
+    @property
+    def sync(self) -> Sync | None:
+        """The mode's one sync choice: per-batch LPLB's, else Waterfill's; None without either."""
+        return self.lplb_sync if self.per_batch else self.waterfill_sync
+
+    @property
+    def collective(self) -> bool:
+        """Whether every MoE layer runs one all-gather over the EP group on every rank."""
+        return self.sync == "global"
+
+    @property
+    def name(self) -> str:
+        parts = [self.flag]
+        if self.lplb != "off":
+            parts.append(self.lplb)
+        if self.per_batch:
+            parts += [self.lplb_sync, self.objective]
+        if self.waterfill is not None:
+            parts.append(self.waterfill)
+            if self.waterfill_sync is not None:
+                parts.append(self.waterfill_sync)
+        if self.gate:
+            parts.append("gate")
+        return "/".join(parts)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def with_(self, **changes) -> "BalanceMode":
+        """A copy with some fields changed (then normalised)."""
+        return replace(self, **changes)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_flag(
+        cls,
+        flag: str,
+        *,
+        schedule: str | None = None,
+        lplb_sync: str | None = None,
+        objective: str | None = None,
+        candidates: str | None = None,
+        waterfill_sync: str | None = None,
+        gate: bool | None = None,
+    ) -> "BalanceMode":
+        """The mode of ``--moe-lb FLAG`` with its sub-options (None: ``SERVER_DEFAULTS``)."""
+        if flag not in FLAGS:
+            raise ModeError(f"--moe-lb must be one of {', '.join(FLAGS)}; got {flag!r}")
+        lp = "lplb" in flag
+        wf = "waterfill" in flag
+        d = SERVER_DEFAULTS
+        return cls(
+            lplb=(schedule or d["schedule"]) if lp else "off",
+            lplb_sync=lplb_sync or d["lplb_sync"],
+            objective=objective or d["objective"],
+            waterfill=(candidates or d["candidates"]) if wf else None,
+            waterfill_sync=waterfill_sync or d["waterfill_sync"],
+            gate=d["gate"] if gate is None else bool(gate),
+        )
+
+    @classmethod
+    def parse(cls, name: str) -> "BalanceMode":
+        """Read a ``name`` back; raises ``ModeError`` naming the bad part."""
+        if not isinstance(name, str) or not name.strip():
+            raise ModeError(f"a mode name must be a non-empty string; got {name!r}")
+        head, *rest = name.strip().split("/")
+        if head not in FLAGS:
+            raise ModeError(f"mode {name!r}: first part must be one of {', '.join(FLAGS)}; got {head!r}")
+        kw: dict = {}
+        syncs: list[str] = []
+
+        def put(key: str, value) -> None:
+            if key in kw:
+                raise ModeError(f"mode {name!r}: two values for {key} ({kw[key]!r} and {value!r})")
+            kw[key] = value
+
+        for part in rest:
+            if part in SCHEDULES:
+                put("schedule", part)
+            elif part in SYNCS:
+                syncs.append(part)
+            elif part in OBJECTIVES:
+                put("objective", part)
+            elif part in CANDIDATES:
+                put("candidates", part)
+            elif part == "gate":
+                put("gate", True)
+            else:
+                raise ModeError(
+                    f"mode {name!r}: unknown part {part!r} (expected one of "
+                    f"{', '.join(SCHEDULES + SYNCS + OBJECTIVES + CANDIDATES + ('gate',))})"
+                )
+        if len(syncs) > 1:
+            raise ModeError(f"mode {name!r}: a mode has one sync choice, got {syncs}")
+        lp, wf = "lplb" in head, "waterfill" in head
+        if not lp and ("schedule" in kw or "objective" in kw):
+            raise ModeError(f"mode {name!r}: LPLB choices given without LPLB")
+        if not wf and "candidates" in kw:
+            raise ModeError(f"mode {name!r}: Waterfill candidates given without Waterfill")
+        schedule = kw.get("schedule")
+        if lp and schedule is None:
+            raise ModeError(f"mode {name!r}: name the LPLB schedule ({' or '.join(SCHEDULES)})")
+        per_batch = lp and schedule == "per-batch"
+        if "objective" in kw and not per_batch:
+            raise ModeError(f"mode {name!r}: an objective applies to per-batch LPLB only")
+        sync = syncs[0] if syncs else None
+        if sync is not None and not per_batch and not wf:
+            raise ModeError(f"mode {name!r}: a sync choice applies to per-batch LPLB or Waterfill only")
+        mode = cls.from_flag(
+            head, schedule=schedule, objective=kw.get("objective"), candidates=kw.get("candidates"),
+            lplb_sync=sync if per_batch else None, waterfill_sync=sync if not per_batch else None,
+            gate=kw.get("gate", False),
+        )
+        if per_batch and (sync is None or "objective" not in kw):
+            raise ModeError(f"mode {name!r}: per-batch LPLB needs its sync (local|global) and objective (tokens|tiles)")
+        if wf and not per_batch and sync is None:
+            raise ModeError(f"mode {name!r}: Waterfill needs its sync (local|global)")
+        if wf and "candidates" not in kw:
+            raise ModeError(f"mode {name!r}: Waterfill needs its candidates ({' or '.join(CANDIDATES)})")
+        return mode
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -19,25 +19,12 @@ import time
 import torch
 
 from sglang_moe_lb import Placement, integer_quotas, scenario_split, solve_split
+from sglang_moe_lb.testing.workloads import greedy_placement as _greedy
 
 
 def greedy_placement(popularity: torch.Tensor, num_redundant: int, num_ranks: int) -> torch.Tensor:
-    """phy2log ``[P]``: replicate the most loaded experts, then pack heaviest-first.
-
-    ``popularity [E]`` expected tokens per expert. Each rank gets exactly ``P / R`` slots.
-    """
-    E = popularity.numel()
-    copies = torch.ones(E, dtype=torch.long)
-    for _ in range(num_redundant):
-        copies[torch.argmax(popularity / copies)] += 1
-    items = sorted(((float(popularity[e] / copies[e]), e) for e in range(E) for _ in range(int(copies[e]))), reverse=True)
-    S = (E + num_redundant) // num_ranks
-    load, slots = [0.0] * num_ranks, [[] for _ in range(num_ranks)]
-    for w, e in items:
-        r = min((r for r in range(num_ranks) if len(slots[r]) < S), key=lambda r: load[r])
-        slots[r].append(e)
-        load[r] += w
-    return torch.tensor([e for rank_slots in slots for e in rank_slots])
+    """phy2log ``[P]`` of ``testing.workloads.greedy_placement``."""
+    return _greedy(popularity, num_redundant, num_ranks).phy2log[0]
 
 
 def zipf_counts(E: int, tokens: int, topk: int, gen: torch.Generator, s: float = 1.1) -> torch.Tensor:

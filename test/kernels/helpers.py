@@ -56,3 +56,44 @@ def upstream_phys(pl: Placement, ids: torch.Tensor, rng: random.Random) -> torch
         if e >= 0:
             flat[i] = rng.choice(copies[e])
     return out
+
+
+def v1_modes() -> list:
+    """Every mode the v1 kernels run (``BalanceMode``; the token objective, gate off): 15."""
+    from sglang_moe_lb import BalanceMode
+
+    modes = [BalanceMode(lplb="table")]
+    for wf in (None, "conservative", "all_rank"):
+        for sync in ("local", "global"):
+            modes.append(BalanceMode(lplb="per-batch", lplb_sync=sync, objective="tokens", waterfill=wf))
+            if wf is not None:
+                modes.append(BalanceMode(lplb="table", waterfill=wf, waterfill_sync=sync))
+                modes.append(BalanceMode(lplb="off", waterfill=wf, waterfill_sync=sync))
+    return modes
+
+
+def random_table(rng: random.Random, pl: Placement) -> torch.Tensor:
+    """Split fractions per copy ``[P]`` float64: each expert's copies sum to 1 (float noise included)."""
+    w = torch.tensor([rng.random() ** 2 for _ in range(pl.num_physical)], dtype=torch.float64)
+    p2l = pl.phy2log[0]
+    tot = torch.zeros(pl.num_logical, dtype=torch.float64).scatter_add_(0, p2l, w)
+    return w / tot[p2l]
+
+
+def random_placement_like(rng: random.Random, pl: Placement, fits=None, tries: int = 50) -> Placement:
+    """Another placement with the same ranks, slots and experts (a rebalance), accepted by ``fits``."""
+    E, P = pl.num_logical, pl.num_physical
+    for _ in range(tries):
+        ids = list(range(E)) + [rng.randrange(E) for _ in range(P - E)]
+        rng.shuffle(ids)
+        new = Placement(torch.tensor(ids), pl.num_ranks, E)
+        if not torch.equal(new.phy2log, pl.phy2log) and (fits is None or fits(new)):
+            return new
+    raise AssertionError("no fitting placement found")
+
+
+def batch(rng: random.Random, mode, pl: Placement, ranks: int, K: int, sizes=(0, 3, 17)) -> tuple[list, list]:
+    """One batch per source rank: (logical ids ``[T_d, K]``, SGLang-like phys ids or None)."""
+    ids = [random_ids(rng, rng.choice(sizes), K, pl.num_logical) for _ in range(ranks)]
+    phys = [upstream_phys(pl, x, rng) if mode.lplb == "off" else None for x in ids]
+    return ids, phys

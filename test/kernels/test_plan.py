@@ -1,15 +1,19 @@
-"""Kernel B (split, quotas, polish) against the fixed-point reference: exact integers, same flags."""
+"""Kernel B (split, quotas, polish; table rounding) against the fixed-point reference: exact
+integers, same flags, same counters; and the certificate's rank order at R in 129..255."""
 
 import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from moe_lb_kernels.plan import plan_quotas
-from moe_lb_kernels.reference import quotas_ref, split_fixed, table_quotas_ref
+from moe_lb_kernels.plan import _rank_keys, plan_quotas
+from moe_lb_kernels.reference import SCALE_BITS, FixedPointSteps, FixedSpec, bound_gap, split_fixed
 from sglang_moe_lb import Placement
+from sglang_moe_lb.objective import table_quotas
 
-from .helpers import random_placement
+from .helpers import random_placement, random_table
 
 
 def _counts(rng, E, kind):
@@ -26,22 +30,26 @@ def _counts(rng, E, kind):
 
 def _check(pl, c, sweeps, shared_tokens, device):
     out = plan_quotas(pl.to(device), c.to(device), shared_tokens=shared_tokens, max_sweeps=sweeps)
+    spec = FixedSpec("test", max_sweeps=sweeps, polish_at_bound=True)  # v1's rule: polish every layer
+    fpl, c_ext = pl, c
+    if shared_tokens is not None:
+        fpl, c_ext = pl.with_shared_expert, torch.cat([c, torch.tensor([shared_tokens])])
+    q, cert = FixedPointSteps(spec).split_round(fpl, c_ext)
+    qf, _, n_sw = split_fixed(fpl, c_ext, spec)
     if shared_tokens is None:
-        q, _, cert = quotas_ref(pl, c, sweeps)
-        _, _, n_sw = split_fixed(pl, c, sweeps)
-        assert torch.equal(out["quotas"].cpu(), q)
+        assert torch.equal(out["quotas"].cpu(), q[0])
     else:
-        c_ext = torch.cat([c, torch.tensor([shared_tokens])])
-        fpl = pl.with_shared_expert
-        q, _, cert = quotas_ref(fpl, c_ext, sweeps)
-        _, _, n_sw = split_fixed(fpl, c_ext, sweeps)
-        q = q.reshape(pl.num_ranks, -1)
+        q = q[0].reshape(pl.num_ranks, -1)
         assert torch.equal(out["quotas"].cpu(), q[:, :-1].reshape(-1))
         assert torch.equal(out["shared_q"].cpu(), q[:, -1])
     flags = out["flags"].cpu().tolist()
-    assert bool(flags[0]) == cert
+    assert bool(flags[0]) == bool(cert)
     if pl.has_replicas or shared_tokens is not None and pl.num_ranks > 1:
-        assert flags[1] == n_sw
+        assert flags[1] == int(n_sw)
+    # counters: one call, one solve, uncertified iff not certified, the sweeps, the gap
+    gap = int(bound_gap(fpl, c_ext, fpl.rank_loads(qf), spec))
+    assert gap >= 0
+    assert out["wf"][2:8].cpu().tolist() == [1, 1, int(not cert), flags[1], gap, int(gap >= 1 << SCALE_BITS)]
     assert int(out["acc_after"].abs().sum()) == 0  # accumulators cleaned for the next call
     assert torch.equal(out["counts"].cpu(), c)
 
@@ -57,7 +65,7 @@ def test_plan_matches_reference(device, seed):
     _check(pl, c, sweeps, shared, device)
 
 
-@pytest.mark.parametrize("shared", [None, 0, 17])
+@pytest.mark.parametrize("shared", [None, 17])
 def test_plan_edge_cases(device, shared):
     # no replicas; one rank; all tokens on one replicated expert; empty batch
     cases = [
@@ -73,27 +81,54 @@ def test_plan_edge_cases(device, shared):
 
 
 def test_plan_slow_instance_flags_uncertified(device):
-    """An instance needing many sweeps: capped, flagged uncertified, still bit-identical."""
+    """An instance needing 14 sweeps to certify: capped, flagged uncertified (and counted), still bit-identical."""
     p2l = torch.tensor([0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 0])  # a ring: every expert links two ranks
     pl = Placement(p2l, 6, 6)
-    c = torch.tensor([1000, 1, 1, 1, 1, 1])
+    c = torch.tensor([1, 1000, 1000, 1, 5, 1000])
     for sweeps in (1, 2, 40):
         _check(pl, c, sweeps, None, device)
-
-
-def random_table(rng, pl):
-    """Split fractions per copy: each expert's copies sum to 1 (float noise included)."""
-    w = torch.tensor([rng.random() ** 2 for _ in range(pl.num_physical)], dtype=torch.float64)
-    p2l = pl.phy2log[0]
-    tot = torch.zeros(pl.num_logical, dtype=torch.float64).scatter_add_(0, p2l, w)
-    return w / tot[p2l]
+    out = plan_quotas(pl.to(device), c.to(device), max_sweeps=1)
+    assert int(out["flags"][0]) == 0 and int(out["wf"][4]) == 1 and int(out["wf"][6]) > 0
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_plan_table_matches_reference(device, seed):
+def test_plan_table_is_the_cores_table_rounding(device, seed):
+    """Table mode: ``objective.table_units`` + ``round_fixed``, no polish: the core's own
+    ``table_quotas`` (float path) bit for bit, including tables where every copy ties."""
     rng = random.Random(2000 + seed)
     pl = random_placement(rng)
     c = _counts(rng, pl.num_logical, ["uniform", "skewed", "hot", "zero"][seed % 4])
-    f = random_table(rng, pl)
+    f = random_table(rng, pl) if seed % 2 else 1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64)
     out = plan_quotas(pl.to(device), c.to(device), split_table=f.to(device))
-    assert torch.equal(out["quotas"].cpu(), table_quotas_ref(pl, f, c))
+    assert torch.equal(out["quotas"].cpu(), table_quotas(pl, f, c))
+    assert out["wf"][2:4].cpu().tolist() == [1, 0]  # a call, no solve
+
+
+# ------------------------------------------------------------------------------------------------
+# The certificate's rank order (the key collision at R in 129..255)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _rank_order_probe(load_ptr, out_ptr, R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr):
+    r = tl.arange(0, RB)
+    load = tl.load(load_ptr + r, mask=r < R, other=0)
+    sk = tl.sort(_rank_keys(load, R, RB, RBITS), dim=0)
+    tl.store(out_ptr + r, tl.where(sk < (1 << 62), sk & (RB - 1), -1))  # -1: a padding lane
+
+
+@pytest.mark.parametrize("R", [5, 130, 255])
+def test_certificate_rank_order_with_idle_ranks(device, R):
+    """``_certify`` walks the ranks in the order "load desc, rank asc" decoded from sorted keys,
+    padding lanes last. With R in 129..255 (RB = 256, RBITS = 8) the old key of an idle rank,
+    ``(2**54 - 0) << 8 | rank``, sorted *behind* the padding lanes, so the prefixes took padding
+    (decoded as rank 0, counted again) for idle ranks; the kernel's certificate then disagreed
+    with ``reference.certificate``. Checked directly on the key construction the kernel uses:
+    running the whole plan kernel at R >= 129 in the interpreter would take minutes, and a wrong
+    certificate needs loads near the 2**53 limit to show in the quotas."""
+    RB = triton.next_power_of_2(R)
+    gen = torch.Generator().manual_seed(R)
+    load = torch.randint(0, 4, (R,), generator=gen) * (1 << 40)  # many idle ranks, many ties
+    load[torch.randint(R, (1,), generator=gen)] = (1 << 53) - 1  # the documented maximum
+    out = torch.empty(RB, dtype=torch.int64, device=device)
+    _rank_order_probe[(1,)](load.to(device), out, R=R, RB=RB, RBITS=max(RB.bit_length() - 1, 1))
+    want = sorted(range(R), key=lambda r: (-int(load[r]), r))
+    assert out.cpu().tolist() == want + [-1] * (RB - R)

@@ -1,77 +1,186 @@
-"""The plugin's CUDA seam (moe_lb_kernels.seam) keeps joint.balance_layer's contract (interpreter)."""
+"""The kernel seam (``moe_lb_kernels.seam``) against the core chain, in every mode v1 runs.
 
-import os
+* bit for bit against ``reference_layer`` (the core chain with the kernels' fixed-point steps),
+  local sync on one rank and global sync on D ranks (each rank's ``stats`` row is the core's
+  ``local_stats``; the rows are stacked as the all-gather would; the union of every rank's
+  physical ids meets the global quotas exactly);
+* in table mode and Waterfill alone there is no per-batch solve: bit for bit against the core's
+  float path (``chain.balance_layer`` with ``FLOAT_STEPS``), what the CPU serves;
+* modes v1 does not implement are refused with a reason; the kernel-set registry.
+"""
+
+import random
+import zlib
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from moe_lb_kernels import seam
+from moe_lb_kernels.reference import reference_layer
+from sglang_moe_lb import BalanceMode, Placement
+from sglang_moe_lb.chain import balance_layer, local_stats
+from sglang_moe_lb.objective import FLOAT_STEPS
 
-from moe_lb_kernels import seam  # noqa: E402
-from sglang_moe_lb import Placement, balance_layer, routed_rank_load  # noqa: E402
-from sglang_moe_lb.plugin import hot_path  # noqa: E402
+from .helpers import batch, random_placement, random_table, v1_modes
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _case(seed):
-    g = torch.Generator().manual_seed(seed)
-    E, R, S = 12, 4, 4
-    p2l = torch.cat([torch.arange(E), torch.randint(0, E, (R * S - E,), generator=g)])[torch.randperm(R * S, generator=g)]
-    topk = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(40)])
-    return Placement(p2l.to(DEV), R, E), topk.to(DEV)
+MODES = v1_modes()
+NO_SOLVE = [m for m in MODES if not m.per_batch]  # table and Waterfill alone
 
 
-@pytest.mark.parametrize("waterfill", [None, "all_rank", "conservative"])
-def test_seam_matches_core_contract(waterfill):
-    pl, topk = _case(0)
-    got = seam.balance_layer(pl, topk, waterfill=waterfill)
-    ref = balance_layer(pl, topk, waterfill=waterfill)
-    assert torch.equal(pl.phy2log[0][got.phys_ids.long()], topk)
-    assert torch.equal(torch.bincount(got.phys_ids.reshape(-1).long(), minlength=pl.num_physical), got.quotas.long())
-    R, S = pl.num_ranks, pl.slots_per_rank
-
-    def max_load(res):
-        load = routed_rank_load(res.phys_ids.long(), R, S)
-        if res.shared_rank is not None:
-            load = load + torch.bincount(res.shared_rank.long(), minlength=R)
-        return int(load.max())
-
-    assert max_load(got) == max_load(ref)  # both exact: the same optimum
+def _assert_same(got, ref, what=""):
+    assert torch.equal(got.phys_ids.long(), ref.phys_ids.long()), f"phys_ids {what}"
+    assert (got.shared_rank is None) == (ref.shared_rank is None), what
+    if ref.shared_rank is not None:
+        assert torch.equal(got.shared_rank, ref.shared_rank), f"shared_rank {what}"
+    assert (got.quotas is None) == (ref.quotas is None), what
+    if ref.quotas is not None:
+        assert torch.equal(got.quotas, ref.quotas), f"quotas {what}"
+    assert bool(got.certified) == bool(ref.certified), f"certified {what}"
 
 
-def test_seam_follows_a_new_placement_and_a_larger_batch():
-    pl, topk = _case(1)
-    seam.balance_layer(pl, topk[:10])
-    pl2, topk2 = _case(2)
-    res = seam.balance_layer(pl2, torch.cat([topk2] * 10))  # 400 rows > the first buffers
-    assert torch.equal(pl2.phy2log[0][res.phys_ids.long()], torch.cat([topk2] * 10))
+def _run_ranks(pl, mode, ids, phys, table, device, K):
+    """Every source rank's path: (dispatch per rank, gathered rows or None)."""
+    D = len(ids)
+    paths = [seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=d, device=device, split_table=table)
+             for d in range(D)]
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    gathered = None
+    if mode.collective:
+        rows = []
+        for d in range(D):
+            row = paths[d].stats(dev(ids[d]), dev(phys[d])).clone()
+            assert row.dtype == torch.int32
+            assert torch.equal(row.cpu(), local_stats(pl, ids[d], mode, phys[d]))
+            rows.append(row)
+        gathered = torch.stack(rows)
+    outs = [paths[d](dev(ids[d]), gathered=gathered, phys_ids=dev(phys[d])) for d in range(D)]
+    return outs, None if gathered is None else gathered.cpu()
 
 
-@pytest.mark.parametrize("waterfill", [None, "all_rank"])
-def test_seam_dynamic_union_meets_global_quotas(waterfill):
-    # Two DP ranks; gathered rows come from the core's local_stats, as in the plugin.
-    from sglang_moe_lb import local_stats
-
-    pl, topk = _case(3)
-    parts = [topk[:25], topk[25:]]
-    R, S, E = pl.num_ranks, pl.slots_per_rank, pl.num_logical
-    gathered = torch.zeros(R, E + R + 1, dtype=torch.long, device=DEV)
-    for d, part in enumerate(parts):
-        gathered[d] = local_stats(part, E, R, S)
-    union = torch.zeros(pl.num_physical, dtype=torch.long, device=DEV)
-    quotas = None
-    for d, part in enumerate(parts):
-        res = seam.balance_layer(pl, part, source_rank=d, waterfill=waterfill, gathered=gathered)
-        assert torch.equal(pl.phy2log[0][res.phys_ids.long()], part)
-        union += torch.bincount(res.phys_ids.reshape(-1).long(), minlength=pl.num_physical)
-        quotas = res.quotas.long().clone() if quotas is None else quotas
-        assert torch.equal(res.quotas.long(), quotas)
-    assert torch.equal(union, quotas)
+def _cpu(res):
+    return type(res)(res.phys_ids.cpu(), None if res.shared_rank is None else res.shared_rank.cpu(),
+                     None if res.quotas is None else res.quotas.cpu(), res.certified.cpu())
 
 
-def test_hot_path_picks_the_seam_on_cuda_only():
-    assert hot_path.impl("cpu").name == "core-torch"
-    if torch.cuda.is_available():
-        assert hot_path.impl("cuda").balance_layer is seam.balance_layer
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("seed", range(3))
+def test_seam_matches_reference(device, mode, seed):
+    rng = random.Random(zlib.crc32(repr((mode.name, seed)).encode()))
+    pl = random_placement(rng, min_ranks=2 if mode.collective else 1, max_ranks=4)
+    K = rng.choice([1, 2, 3])
+    D = rng.randint(1, pl.num_ranks) if mode.collective else 1
+    ids, phys = batch(rng, mode, pl, D, K)
+    if mode.collective and seed == 0:
+        ids = [x.to(torch.int32) for x in ids]  # SGLang's dtype
+        phys = [None if x is None else x.to(torch.int32) for x in phys]
+    table = random_table(rng, pl) if mode.lplb == "table" else None
+    src0 = 0 if mode.collective else rng.randrange(pl.num_ranks)
+    outs, gathered = _run_ranks(pl, mode, ids, phys, table, device, K) if mode.collective else (None, None)
+    if not mode.collective:
+        path = seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=src0, device=device, split_table=table)
+        outs = [path(ids[0].to(device), phys_ids=None if phys[0] is None else phys[0].to(device))]
+    union = torch.zeros(pl.num_physical, dtype=torch.long)
+    for d, out in enumerate(outs):
+        out = _cpu(out)
+        assert out.phys_ids.dtype == ids[d].dtype
+        ref = reference_layer(pl, ids[d], mode, source_rank=d if mode.collective else src0, split_table=table,
+                              gathered=gathered, phys_ids=phys[d])
+        _assert_same(out, ref, f"rank {d}")
+        p = out.phys_ids.reshape(-1).long()
+        union += torch.bincount(p[p >= 0], minlength=pl.num_physical)
+    if mode.lplb != "off":
+        # global sync: all ranks hold the same global quotas and together meet them exactly;
+        # local sync: this rank's tokens meet its own quotas
+        assert all(torch.equal(o.quotas.cpu(), outs[0].quotas.cpu()) for o in outs)
+        assert torch.equal(union, outs[0].quotas.cpu())
+
+
+@pytest.mark.parametrize("mode", NO_SOLVE, ids=str)
+def test_seam_matches_core_float_path(device, mode):
+    """No per-batch solve: the kernels equal what the CPU path serves, bit for bit."""
+    rng = random.Random(zlib.crc32(repr(("float", mode.name)).encode()))
+    for _ in range(2):
+        pl = random_placement(rng, min_ranks=2, max_ranks=4)
+        K = rng.choice([2, 3])
+        D = pl.num_ranks if mode.collective else 1
+        ids, phys = batch(rng, mode, pl, D, K, sizes=(5, 17))
+        table = random_table(rng, pl) if mode.lplb == "table" else None
+        outs, gathered = _run_ranks(pl, mode, ids, phys, table, device, K)
+        for d, out in enumerate(outs):
+            ref = balance_layer(pl, ids[d], mode, source_rank=d, split_table=table, gathered=gathered,
+                                phys_ids=phys[d], steps=FLOAT_STEPS)
+            _assert_same(_cpu(out), ref, f"rank {d}")
+
+
+def test_table_ties_go_to_the_lowest_slot(device):
+    """Even fractions: the floor products tie, so ``objective.table_units`` gives the remainder unit
+    to the lowest slot, and largest remainder then prefers the lower slot: written out by hand."""
+    pl = Placement(torch.tensor([0, 1, 0, 2, 0, 3, 1, 4]), 4, 5)  # expert 0: slots 0, 2, 4; expert 1: 1, 6
+    mode = BalanceMode(lplb="table")
+    even = 1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64)
+    ids = torch.tensor([[0, 1]] + [[1, 2]] * 6 + [[3, 4]])  # expert 0: 1 token over 3 copies; expert 1: 7 over 2
+    path = seam.make_layer_path(pl, mode, max_tokens=16, topk=2, source_rank=0, device=device, split_table=even)
+    got = _cpu(path(ids.to(device)))
+    _assert_same(got, balance_layer(pl, ids, mode, split_table=even))
+    assert got.quotas[[0, 2, 4]].tolist() == [1, 0, 0]  # 1/3 each: floor leaves 1 unit, to slot 0
+    assert got.quotas[[1, 6]].tolist() == [4, 3]  # 3.5 each: lower slot first
+
+
+def test_tile_objective_is_refused():
+    mode = BalanceMode(lplb="per-batch", lplb_sync="global", objective="tiles")
+    ok, why = seam.supports(mode)
+    assert not ok and "tiles" in why and "token objective" in why
+    pl = Placement(torch.tensor([0, 1, 0, 2]), 2, 3)
+    with pytest.raises(ValueError, match="tiles"):
+        seam.make_layer_path(pl, mode, max_tokens=4, topk=1, source_rank=0, device="cpu")
+    assert all(seam.supports(m) == (True, "") for m in MODES)
+    assert not seam.supports(BalanceMode())[0]  # off: nothing to balance
+
+
+def test_version_attributes_and_registry(monkeypatch):
+    assert seam.KERNELS_VERSION == seam.DEFAULT_SET == "v1.1"
+    assert seam.CUDA_GRAPH_SAFE is True
+    assert "H200" in seam.VERIFIED_VERSIONS["v1"]
+    assert seam.kernel_set("v1.1").KERNELS_VERSION == "v1.1"
+    assert seam.DERIVED_FROM["v1.1"].startswith("v1 +")
+    monkeypatch.setenv(seam.ENV, "v9")
+    with pytest.raises(seam.KernelSetError, match="SGLANG_MOE_LB_KERNELS='v9': unknown kernel set"):
+        seam.selected_version()
+    monkeypatch.setitem(seam.KERNEL_SETS, "v9", "moe_lb_kernels._no_such_set")
+    with pytest.raises(seam.KernelSetError, match="kernel set 'v9' is not installed"):
+        seam.kernel_set()
+    monkeypatch.setitem(seam.KERNEL_SETS, "v9", "moe_lb_kernels.workload")  # importable, not a kernel set
+    with pytest.raises(seam.KernelSetError, match="lacks KERNELS_VERSION"):
+        seam.kernel_set()
+
+
+def test_bad_calls_and_updates_raise(device):
+    pl = Placement(torch.tensor([0, 1, 0, 2, 1, 3]), 3, 4)
+    glob = BalanceMode(lplb="per-batch", lplb_sync="global", objective="tokens")
+    loc = BalanceMode(lplb="per-batch", lplb_sync="local", objective="tokens")
+    path = seam.make_layer_path(pl, glob, max_tokens=8, topk=2, source_rank=1, device=device)
+    ids = torch.zeros(4, 2, dtype=torch.long, device=device)
+    row = path.stats(ids)
+    with pytest.raises(ValueError, match="int32"):
+        path(ids, gathered=torch.stack([row, row]).long())  # the old int64 rows
+    with pytest.raises(ValueError, match="gathered"):
+        path(ids)  # global sync needs the rows
+    with pytest.raises(ValueError, match="max_tokens"):
+        path(torch.zeros(9, 2, dtype=torch.long, device=device), gathered=torch.stack([row, row]))
+    local = seam.make_layer_path(pl, loc, max_tokens=8, topk=2, source_rank=0, device=device)
+    with pytest.raises(ValueError, match="no collective"):
+        local.stats(ids)
+    with pytest.raises(ValueError, match="no split table"):
+        local.set_split_table(torch.ones(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="built for"):
+        local.update_placement(Placement(torch.tensor([0, 1, 0, 2, 1, 3, 0, 2]), 4, 4))
+    with pytest.raises(ValueError, match="holds"):  # a copy count beyond the built capacity
+        local.update_placement(Placement(torch.tensor([0, 0, 0, 1, 2, 3]), 3, 4))
+    table = seam.make_layer_path(pl, BalanceMode(lplb="table"), max_tokens=8, topk=2, source_rank=0, device=device)
+    with pytest.raises(ValueError, match="split_table must be"):
+        table.set_split_table(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        table.set_split_table(torch.full((6,), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="single-layer"):
+        seam.make_layer_path(Placement(torch.tensor([[0, 1, 0, 2]] * 2), 2, 3), loc, max_tokens=4, topk=1,
+                             source_rank=0, device=device)

@@ -1,14 +1,16 @@
 """Triton kernels for sglang-moe-lb's per-batch hot path (import name ``moe_lb_kernels``).
 
-``LayerBalancer`` is the per-layer entry (preallocated, CUDA-graph capturable). Each kernel
-mirrors a core function, which stays the CPU path; ``reference`` holds the torch references
-the kernels match bit for bit. See docs/kernels.md.
+``seam.make_layer_path`` is the plugin's entry (one preallocated, CUDA-graph capturable
+``LayerPath`` per MoE layer; ``SGLANG_MOE_LB_KERNELS`` picks the kernel set, default the
+GPU-verified v1). ``LayerBalancer`` is v1's per-layer engine. Each kernel mirrors a core
+function, which stays the CPU path; ``reference`` is the core's chain with the kernels'
+fixed-point arithmetic, which the kernels match bit for bit. See docs/kernels.md.
 """
 
 from .balancer import LayerBalancer
-from .reference import DEFAULT_SWEEPS, balance_layer_ref, quotas_ref, split_fixed
+from .reference import DEFAULT_SWEEPS, V1_SPEC, reference_layer, split_fixed
 
-__all__ = ["LayerBalancer", "DEFAULT_SWEEPS", "balance_layer_ref", "quotas_ref", "split_fixed", "available"]
+__all__ = ["LayerBalancer", "DEFAULT_SWEEPS", "V1_SPEC", "reference_layer", "split_fixed", "available"]
 
 
 def available() -> bool:

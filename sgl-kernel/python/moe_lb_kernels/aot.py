@@ -25,7 +25,8 @@ def aot_compile_spec(spec: dict, arch: int = 90):
 def aot_compile_specs(specs: list[dict], arch: int = 90, timeout: float = 600.0,
                       pythonpath: str | None = None) -> list[dict]:
     """Compile specs in a fresh process without the interpreter; returns per-spec results
-    (``ok``, ``error``, ``regs``/``spills``/``shared`` where ptxas reports them)."""
+    (``ok``, ``error``, ``regs``/``local``/``shared``/``global_scratch``/``profile_scratch`` where
+    the compiler reports them)."""
     import json
     import os
     import subprocess
@@ -64,6 +65,9 @@ def _main(path: str) -> None:
             ck = aot_compile_spec(spec, job["arch"])
             res["ok"] = bool(ck.asm.get("cubin"))
             res["shared"] = int(getattr(ck.metadata, "shared", 0))
+            # scratch a launch asks Triton's allocator for: must be 0 for a call that allocates nothing
+            res["global_scratch"] = int(getattr(ck.metadata, "global_scratch_size", 0) or 0)
+            res["profile_scratch"] = int(getattr(ck.metadata, "profile_scratch_size", 0) or 0)
             try:  # registers / local memory from the cubin
                 import triton
 

@@ -2,46 +2,58 @@
 
 Everything is allocated in ``__init__``; ``__call__`` only launches kernels (no host sync,
 no allocation, no branch on data), so it can be captured in a CUDA graph and replayed.
-It computes exactly what ``moe_lb_kernels.reference.balance_layer_ref`` computes, which is
-the core's ``joint.balance_layer`` with the split in fixed point and at most
+It computes exactly what ``moe_lb_kernels.reference.reference_layer`` computes: the core's
+one chain (``sglang_moe_lb.chain.balance_layer``) with the split in fixed point and at most
 ``max_sweeps`` sweeps (see reference.py and docs/kernels.md).
 
-Launches per call (static mode):
+Modes are ``sglang_moe_lb.BalanceMode`` values (every one but the tile objective). Launches
+per call:
 
-=================================  =====================================================
-mode                               kernels
-=================================  =====================================================
-lplb, no replicated expert         C (static logical -> physical map): nothing else
-lplb                               A (count) -> B (split, quotas) -> C (dispatch)
-waterfill+lplb, all_rank           A -> B (joint split incl. shared expert) -> C
-waterfill+lplb, conservative       A -> B -> C (+ round 0) -> D x topk (rounds)
-waterfill (phys ids given)         A (routed loads) -> B (shared quotas) -> C [-> D x topk]
-=================================  =====================================================
+=====================================  =================================================
+mode                                   kernels
+=====================================  =================================================
+LPLB (per-batch tokens, or table)      A (count) -> B (split or table, quotas) -> C (dispatch)
+joint, all_rank                        A -> B (joint split incl. shared expert) -> C
+Waterfill conservative (any LPLB)      A -> B -> C (+ round 0) -> D x topk (rounds)
+Waterfill alone (phys ids given)       A (routed loads) -> B (shared quotas) -> C [-> D x topk]
+LPLB, built with ``static_only``       C (static logical -> physical map): nothing else
+=====================================  =================================================
 
-Dynamic mode (DP attention / global loads): ``local_stats`` runs A and writes this rank's
-stats row; the caller all-gathers the rows (one collective) and passes them to
-``__call__(..., gathered=...)``, which reduces them on device and runs B, C (and D).
+Global sync (``mode.collective``): ``local_stats`` runs A and writes this rank's int32
+``chain.local_stats`` row; the caller all-gathers the rows (one collective) and passes them
+to ``__call__(..., gathered=...)``, which counts its own per-block histograms again (A),
+reduces the rows on the device and runs B, C (and D).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from sglang_moe_lb import Placement
-from sglang_moe_lb.joint import LayerDispatch
+from sglang_moe_lb import BalanceMode, Placement
+from sglang_moe_lb.chain import LayerDispatch, stats_width
 
 from ._launch import launch
 from ._tables import LayerTables, next_pow2
 from .count import _count_kernel, block_tokens
 from .dispatch import _dispatch_kernel, _fuse_kernel, _wf_round_kernel
 from .plan import _gathered_kernel, _plan_kernel, _stats_kernel
-from .reference import DEFAULT_SWEEPS, SCALE_BITS, SLACK_UNITS, TOL_SHIFT
+from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT, V1_SPEC
 
-__all__ = ["LayerBalancer"]
+__all__ = ["LayerBalancer", "unsupported"]
 
-Mode = Literal["lplb", "waterfill", "waterfill+lplb"]
+COUNTERS = ("calls", "solves", "uncertified", "sweeps", "max_gap_units", "gaps_over_one_token")
+
+
+def unsupported(mode: BalanceMode) -> str | None:
+    """Why these kernels cannot run ``mode`` (None when they can)."""
+    if not isinstance(mode, BalanceMode):
+        return f"mode must be a BalanceMode, got {type(mode).__name__}"
+    if not mode.active:
+        return f"mode {mode.name} balances nothing"
+    if mode.objective == "tiles":
+        return (f"mode {mode.name}: the v1 kernels implement the token objective only "
+                "(objective=tiles runs on the core path, which cannot be captured in CUDA graphs)")
+    return None
 
 
 class LayerBalancer:
@@ -51,21 +63,19 @@ class LayerBalancer:
         placement: the EP placement (single-layer, or multi-layer with ``layer``).
         max_tokens: most tokens (rows of ``topk_ids``) any call will see on this rank.
         topk: routed experts per token (columns of ``topk_ids``).
-        mode: ``"lplb"`` (per-batch exact split + quota dispatch), ``"waterfill"`` (shared
-            expert placement on top of caller-given physical ids) or ``"waterfill+lplb"``.
+        mode: a ``BalanceMode`` (or its name); see ``unsupported`` for what is not covered.
+            Global sync (``mode.collective``) takes all-gathered rows (``local_stats`` +
+            ``gathered=``); local sync decides from this rank's tokens only.
         device: where the buffers live (CUDA; CPU works under ``TRITON_INTERPRET=1``).
         layer: which layer of a multi-layer placement.
-        candidates: Waterfill candidate ranks, ``"all_rank"`` or ``"conservative"``.
-        split: LPLB split of each batch: ``"per_batch"`` (exact solve, the core's
-            ``lplb="per_batch"``) or ``"table"`` (fractions installed with ``set_split_table``,
-            the core's ``lplb="table"``; the buffer starts as the even split).
         source_rank: this rank in the EP group.
-        dynamic: use all-gathered global stats (``local_stats`` + ``gathered=``) instead of
-            this rank's tokens only.
         max_sweeps: split sweep cap (stops earlier once the certificate holds).
-        polish_sweeps: integer polish sweep cap (the core's default 8).
+        polish_sweeps: integer polish sweep cap of the per-batch split (None: the v1 spec's 8).
+            Table mode never polishes (the core rounds a table without polish).
         max_rows / max_copies / max_colours: table capacities, so that later placements can
             be installed in place (``update_placement``) without re-capturing graphs.
+        static_only: LPLB on a placement without replicas as one light kernel (the static
+            logical -> physical map; no counts, no quotas). Off by default.
         plan_warps: warps of the single-CTA split kernel.
     """
 
@@ -74,49 +84,52 @@ class LayerBalancer:
         placement: Placement,
         max_tokens: int,
         topk: int,
-        mode: Mode = "lplb",
+        mode: BalanceMode | str,
         device: torch.device | str | None = None,
         *,
         layer: int = 0,
-        candidates: Literal["all_rank", "conservative"] = "all_rank",
-        split: Literal["per_batch", "table"] = "per_batch",
         source_rank: int = 0,
-        dynamic: bool = False,
-        max_sweeps: int = DEFAULT_SWEEPS,
-        polish_sweeps: int = 8,
+        max_sweeps: int = V1_SPEC.max_sweeps,
+        polish_sweeps: int | None = None,
         max_rows: int | None = None,
         max_copies: int | None = None,
         max_colours: int | None = None,
+        static_only: bool = False,
         plan_warps: int = 4,
     ):
-        if mode not in ("lplb", "waterfill", "waterfill+lplb"):
-            raise ValueError(f"mode must be 'lplb', 'waterfill' or 'waterfill+lplb', got {mode!r}")
-        if split not in ("per_batch", "table"):
-            raise ValueError(f"split must be 'per_batch' or 'table', got {split!r}")
-        if candidates not in ("all_rank", "conservative"):
-            raise ValueError(f"candidates must be 'all_rank' or 'conservative', got {candidates!r}")
+        mode = BalanceMode.parse(mode) if isinstance(mode, str) else mode
+        why = unsupported(mode)
+        if why:
+            raise ValueError(why)
         if max_tokens < 0 or topk < 1:
             raise ValueError("max_tokens must be >= 0 and topk >= 1")
         device = torch.device(device) if device is not None else placement.device
         pl = placement.layer(layer).to(device)
         if not 0 <= source_rank < pl.num_ranks:
             raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
+        if pl.num_ranks > 256:  # the certificate's sort keys hold 8 rank bits (plan.KEYPAD)
+            raise ValueError(f"the v1 kernels support at most 256 EP ranks, got {pl.num_ranks}")
+        table = mode.lplb == "table"
+        if table and polish_sweeps:
+            raise ValueError("table mode rounds without polish (the core's rule): polish_sweeps must be 0 or None")
         self.placement = pl
-        self.mode, self.candidates, self.dynamic = mode, candidates, dynamic
+        self.mode = mode
         self.source_rank = source_rank
         self.max_tokens, self.topk = max_tokens, topk
-        self.max_sweeps, self.polish_sweeps = max_sweeps, polish_sweeps
+        self.max_sweeps = max_sweeps
+        self.polish_sweeps = 0 if table else (V1_SPEC.polish_sweeps if polish_sweeps is None else polish_sweeps)
         self.plan_warps = plan_warps
         self.tables = LayerTables.build(pl, max_rows=max_rows, max_copies=max_copies, max_colours=max_colours)
         tb = self.tables
-        E, R, S, P = tb.E, tb.R, tb.S, pl.num_physical
-        self.lplb = mode in ("lplb", "waterfill+lplb")
-        self.wf = 0 if mode == "lplb" else (2 if candidates == "all_rank" else 1)
-        self.split = split
-        self.table_mode = self.lplb and split == "table"
-        self.joint = mode == "waterfill+lplb" and candidates == "all_rank" and not self.table_mode
-        # "lplb" without replicas is the static map: one light kernel, no counting, no split.
-        self.static_only = mode == "lplb" and not pl.has_replicas and max_rows is None
+        E, R, P = tb.E, tb.R, pl.num_physical
+        self.lplb = mode.lplb != "off"
+        self.wf = {None: 0, "conservative": 1, "all_rank": 2}[mode.waterfill]
+        self.table_mode = table
+        self.joint = mode.joint and mode.waterfill == "all_rank"
+        self.dynamic = mode.collective
+        if static_only and (mode.flag != "lplb" or pl.has_replicas):
+            raise ValueError("static_only needs mode lplb without Waterfill and a placement without replicas")
+        self.static_only = static_only
         self.BT = block_tokens(max_tokens, topk)
         self.KB = next_pow2(topk)
         self.max_blocks = max(1, -(-max_tokens // self.BT))
@@ -137,10 +150,12 @@ class LayerBalancer:
         self.qcum = torch.zeros(NEB, CB, **i32)
         self.shared_quotas = torch.zeros(RB, **i64)
         self.flags = torch.zeros(8, **i32)
-        self.wf_scalars = torch.zeros(8, **i64)
+        # [0:2] Waterfill scalars for the dispatch kernel, [2:8] counters (``COUNTERS``)
+        self.scalars = torch.zeros(8, **i64)
         self.routed_load = torch.zeros(RB, **i64)
         self.dp_off = torch.zeros(E, **i32)
-        self.stats = torch.zeros(E + R + 1, **i64)
+        self.stats_width = stats_width(pl, mode)
+        self.stats_row = torch.zeros(self.stats_width, **i32)
         self.caps = torch.zeros(topk + 1, RB + 1, **i64)
         nt = max(max_tokens, 1)
         self.pick = torch.zeros(nt, **i32)
@@ -149,7 +164,17 @@ class LayerBalancer:
         self.shared_rank_buf = torch.zeros(nt, **i64)
         self.phys_buf = torch.zeros(nt, topk, **i32)
         self._dummy = torch.zeros(8, **i32)
-        self.split_table = (1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64)).to(device)
+        self.split_table = torch.zeros(P, dtype=torch.float64, device=device)
+        self._even_table(pl)
+
+    def _even_table(self, pl: Placement) -> None:
+        self.split_table.copy_(1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64))
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every device tensor the balancer owns, by name (kernels read and write only these)."""
+        own = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        own.update({f"tables.{k}": v for k, v in vars(self.tables).items() if isinstance(v, torch.Tensor)})
+        return own
 
     def set_split_table(self, fractions: torch.Tensor) -> None:
         """Install split fractions ``[P]`` (each expert's copies sum to 1) in place.
@@ -167,27 +192,30 @@ class LayerBalancer:
         """Install a new placement in place (same capacities; raises ValueError otherwise).
 
         Host-to-device copies only: call it between graph replays, never inside a capture.
+        The split table goes back to the even split until ``set_split_table``.
         """
         pl = placement.layer(layer).to(self.placement.device)
         if self.static_only and pl.has_replicas:
             raise ValueError("this balancer was built for a placement without replicas; build a new one")
         self.tables.fill(pl)
         self.placement = pl
-        self.split_table.copy_(1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64))  # even until set
+        self._even_table(pl)
 
-    # -- phase 1 of dynamic mode ------------------------------------------------------------------
+    # -- phase 1 of global sync -------------------------------------------------------------------
     def local_stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's ``joint.local_stats`` row ``[E + R + 1]`` int64 (a view of an internal buffer).
+        """This rank's ``chain.local_stats`` row: int32 ``[stats_width]`` (a view of an internal buffer).
 
-        Dynamic mode only. ``phys_ids`` is required in ``"waterfill"`` mode. The caller
-        all-gathers these rows (``[D, E + R + 1]``, D = EP size) and passes them to
+        Global sync only. ``phys_ids`` is required for Waterfill alone. The caller all-gathers
+        these rows (``[D, stats_width]``, D = EP size) and passes them to
         ``__call__(..., gathered=...)`` with the same ``topk_ids``.
         """
+        if not self.dynamic:
+            raise ValueError(f"mode {self.mode.name} has no collective (local_stats is for global sync)")
         self._check_ids(topk_ids, phys_ids)
         self._launch_count(topk_ids, phys_ids)
         tb = self.tables
-        launch(_stats_kernel, (1,), self.acc, self.stats, E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, ROUTED=not self.lplb)
-        return self.stats
+        launch(_stats_kernel, (1,), self.acc, self.stats_row, E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, ROUTED=not self.lplb)
+        return self.stats_row
 
     # -- the per-layer entry ------------------------------------------------------------------------
     def __call__(
@@ -208,32 +236,33 @@ class LayerBalancer:
         Args:
             topk_ids: logical ids (-1 = padding), int32 or int64, ``T <= max_tokens``.
             out_phys_ids: ``[T, topk]`` output for the physical ids (default: internal int32 buffer).
-            phys_ids: ``[T, topk]`` physical ids from the upstream mapping (``"waterfill"`` mode).
-            gathered: ``[D, E + R + 1]`` all-gathered ``local_stats`` rows (dynamic mode).
+            phys_ids: ``[T, topk]`` physical ids from the upstream mapping (Waterfill alone).
+            gathered: ``[D, stats_width]`` int32 all-gathered ``local_stats`` rows (global sync).
             out_shared_rank: ``[T]`` int64 output for the shared-expert rank (Waterfill modes).
             topk_weights / out_fused_ids / out_fused_weights / shared_weight: optionally also
                 write ``waterfill.fuse_topk``'s ``[T, topk + 1]`` layout.
         Returns:
-            ``LayerDispatch(phys_ids, shared_rank, quotas)`` of views into the outputs; the
-            quotas are only current in modes that split (``"lplb"`` with replicas,
-            ``"waterfill+lplb"``). ``self.flags[0]`` is 1 when the split was certified
-            optimal, ``flags[1]`` the sweeps it ran.
+            ``LayerDispatch(phys_ids, shared_rank, quotas)`` of views into the outputs
+            (``certified`` is left at its default: read ``flags[0]``, 1 when the per-batch split
+            was certified optimal; ``flags[1]`` the sweeps it ran).
         """
         self._check_ids(topk_ids, phys_ids)
         if self.dynamic != (gathered is not None):
-            raise ValueError("pass gathered= exactly when the balancer was built with dynamic=True")
+            raise ValueError(f"mode {self.mode.name}: pass gathered= exactly with global sync")
         if out_fused_ids is not None and (self.wf == 0 or topk_weights is None or out_fused_weights is None):
             raise ValueError("fused output needs a Waterfill mode, topk_weights and out_fused_weights")
         T = topk_ids.shape[0]
         if out_phys_ids is None:
-            out_phys_ids = self.phys_buf[:T] if self.mode != "waterfill" else phys_ids
+            out_phys_ids = self.phys_buf[:T] if self.lplb else phys_ids
         shared = out_shared_rank if out_shared_rank is not None else self.shared_rank_buf[:T]
         if self.static_only:
             self._step_dispatch(topk_ids, out_phys_ids, None, shared)
             return LayerDispatch(out_phys_ids, None, None)
-        if gathered is None:
-            self._launch_count(topk_ids, phys_ids)
-        else:
+        # The per-block histograms the dispatch needs come from this call's own count, so the
+        # call does not depend on how (or whether) ``local_stats`` ran; with global sync the
+        # gathered rows then overwrite the totals.
+        self._launch_count(topk_ids, phys_ids)
+        if gathered is not None:
             self._step_gathered(gathered)
         self._step_plan()
         self._step_dispatch(topk_ids, out_phys_ids, phys_ids, shared)
@@ -244,15 +273,15 @@ class LayerBalancer:
             self._step_fuse(phys, topk_weights, shared, out_fused_ids, out_fused_weights, shared_weight)
         return LayerDispatch(phys, shared if self.wf else None, self.quotas if self.lplb else None)
 
+    def counters(self) -> dict[str, int]:
+        """The device-side counters accumulated since construction (reads the device: a sync)."""
+        return dict(zip(COUNTERS, self.scalars[2:8].tolist()))
+
     def launches_per_call(self) -> int:
         """Kernel launches of one static-mode ``__call__`` (without the optional fused output)."""
         if self.static_only:
             return 1
         return 3 + (self.topk if self.wf == 1 else 0)
-
-    def reset(self) -> None:
-        """Zero the count accumulators (only needed after an interrupted call; not graph work)."""
-        self.acc.zero_()
 
     # -- the steps (each one kernel launch) ---------------------------------------------------------
     def _common(self) -> dict:
@@ -261,19 +290,23 @@ class LayerBalancer:
 
     def _step_gathered(self, gathered: torch.Tensor) -> None:
         tb = self.tables
-        if gathered.dim() != 2 or gathered.shape[1] != tb.E + tb.R + 1 or gathered.dtype != torch.int64:
-            raise ValueError(f"gathered must be int64 [D, {tb.E + tb.R + 1}], got {gathered.dtype} {list(gathered.shape)}")
-        W = tb.E + tb.R + 1
+        W = self.stats_width
+        if (gathered.dim() != 2 or gathered.shape[1] != W or gathered.dtype != torch.int32
+                or not 1 <= gathered.shape[0] <= tb.R or not gathered.is_contiguous()):
+            raise ValueError(f"gathered must be contiguous int32 [ranks <= {tb.R}, {W}] local_stats rows, "
+                             f"got {gathered.dtype} {list(gathered.shape)}")
+        if self.source_rank >= gathered.shape[0]:
+            raise ValueError(f"source_rank {self.source_rank} out of range for {gathered.shape[0]} gathered rows")
         BC = 256
-        launch(_gathered_kernel, (-(-W // BC),),
+        launch(_gathered_kernel, (-(-(W - 1) // BC),),
                gathered, gathered.shape[0], self.acc, self.dp_off, self.source_rank,
-               E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8)
+               E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8, ROUTED=not self.lplb)
 
     def _step_plan(self) -> None:
         tb = self.tables
         launch(_plan_kernel, (1,),
                *tb.plan_args(), self.split_table, self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
-               self.wf_scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
+               self.scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
                E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
                SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
                CBITS=tb.CB.bit_length() - 1, RBITS=max(tb.RB.bit_length() - 1, 1),
@@ -288,7 +321,7 @@ class LayerBalancer:
         launch(_dispatch_kernel, (max(1, -(-T // self.BT)),),
                topk_ids, out_phys_ids if lplb else self._dummy, phys_ids if phys_ids is not None else topk_ids, T,
                tb.rep_id, tb.log2phys0, tb.rep_slot, tb.rep_expert, self.qcum, self.rephist, self.dp_off,
-               self.vcount, self.wf_scalars, self.caps, shared, self.pick, self.todo, self.hists,
+               self.vcount, self.scalars, self.caps, shared, self.pick, self.todo, self.hists,
                self.source_rank, E=tb.E, NEB=tb.NEB, CB=tb.CB, CBITS=tb.CB.bit_length() - 1, LPLB=lplb,
                DYNAMIC=self.dynamic and not self.static_only, WF=0 if self.static_only else self.wf,
                **self.chb, **self._common())
@@ -332,9 +365,9 @@ class LayerBalancer:
             raise ValueError(f"{topk_ids.shape[0]} tokens exceed max_tokens={self.max_tokens}")
         if not topk_ids.is_contiguous():
             raise ValueError("topk_ids must be contiguous")
-        if self.mode == "waterfill":
+        if not self.lplb:
             if phys_ids is None or phys_ids.shape != topk_ids.shape or not phys_ids.is_contiguous():
-                raise ValueError("mode 'waterfill' needs contiguous phys_ids shaped like topk_ids")
+                raise ValueError(f"mode {self.mode.name} needs contiguous phys_ids shaped like topk_ids (SGLang's)")
 
     def _launch_count(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None) -> None:
         tb = self.tables
@@ -344,5 +377,5 @@ class LayerBalancer:
             topk_ids, phys_ids if phys_ids is not None else topk_ids, T, self.acc,
             tb.rep_expert, tb.rep_colour, self.rephist, self.vcount,
             K=self.topk, KB=self.KB, BT=self.BT, E=tb.E, EB=tb.EB, R=tb.R, RB=tb.RB, S=tb.S, NEB=tb.NEB,
-            COUNT=self.lplb or self.dynamic, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
+            COUNT=self.lplb, REP=self.lplb, ROUTED=not self.lplb, VALID=self.wf != 0 or self.dynamic,
         )

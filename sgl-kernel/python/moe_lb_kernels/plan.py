@@ -5,13 +5,19 @@ problem in registers: replicated experts as ``[NEB, CB]`` tiles (row = expert, c
 copy), rank loads as ``[RB]``. It mirrors, step for step:
 
 * ``reference.split_fixed``: the core's block-coordinate water-filling
-  (``quota_dispatch._integer_block_step`` in fixed point), colours in the core's order,
-  stopping after the first sweep whose integer certificate (the core's ``lower_bound``)
+  (``quota_dispatch.integer_block_step`` in fixed point), colours in the core's order,
+  stopping after the first sweep whose integer certificate (the core's prefix lower bound)
   holds, at most ``max_sweeps`` sweeps;
-* ``reference.largest_remainder_fixed`` and the core's ``_polish`` + keep-if-not-worse
-  (``integer_quotas``);
+* ``objective.round_fixed`` (largest remainder in fixed point) and the core's ``polish``
+  with every sweep applied and keep-if-not-worse (``reference.FixedPointSteps``);
+* table mode: ``objective.table_units`` then ``round_fixed`` (the caller passes
+  ``polish_sweeps=0``: a table is rounded without polish, as in the core);
 * ``waterfill.shared_quotas`` (float64, same operations in the same order) and the
   per-rank numbers ``assign_shared`` derives from the quotas.
+
+It also accumulates diagnostic counters (calls, solves, uncertified solves, sweeps, the
+largest certificate gap) in ``scalars[2:8]`` on the device; the host reads them off the
+critical path (``LayerBalancer.counters``).
 
 All integer arithmetic is exact in any reduction order, so results are bit-identical on
 any GPU and in the Triton interpreter. Nothing here reads a host value at run time: the
@@ -27,7 +33,11 @@ from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
 
 BIG = tl.constexpr(1 << 62)  # larger than any (count + loads) // k
 PADK = tl.constexpr(1 << 60)  # sorts after every real fixed-point load (< 2**53)
-KEYPAD = tl.constexpr(1 << 54)  # certificate keys: (KEYPAD - load) << RBITS | rank
+# Certificate keys: (KEYPAD - load) << RBITS | rank. KEYPAD must exceed every load (< 2**53)
+# and keep every real key below BIGKEY for RBITS <= 8 (R <= 256): (2**53 << 8) | 255 < 2**62.
+# (With KEYPAD = 2**54 a rank of load 0 at RBITS = 8 had key 2**62 | rank >= BIGKEY, so for R in
+# 129..255 it sorted behind the padding lanes and the prefixes counted padding as rank 0.)
+KEYPAD = tl.constexpr(1 << 53)
 BIGKEY = tl.constexpr(1 << 62)  # sorts after every real key
 
 
@@ -130,16 +140,24 @@ def _sweep(ra, qs, load, crow, cs_sh, colour, colour_src_ptr, G, rankc, first, n
 
 
 @triton.jit
-def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
-             R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
-             SHARED_BLOCK: tl.constexpr, TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
-    """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact
-    integers; the core's ``lower_bound``). Ranks are ordered by (load desc, rank asc) via one sort."""
+def _rank_keys(load, R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr):
+    """Sort keys of the rank order "load desc, rank asc": ``[RB]`` int64, padding lanes last.
+
+    ``key & (RB - 1)`` is the rank; every real key is below ``BIGKEY`` (see ``KEYPAD``)."""
+    r = tl.arange(0, RB)
+    return tl.where(r < R, ((KEYPAD - load) << RBITS) | r.to(tl.int64), BIGKEY)
+
+
+@triton.jit
+def _prefix_num(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
+                R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+                SHARED_BLOCK: tl.constexpr):
+    """Numerators of the core's prefix lower bound: ``[RB]``, entry ``k - 1`` = fixed load of the
+    ``k`` heaviest ranks (load desc, rank asc; one sort) + every expert whose copies all lie among
+    them. ``num[k - 1] / k`` bounds the max load of any split from below (exact integers)."""
     r = tl.arange(0, RB)
     rv = r < R
-    m = tl.max(tl.where(rv, load, -1), axis=0)
-    thr = m - ((m >> TOL_SHIFT_C) + SLACK)
-    key = tl.where(rv, ((KEYPAD - load) << RBITS) | r.to(tl.int64), BIGKEY)
+    key = _rank_keys(load, R, RB, RBITS)
     sk = tl.sort(key, dim=0)  # sk[k-1] = key of the k-th rank in the order
     sr = (sk & (RB - 1)).to(tl.int32)
     num = tl.cumsum(tl.where(rv, tl.gather(fixed_s, sr, 0), 0), axis=0)
@@ -148,8 +166,36 @@ def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
     num = num + tl.sum(tl.where(cont, crow_s[None, :], 0), axis=1)
     if SHARED_BLOCK:
         num = num + tl.where(r == R - 1, cs_sh, 0)
+    return num
+
+
+@triton.jit
+def _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
+             R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+             SHARED_BLOCK: tl.constexpr, TOL_SHIFT_C: tl.constexpr, SLACK: tl.constexpr):
+    """1 when some "top-k ranks by load" set proves max(load) optimal within tolerance (exact
+    integers; ``reference.certificate``)."""
+    r = tl.arange(0, RB)
+    rv = r < R
+    m = tl.max(tl.where(rv, load, -1), axis=0)
+    thr = m - ((m >> TOL_SHIFT_C) + SLACK)
+    num = _prefix_num(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB, SHARED_BLOCK)
     ok = rv & (num >= (r + 1).to(tl.int64) * thr)
     return tl.max(ok.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
+         R: tl.constexpr, RB: tl.constexpr, RBITS: tl.constexpr, NEB: tl.constexpr, CB: tl.constexpr,
+         SHARED_BLOCK: tl.constexpr):
+    """``max(load) - max_k floor(num_k / k)``: how far the split may be above the optimum, in
+    fixed-point units (``reference.bound_gap``; >= 0, ~0 when certified)."""
+    r = tl.arange(0, RB)
+    rv = r < R
+    m = tl.max(tl.where(rv, load, -1), axis=0)
+    num = _prefix_num(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB, SHARED_BLOCK)
+    best = tl.max(tl.where(rv, num // (r + 1).to(tl.int64), 0), axis=0)
+    return m - best
 
 
 @triton.jit(do_not_specialize=["src_rank", "max_sweeps", "polish_sweeps"])
@@ -166,7 +212,8 @@ def _plan_kernel(
     qcum_ptr,  # [NEB, CB] int32: inclusive quota prefix per copy; the last copy holds INT32_MAX
     shared_q_ptr,  # [RB] int64
     flags_ptr,  # [8] int32: certified, sweeps, polish sweeps, polished kept
-    wf_ptr,  # [8] int64: keep[src], exclusive overflow prefix at src
+    wf_ptr,  # [8] int64 scalars: [0] keep[src], [1] exclusive overflow prefix at src (Waterfill);
+    #          [2:8] counters, accumulated: calls, solves, uncertified, sweeps, max gap units, gaps >= 1 token
     wf_vec_ptr,  # [RB + 1] int64: inclusive cumsum of spare (all_rank) or cap (conservative)
     routed_ptr,  # [RB] int64: routed load per rank
     src_rank, max_sweeps, polish_sweeps,
@@ -197,6 +244,8 @@ def _plan_kernel(
     tl.store(acc_ptr + EB + RB + r, tl.zeros([RB], tl.int32))
     tl.store(acc_ptr + EB + 2 * RB + tl.arange(0, 8), tl.zeros([8], tl.int32))
     tl.store(counts_ptr + e_idx, counts, mask=e_idx < E)
+    one = tl.full([1], 1, tl.int64)
+    tl.store(wf_ptr + 2 + tl.arange(0, 1), tl.load(wf_ptr + 2 + tl.arange(0, 1)) + one)  # calls
     if DYNAMIC:
         tok_src = tok_src_acc
     else:
@@ -273,6 +322,15 @@ def _plan_kernel(
                 cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
                                 SHARED_BLOCK, TOL_SHIFT_C, SLACK)
             q = _per_copy(ra, fr, mult, dup, valid)
+            # ---- counters (one program: plain read-modify-write) ---------------------------------
+            gap = _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB, SHARED_BLOCK)
+            c4 = tl.arange(0, 4)
+            ctr = tl.load(wf_ptr + 3 + c4)  # solves, uncertified, sweeps, max gap
+            inc = tl.where(c4 == 0, 1, tl.where(c4 == 1, (cert == 0).to(tl.int64), tl.where(c4 == 2, it.to(tl.int64), 0)))
+            ctr = tl.where(c4 == 3, tl.maximum(ctr, gap), ctr + inc)
+            tl.store(wf_ptr + 3 + c4, ctr)
+            big_gap = tl.load(wf_ptr + 7 + tl.arange(0, 1))
+            tl.store(wf_ptr + 7 + tl.arange(0, 1), big_gap + (gap >= (1 << SCALE_B)).to(tl.int64))
         # ---- largest remainder on the fixed-point split (larger remainder first, then lower slot) --
         fl = q >> SCALE_B
         short = crow - tl.sum(fl, axis=1)
@@ -286,7 +344,7 @@ def _plan_kernel(
             skey = tl.where(rv, ((MASK - (qs & MASK)) << RBITS) | r.to(tl.int64), BIGKEY)
             sthr = tl.sum(tl.where(r == tl.minimum(tl.maximum(sshort - 1, 0), RB - 1), tl.sort(skey, dim=0), 0), axis=0)
             qsi = tl.where(rv, sfl + ((sshort > 0) & (skey <= sthr)).to(tl.int64), 0)
-        # ---- integer polish (the core's _polish), kept unless it raises the max rank load ----------
+        # ---- integer polish (the core's ``polish``, every sweep), kept unless it raises the max rank load --
         ra_p = _rank_amounts(qi, nxt, first, maxm)
         load_i = fixed + _rep_rank_loads(ra_p, colour_src_ptr, G, RB, NC) + qsi
         q_prev = qi
@@ -368,34 +426,39 @@ def _plan_kernel(
 @triton.jit
 def _stats_kernel(acc_ptr, stats_ptr, E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr,
                   ROUTED: tl.constexpr):
-    """``joint.local_stats`` row ``[E + R + 1]`` int64 from the count accumulators; zeroes them."""
+    """``chain.local_stats`` row from the count accumulators, int32 ``[H + 1]``: H = E counts
+    per logical expert, or (``ROUTED``, Waterfill alone) R routed loads; then the tokens with a
+    valid route. Zeroes the accumulators."""
     e_idx = tl.arange(0, EB)
     r = tl.arange(0, RB)
-    counts = tl.load(acc_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int64)
-    routed = tl.load(acc_ptr + EB + r, mask=r < R, other=0).to(tl.int64)
-    n = tl.load(acc_ptr + EB + 2 * RB + tl.arange(0, 1)).to(tl.int64)
+    counts = tl.load(acc_ptr + e_idx, mask=e_idx < E, other=0)
+    routed = tl.load(acc_ptr + EB + r, mask=r < R, other=0)
+    n = tl.load(acc_ptr + EB + 2 * RB + tl.arange(0, 1))
     tl.debug_barrier()
     tl.store(acc_ptr + e_idx, tl.zeros([EB], tl.int32))
     tl.store(acc_ptr + EB + r, tl.zeros([RB], tl.int32))
     tl.store(acc_ptr + EB + RB + r, tl.zeros([RB], tl.int32))
     tl.store(acc_ptr + EB + 2 * RB + tl.arange(0, 8), tl.zeros([8], tl.int32))
-    tl.store(stats_ptr + e_idx, counts, mask=e_idx < E)
-    if not ROUTED:
-        routed = routed * 0
-    tl.store(stats_ptr + E + r, routed, mask=r < R)
-    tl.store(stats_ptr + E + R + tl.arange(0, 1), n)
+    if ROUTED:
+        tl.store(stats_ptr + r, routed, mask=r < R)
+        tl.store(stats_ptr + R + tl.arange(0, 1), n)
+    else:
+        tl.store(stats_ptr + e_idx, counts, mask=e_idx < E)
+        tl.store(stats_ptr + E + tl.arange(0, 1), n)
 
 
 @triton.jit(do_not_specialize=["D", "src_rank"])
 def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
                      E: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, BC: tl.constexpr,
-                     BD: tl.constexpr):
-    """Reduce all-gathered stats rows ``[D, E + R + 1]``: global counts, routed loads and tokens per
-    source into the accumulators; this rank's DP-attention offsets (exclusive prefix) per expert."""
-    W: tl.constexpr = E + R + 1
+                     BD: tl.constexpr, ROUTED: tl.constexpr):
+    """Reduce all-gathered int32 ``chain.local_stats`` rows ``[D, H + 1]`` (H = E, or R with
+    ``ROUTED``) into the accumulators: global counts and this rank's DP-attention offsets
+    (exclusive prefix over lower ranks) per expert, or global routed loads; tokens per source."""
+    H: tl.constexpr = R if ROUTED else E
+    W: tl.constexpr = H + 1
     pid = tl.program_id(0)
     c = pid * BC + tl.arange(0, BC)
-    cm = c < W
+    cm = c < H
     tot = tl.zeros([BC], tl.int64)
     off = tl.zeros([BC], tl.int64)
     for d0 in range(0, D, BD):
@@ -404,25 +467,30 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
         v = tl.load(g_ptr + d[:, None] * W + c[None, :], mask=m, other=0).to(tl.int64)
         tot += tl.sum(v, axis=0)
         off += tl.sum(tl.where((d < src_rank)[:, None], v, 0), axis=0)
-    # counts -> acc[0:E], routed -> acc[EB:EB+R]
-    tl.store(acc_ptr + c, tot.to(tl.int32), mask=c < E)
-    tl.store(dp_off_ptr + c, off.to(tl.int32), mask=c < E)
-    tl.store(acc_ptr + EB + (c - E), tot.to(tl.int32), mask=(c >= E) & (c < E + R))
-    # tokens per source rank: column E + R of row d -> acc[EB + RB + d]
+    if ROUTED:
+        tl.store(acc_ptr + EB + c, tot.to(tl.int32), mask=cm)
+    else:
+        tl.store(acc_ptr + c, tot.to(tl.int32), mask=cm)
+        tl.store(dp_off_ptr + c, off.to(tl.int32), mask=cm)
+    # tokens per source rank: column H of row d -> acc[EB + RB + d]
     if pid == 0:
         d = tl.arange(0, RB)
-        nt = tl.load(g_ptr + d * W + (E + R), mask=(d < D) & (d < R), other=0)
+        nt = tl.load(g_ptr + d * W + H, mask=(d < D) & (d < R), other=0)
         tl.store(acc_ptr + EB + RB + d, nt.to(tl.int32))
 
 
-def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16, polish_sweeps: int = 8,
-                num_warps: int = 4, split_table=None) -> dict:
+def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16,
+                polish_sweeps: int | None = None, num_warps: int = 4, split_table=None) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 
     ``pl`` single-layer placement, ``counts [E]``. With ``shared_tokens`` the shared expert
-    joins the split (joint waterfill+lplb, all_rank). Returns quotas ``[P]``, shared quotas
-    ``[R]``, flags (certified, sweeps, polish sweeps, polished kept), routed load ``[R]``.
+    joins the split (joint waterfill+lplb, all_rank). ``polish_sweeps`` None: 8 for the
+    per-batch split, 0 with ``split_table``. Returns quotas ``[P]``, shared quotas ``[R]``,
+    flags (certified, sweeps, polish sweeps, polished kept), routed load ``[R]``, the scalars
+    (``wf``: ``[2:8]`` are the counters) and the accumulators after the call.
     """
+    if polish_sweeps is None:
+        polish_sweeps = 0 if split_table is not None else 8
     import torch
 
     from ._launch import launch

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.testing.gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.e2e  # ~1 min: two spawned ranks import SGLang and run 6 modes
@@ -45,13 +46,13 @@ COMMON = ["--tp", "2", "--attn-dp-size", "2", "--moe-a2a-backend", "deepep",
           "--ep-num-redundant-experts", "2", "--enable-eplb", "--dtype", "float32"]
 MODES = {
     "off": ["--enable-waterfill"],  # SGLang's fused layout; the worker keeps the shared expert home
-    "waterfill/conservative/static": ["--moe-lb", "waterfill"],
-    "waterfill/conservative/dynamic": ["--moe-lb", "waterfill", "--moe-lb-waterfill-sync", "dynamic"],
-    "waterfill/all_rank/static": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank"],
-    "waterfill/all_rank/dynamic": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank",
-                                   "--moe-lb-waterfill-sync", "dynamic"],
-    "waterfill+lplb/all_rank/per-batch": ["--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch",
-                                          "--moe-lb-waterfill-candidates", "all_rank"],
+    "waterfill/conservative/local": ["--moe-lb", "waterfill"],
+    "waterfill/conservative/global": ["--moe-lb", "waterfill", "--moe-lb-waterfill-sync", "global"],
+    "waterfill/all_rank/local": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank"],
+    "waterfill/all_rank/global": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank",
+                                  "--moe-lb-waterfill-sync", "global"],
+    "waterfill+lplb/per-batch/global/tokens/all_rank": ["--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule",
+                                                        "per-batch", "--moe-lb-waterfill-candidates", "all_rank"],
 }
 TIMEOUT_S = 300
 
@@ -140,7 +141,7 @@ def test_off_layout_is_sglangs_home_rank_remap(ranks):
 
 def test_collectives(ranks):
     for mode, per_rank in ranks.items():
-        dynamic = mode.endswith("/dynamic") or mode.endswith("/per-batch")
+        dynamic = mode != "off" and BalanceMode.parse(mode).collective
         for r, res in enumerate(per_rank):
             want = len(BATCHES) if dynamic else 0  # one MoE layer, one all-gather per batch
             assert res["collectives"] == want, (mode, r, res["collectives"])

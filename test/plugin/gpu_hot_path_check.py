@@ -1,9 +1,9 @@
 """GPU check of the plugin's per-batch hot path (not a pytest file; needs CUDA, no SGLang).
 
 Run from the repository root: ``python test/plugin/gpu_hot_path_check.py``. For each call the
-forward path makes through ``plugin.hot_path.impl("cuda")`` (core torch functions unless
-``moe_lb_kernels`` provides them), on a DeepSeek-V3-sized layer (256 experts + 32 redundant,
-16 EP ranks, top-8):
+forward path makes through a layer path (``plugin.hot_path.make_layer_path`` on CUDA: the
+kernels where ``moe_lb_kernels`` runs the mode, else the core's torch chain), on a
+DeepSeek-V3-sized layer (256 experts + 32 redundant, 16 EP ranks, top-8):
 
 1. host synchronisations (``torch.cuda.set_sync_debug_mode``), which break CUDA-graph capture;
 2. whether the call can be captured in a CUDA graph and replayed to the same result;
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python")
 
 import torch  # noqa: E402
 
-from sglang_moe_lb import Placement, lp_split  # noqa: E402
+from sglang_moe_lb import BalanceMode, Placement, lp_split  # noqa: E402
 from sglang_moe_lb.plugin import hot_path  # noqa: E402
 
 E, RED, R, K = 256, 32, 16, 8
@@ -49,23 +49,30 @@ def make_case(T: int, dev):
     return pl, ids.to(torch.int32), table
 
 
-def calls(pl, ids, table, hp):
+MODES = ["waterfill/conservative/local", "waterfill/all_rank/local", "waterfill/conservative/global", "lplb/table",
+         "lplb/per-batch/global/tokens", "waterfill+lplb/per-batch/global/tokens/all_rank"]
+
+
+def calls(pl, ids, table) -> dict:
+    """name -> zero-argument call of one layer path (or ``fuse_topk``), as rank 3 of R."""
     dev = ids.device
-    phys = hp.balance_layer(pl, ids, lplb="table", split_table=table).phys_ids
-    rows = torch.stack([hp.local_stats(ids.roll(r, 0), E, R, S) for r in range(R)])
-    rows_ph = torch.stack([hp.local_stats(ids.roll(r, 0), E, R, S, phys_ids=phys.roll(r, 0)) for r in range(R)])
+    phys = hot_path.CoreLayerPath(pl, BalanceMode.parse("lplb/table"), max_tokens=ids.shape[0], topk=K,
+                                  source_rank=0, device=dev, split_table=table)(ids).phys_ids
     w = torch.rand(ids.shape, device=dev)
     shared = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
-    return {
-        "local_stats": lambda: hp.local_stats(ids, E, R, S),
-        "waterfill static conservative": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="conservative").shared_rank,
-        "waterfill static all_rank": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="all_rank").shared_rank,
-        "waterfill dynamic conservative": lambda: hp.balance_layer(pl, ids, lplb="off", phys_ids=phys, waterfill="conservative", gathered=rows_ph, source_rank=3).shared_rank,
-        "fuse_topk": lambda: hp.fuse_topk(phys, w, shared, S, 0.4)[0],
-        "lplb table": lambda: hp.balance_layer(pl, ids, lplb="table", split_table=table).phys_ids,
-        "lplb per-batch": lambda: hp.balance_layer(pl, ids, lplb="per_batch", gathered=rows, source_rank=3).phys_ids,
-        "joint per-batch all_rank": lambda: hp.balance_layer(pl, ids, lplb="per_batch", waterfill="all_rank", gathered=rows, source_rank=3).phys_ids,
-    }
+    out = {"fuse_topk": lambda: hot_path.fuse_topk(phys, w, shared, S, 0.4)[0]}
+    for name in MODES:
+        mode = BalanceMode.parse(name)
+        path = hot_path.make_layer_path(pl, mode, max_tokens=ids.shape[0], topk=K, source_rank=3, device=dev,
+                                        split_table=table if mode.lplb == "table" else None)
+        kw = {"phys_ids": phys} if mode.lplb == "off" else {}
+        gathered = None
+        if mode.collective:
+            gathered = torch.stack([path.stats(ids.roll(r, 0), phys.roll(r, 0) if kw else None) for r in range(R)])
+        pick = (lambda res: res.shared_rank) if mode.lplb == "off" else (lambda res: res.phys_ids)
+        out[name] = (lambda p=path, g=gathered, k=kw, f=pick: f(p(ids, gathered=g, **k)))
+        out[f"{name} stats"] = (lambda p=path, k=kw: p.stats(ids, k.get("phys_ids")))
+    return out
 
 
 def count_syncs(fn) -> int:
@@ -112,17 +119,17 @@ def time_ms(fn, reps=5) -> float:
 
 def main():
     dev = torch.device("cuda")
-    hp = hot_path.impl(dev)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": hp.name, "cases": {}}
+    impl = {name: hot_path.impl_name(dev, BalanceMode.parse(name)) for name in MODES}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": impl, "cases": {}}
     for T in (4096, 128):
         pl, ids, table = make_case(T, dev)
         case = {name: {"host_syncs": count_syncs(fn), "ms": round(time_ms(fn), 3)}
-                for name, fn in calls(pl, ids, table, hp).items()}
+                for name, fn in calls(pl, ids, table).items()}
         report["cases"][f"T={T}"] = case
         print(f"T={T}", json.dumps(case), flush=True)
     # Capture attempts last: a failed capture can leave the CUDA context unusable.
     graphs = {}
-    fns = calls(pl, ids, table, hp)
+    fns = calls(pl, ids, table)
     for name in ["fuse_topk"] + [n for n in fns if n != "fuse_topk"]:
         graphs[name] = try_graph(fns[name])
         print("cuda_graph", name, graphs[name], flush=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from sglang_moe_lb.testing.gloo_ranks import free_port  # noqa: F401 (re-exported for tests)
+from sglang_moe_lb.testing.gloo_ranks import free_port  # noqa: F401,E402 (re-exported for tests)
+from sglang_moe_lb.testing.windows import skewed_window  # noqa: E402
 
 TINY = Path(__file__).parent / "data" / "tiny_dsv3"
 E, K = 16, 4  # tiny_dsv3: routed experts, experts per token
@@ -20,13 +20,10 @@ def base_argv(*extra: str) -> list[str]:
 
 
 def all_targets() -> list[str]:
-    from sglang_moe_lb.plugin.hooks import LIGHT_HOOKS, runtime_hook_specs
-    from sglang_moe_lb.plugin.options import MoeLbOptions
+    """Every SGLang attribute the plugin may replace: the manifest's hooks and class attributes it sets."""
+    from sglang_moe_lb.plugin import manifest
 
-    full = MoeLbOptions(mode="waterfill+lplb", requested="waterfill+lplb", waterfill_sync="dynamic")
-    specs = runtime_hook_specs(dataclasses.replace(full, lplb_schedule="per-batch"), rank_invariant=False)
-    specs += runtime_hook_specs(full, rank_invariant=False)
-    return sorted({t for t, _, _ in list(LIGHT_HOOKS) + specs})
+    return sorted({h.target for h in manifest.HOOKS} | {a.target for a in manifest.WRITES if a.kind == "class"})
 
 
 def raw_attribute(target: str):
@@ -37,9 +34,7 @@ def raw_attribute(target: str):
 
 def window(seed: int = 0, steps: int = 8, layers: int = 4) -> torch.Tensor:
     """A skewed recorded window ``[steps, layers, E]`` so EPLB replicates the hot experts."""
-    g = torch.Generator().manual_seed(seed)
-    skew = torch.linspace(3.0, 0.2, E)[torch.randperm(E, generator=g)]
-    return (torch.rand(steps, layers, E, generator=g) * 100 * skew).to(torch.int64)
+    return skewed_window(E, steps, layers, seed)
 
 
 def make_topk(layer_id: int, waterfill: bool):

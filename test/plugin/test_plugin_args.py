@@ -13,7 +13,8 @@ import pytest
 import torch
 from plugin_helpers import TINY, base_argv
 
-from sglang_moe_lb.plugin.options import ERRORS, WARNINGS
+from sglang_moe_lb import BalanceMode
+from sglang_moe_lb.plugin.options import ERRORS, OPTIONS, WARNINGS
 
 EP4 = ["--tp", "4", "--ep-size", "4"]
 DEEPEP4 = ["--tp", "4", "--moe-a2a-backend", "deepep"]
@@ -47,9 +48,10 @@ def test_launch_server_help_lists_the_flag():
     """``python -m sglang.launch_server --help``: SGLang's own load_plugins() finds us."""
     out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
                          timeout=180).stdout
-    assert "--moe-lb {off,waterfill,lplb,waterfill+lplb}" in out
-    for flag in ("--moe-lb-waterfill-candidates", "--moe-lb-waterfill-sync", "--moe-lb-lplb-schedule"):
-        assert flag in out
+    assert "--moe-lb {off,lplb,waterfill,waterfill+lplb}" in out
+    for o in OPTIONS:
+        assert o.flag in out
+    assert "--moe-lb-lplb-schedule {table,per-batch}" in out and "--moe-lb-lplb-sync {local,global}" in out
 
 
 def test_sglang_serve_parses_the_flag():
@@ -63,13 +65,13 @@ def test_sglang_serve_parses_the_flag():
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2
     assert "sglang serve: error: argument --moe-lb: invalid choice: 'lpbl'" in proc.stderr
-    assert "[--moe-lb {off,waterfill,lplb,waterfill+lplb}]" in proc.stderr
+    assert "[--moe-lb {off,lplb,waterfill,waterfill+lplb}]" in proc.stderr
 
 
 def test_parse_lplb_and_carry_to_children(plugin):
     sa = parse("--moe-lb", "lplb", *EP4, *REDUNDANT)
     opts = sa._moe_lb
-    assert (opts.mode, opts.lplb_schedule) == ("lplb", "rebalance-only")
+    assert opts.mode == BalanceMode.from_flag("lplb") and opts.mode.flag == "lplb"
     assert sa.ep_dispatch_algorithm == "dynamic" and not sa.enable_waterfill
     child = pickle.loads(pickle.dumps(sa))  # how SGLang hands ServerArgs to spawned schedulers
     assert child._moe_lb == opts
@@ -78,13 +80,27 @@ def test_parse_lplb_and_carry_to_children(plugin):
 def test_parse_waterfill_turns_on_the_fused_layout(plugin):
     sa = parse("--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch",
                "--moe-lb-waterfill-candidates", "all_rank", *DEEPEP4, *REDUNDANT)
-    assert sa._moe_lb.joint and sa._moe_lb.waterfill_candidates == "all_rank"
+    assert sa._moe_lb.mode.joint and sa._moe_lb.mode.waterfill == "all_rank"
     assert sa.enable_waterfill
+
+
+@pytest.mark.parametrize("name", [
+    "lplb/table", "lplb/per-batch/local/tiles/gate", "lplb/per-batch/global/tokens",
+    "waterfill/all_rank/global", "waterfill+lplb/per-batch/local/tokens/conservative",
+    "waterfill+lplb/table/all_rank/local/gate",
+])
+def test_every_flag_reaches_the_mode(plugin, name):
+    """The flags of a mode (``mode_flags``) parse back to that mode: one vocabulary."""
+    from sglang_moe_lb.plugin.options import mode_flags
+
+    want = BalanceMode.parse(name)
+    flags = [*mode_flags(want), *(DEEPEP4 if want.waterfill else EP4), *REDUNDANT]
+    assert parse(*flags)._moe_lb.mode == want
 
 
 def test_default_is_off_and_changes_nothing(plugin):
     sa = parse(*EP4)
-    assert sa._moe_lb.mode == "off" and sa.ep_dispatch_algorithm is None and not sa.enable_waterfill
+    assert not sa._moe_lb.active and sa.ep_dispatch_algorithm is None and not sa.enable_waterfill
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -93,6 +109,12 @@ def test_default_is_off_and_changes_nothing(plugin):
      "argument --moe-lb-waterfill-sync: invalid choice: 'sometimes'"),
     (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "always"],
      "argument --moe-lb-lplb-schedule: invalid choice: 'always'"),
+    (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "rebalance-only"],  # the old spelling of 'table'
+     "argument --moe-lb-lplb-schedule: invalid choice: 'rebalance-only' (choose from 'table', 'per-batch')"),
+    (["--moe-lb", "lplb", "--moe-lb-tile-tokens", "96"], "argument --moe-lb-tile-tokens: invalid choice: 96"),
+    (["--moe-lb", "lplb", "--moe-lb-expected-gain", "2"],
+     "argument --moe-lb-expected-gain: expected a number in (0, 1], got '2'"),
+    (["--moe-lb", "lplb", "--moe-lb-gpu", "Z80"], "argument --moe-lb-gpu: invalid choice: 'Z80'"),
 ])
 def test_bad_values_exit(plugin, capsys, flags, needle):
     assert needle in expect_exit(capsys, *flags)
@@ -120,19 +142,25 @@ def test_lplb_without_redundant_experts_is_a_noop_with_warning(plugin, capsys):
     sa = parse("--moe-lb", "lplb", *EP4)
     sa2 = parse("--moe-lb", "waterfill+lplb", *DEEPEP4)
     log = capsys.readouterr().err
-    assert sa._moe_lb.mode == "off" and sa._moe_lb.requested == "lplb"
-    assert sa2._moe_lb.mode == "waterfill"
+    assert sa._moe_lb.mode.flag == "off" and sa._moe_lb.requested.flag == "lplb"
+    assert sa2._moe_lb.mode.flag == "waterfill"
     assert WARNINGS["no_redundant"].format(mode="lplb", rest="") in log
     assert WARNINGS["no_redundant"].format(mode="waterfill+lplb", rest="; Waterfill stays on") in log
 
 
 def test_ignored_sub_option_warns(plugin, capsys):
-    parse("--moe-lb", "lplb", "--moe-lb-waterfill-sync", "dynamic", *EP4, *REDUNDANT)
-    parse("--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-waterfill-sync", "static",
+    parse("--moe-lb", "lplb", "--moe-lb-waterfill-sync", "global", *EP4, *REDUNDANT)
+    parse("--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-waterfill-sync", "local",
           *DEEPEP4, *REDUNDANT)
+    parse("--moe-lb", "lplb", "--moe-lb-objective", "tiles", "--moe-lb-gpu", "H100", *EP4, *REDUNDANT)
+    parse("--moe-lb-lplb-sync", "local", *EP4)
     log = capsys.readouterr().err
     assert "--moe-lb-waterfill-sync is ignored with --moe-lb lplb: it only applies to Waterfill" in log
-    assert "--moe-lb-waterfill-sync is ignored with --moe-lb waterfill+lplb: per-batch LPLB" in log
+    assert ("--moe-lb-waterfill-sync is ignored with --moe-lb waterfill+lplb: with per-batch LPLB, Waterfill is "
+            "decided in the same split and shares --moe-lb-lplb-sync") in log
+    assert "--moe-lb-objective is ignored with --moe-lb lplb: it only applies to --moe-lb-lplb-schedule per-batch" in log
+    assert "--moe-lb-gpu is ignored with --moe-lb lplb: the cost model is only used by" in log
+    assert "--moe-lb-lplb-sync is ignored with --moe-lb off: the plugin is off" in log
 
 
 def _model_dir(tmp_path, **changes):
@@ -148,6 +176,14 @@ def test_usage_doc_lists_every_message():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
     for key, text in {**ERRORS, **WARNINGS}.items():
         assert text in doc, f"docs/usage.md does not list the {key!r} message"
+    for o in OPTIONS:  # every sub-option and each of its values
+        assert f"| `{o.flag}" in doc, o.flag
+        for c in o.choices or ():
+            assert f"`{c}`" in doc, (o.flag, c)
+    from sglang_moe_lb.mode import SERVER_DEFAULTS as d
+
+    today = [d["schedule"], d["lplb_sync"], d["objective"], d["candidates"], d["waterfill_sync"], "on" if d["gate"] else "off"]
+    assert "today " + ", ".join(f"`{v}`" for v in today) + ")" in doc, "docs/usage.md: the server defaults changed"
 
 
 def test_waterfill_on_a_model_without_shared_expert_exits(plugin, capsys, tmp_path):
@@ -169,24 +205,112 @@ def test_waterfill_on_a_family_without_fusion_exits(plugin, capsys, tmp_path):
     assert ERRORS["no_fusion_support"].format(mode="waterfill", arch="Qwen2MoeForCausalLM") in err
 
 
-@pytest.mark.parametrize("mode, flags", [("lplb", [*EP4, *REDUNDANT]), ("waterfill", DEEPEP4)])
-def test_cuda_graphs_need_kernels_or_disabled_graphs(plugin, capsys, mode, flags):
-    flags = ["--moe-lb", mode, "--device", "cuda", *flags]
-    err = expect_exit(capsys, *flags, resolve=True)
-    assert ERRORS["cuda_graph"].format(mode=mode) in err
+def _fake_seam(monkeypatch, **attrs):
+    """Point the plugin's kernel seam at a stand-in module (None: a seam that is not installed)."""
+    import types
+
+    from sglang_moe_lb.plugin import hot_path
+
+    name = "moe_lb_fake_seam_for_tests"
+    if attrs is None or attrs.get("absent"):
+        monkeypatch.setattr(hot_path, "KERNEL_MODULE", name + "_absent")
+        return
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(hot_path, "KERNEL_MODULE", name)
+
+
+def _make_path(*a, **k):
+    raise AssertionError("not built at start-up")
+
+
+CUDA_LPLB = ["--moe-lb", "lplb", "--device", "cuda", *EP4, *REDUNDANT]
+
+
+@pytest.mark.parametrize("seam, needle", [
+    (dict(absent=True), "moe_lb_fake_seam_for_tests_absent is not importable"),
+    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=False, make_layer_path=_make_path),
+     "(kernels v9) does not promise CUDA-graph safety (CUDA_GRAPH_SAFE is not True)"),
+    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+          supports=lambda m: (False, "no table schedule in this set")),
+     "(kernels v9) does not run lplb/table: no table schedule in this set"),
+])
+def test_cuda_graphs_refused_with_the_reason(plugin, capsys, monkeypatch, seam, needle):
+    """Issue 10 (d): the start-up check names why graphs cannot run and which flags turn them off."""
+    _fake_seam(monkeypatch, **seam)
+    err = expect_exit(capsys, *CUDA_LPLB, resolve=True)
+    assert "--moe-lb lplb with CUDA graphs in the decode phase: " in err and needle in err
+    assert "Turn those graphs off (--cuda-graph-backend-decode disabled)" in err
+    # Prefill graphs alone (decode off): the message names the prefill flag, not the decode one.
+    prefill = ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "breakable"]
+    err = expect_exit(capsys, *CUDA_LPLB, *prefill, resolve=True)
+    assert "in the prefill phase" in err and "(--cuda-graph-backend-prefill disabled)" in err
+    assert "--cuda-graph-backend-decode disabled)" not in err
+    both = ["--cuda-graph-backend-prefill", "breakable"]
+    err = expect_exit(capsys, *CUDA_LPLB, *both, resolve=True)
+    assert ("in the decode and prefill phase" in err and "--cuda-graph-backend-decode disabled and "
+            "--cuda-graph-backend-prefill disabled, or --disable-cuda-graph" in err)
     for off in (["--disable-cuda-graph"], ["--cuda-graph-backend-decode", "disabled"],
                 ["--cuda-graph-config", '{"decode": {"backend": "disabled"}}']):
-        sa = parse(*flags, *off)
+        sa = parse(*CUDA_LPLB, *off)
         sa.resolve_once()
-        assert sa._moe_lb.mode == mode
-    prefill_graph = ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "breakable"]
-    assert ERRORS["cuda_graph"].format(mode=mode) in expect_exit(capsys, *flags, *prefill_graph, resolve=True)
+        assert sa._moe_lb.mode.flag == "lplb"
+
+
+def test_cuda_graphs_accepted_when_the_kernels_promise_safety(plugin, monkeypatch):
+    """Issue 10 (d): graphs on (decode and prefill) start when the seam promises graph safety."""
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+               supports=lambda m: (True, ""))
+    sa = parse(*CUDA_LPLB, "--cuda-graph-backend-prefill", "breakable")
+    sa.resolve_once()
+    assert sa._moe_lb.mode == BalanceMode.from_flag("lplb")
+
+
+def test_redundant_expert_counts_are_checked(plugin, capsys):
+    err = expect_exit(capsys, "--moe-lb", "lplb", *EP4, "--ep-num-redundant-experts", "-4")
+    assert ERRORS["redundant_negative"].format(mode="lplb", n=-4) in err
+    err = expect_exit(capsys, "--moe-lb", "lplb", *EP4, "--ep-num-redundant-experts", "3", "--enable-eplb", resolve=True)
+    assert ERRORS["redundant_indivisible"].format(mode="lplb", experts=16, n=3, total=19, ranks=4, suggest=4) in err
+
+
+def test_cost_files_are_checked_at_start_up(plugin, capsys, tmp_path):
+    tiles = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-objective", "tiles", *EP4, *REDUNDANT]
+    err = expect_exit(capsys, *tiles, "--moe-lb-calibration", str(tmp_path / "nope.json"))
+    assert f"--moe-lb-calibration: {tmp_path / 'nope.json'}: no such calibration file" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    err = expect_exit(capsys, *tiles, "--moe-lb-calibration", str(bad))
+    assert f"--moe-lb-calibration: {bad}: not a calibration file" in err
+    err = expect_exit(capsys, *tiles, "--moe-lb-gate", "on", "--moe-lb-overheads", str(bad))
+    assert f"--moe-lb-overheads: {bad}: not a valid overheads table" in err
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"format": "sglang-moe-lb-calibration/1", "gpu": "test", "bandwidth": 1e12,
+                               "peak_flops": 1e14, "tile_tokens": 64}))
+    ov = tmp_path / "ov.json"
+    ov.write_text(json.dumps({"format": "sglang-moe-lb-overheads/1", "gpu": "t", "kernels_version": "t", "date": "d",
+                              "hot_path_us": {"waterfill/all_rank": {"1": 1.0}},
+                              "collective_us": {"intra_node": 1, "inter_node": 2, "ranks_per_node": 8}}))
+    err = expect_exit(capsys, *tiles, "--moe-lb-gate", "on", "--moe-lb-overheads", str(ov))
+    assert ERRORS["overheads_key"].format(path=ov, key="lplb/per-batch", known="waterfill/all_rank") in err
+    sa = parse(*tiles, "--moe-lb-calibration", str(cal), "--moe-lb-expected-gain", "0.1")
+    assert sa._moe_lb.cost.calibration["bandwidth"] == 1e12 and sa._moe_lb.cost.expected_gain == 0.1
+
+
+def test_cost_model_needs_the_expert_shape(plugin, capsys, tmp_path):
+    model = _model_dir(tmp_path, moe_intermediate_size=0, intermediate_size=0)
+    err = expect_exit(capsys, "--model-path", model, "--moe-lb", "lplb", "--moe-lb-gate", "on", *EP4, *REDUNDANT,
+                      resolve=True)
+    assert ERRORS["cost_model"].format(mode="lplb", detail="model config needs positive integer hidden_size and "
+                                       "moe_intermediate_size (or intermediate_size); got hidden_size=64, "
+                                       "moe_intermediate_size/intermediate_size=0") in err
 
 
 def test_ep_size_one_turns_the_plugin_off(plugin, capsys):
     sa = parse("--moe-lb", "lplb", "--ep-num-redundant-experts", "4")  # (SGLang's EPLB itself needs EP > 1)
     sa.resolve_once()
-    assert sa._moe_lb.mode == "off"
+    assert not sa._moe_lb.active
     assert WARNINGS["ep1"].format(mode="lplb") in capsys.readouterr().err
 
 

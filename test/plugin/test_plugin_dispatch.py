@@ -2,29 +2,41 @@
 
 Without an a2a backend every rank sees every token, so LPLB needs no collective and the
 counts it sees are global: the physical ids must meet the quotas exactly. Waterfill needs
-DeepEP (not importable on CPU; only its layout matters here) and runs ``static`` here;
-the dynamic modes are covered by ``test_plugin_multiprocess.py``.
+DeepEP (not importable on CPU; only its layout matters here) and runs with local sync here;
+the global-sync modes are covered by ``test_plugin_multiprocess.py``. Test ids are
+``BalanceMode`` names; the flags come from ``options.mode_flags``.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from plugin_helpers import E, K, make_topk
+from plugin_helpers import E, K, TINY, make_topk
 
-from sglang_moe_lb import Placement, balance_layer, fractions_to_split, integer_quotas, solve_split
+from sglang_moe_lb import BalanceMode, Placement, fractions_to_split, integer_quotas, solve_split
+from sglang_moe_lb.chain import balance_layer
+from sglang_moe_lb.cost import CostModel
+from sglang_moe_lb.plugin.options import mode_flags
 
 LPLB_EP4 = ["--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4", "--enable-eplb"]
 DEEPEP4 = ["--tp", "4", "--moe-a2a-backend", "deepep", "--ep-num-redundant-experts", "4", "--enable-eplb"]
 MOE_LAYERS = (1, 2, 3)  # tiny_dsv3: layer 0 is dense
 
-MODES = {
-    "lplb/rebalance-only": ["--moe-lb", "lplb", *LPLB_EP4],
-    "lplb/per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", *LPLB_EP4],
-    "waterfill/static/conservative": ["--moe-lb", "waterfill", *DEEPEP4],
-    "waterfill/static/all_rank": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank", *DEEPEP4],
-    "waterfill+lplb/rebalance-only": ["--moe-lb", "waterfill+lplb", *DEEPEP4],
-}
+MODES = [
+    "lplb/table",
+    "lplb/per-batch/global/tokens",
+    "lplb/per-batch/local/tiles",
+    "waterfill/conservative/local",
+    "waterfill/all_rank/local",
+    "waterfill+lplb/table/conservative/local",
+]
+
+
+def flags(name: str, *extra: str) -> list[str]:
+    mode = BalanceMode.parse(name)
+    return [*mode_flags(mode), *(DEEPEP4 if mode.waterfill else LPLB_EP4), *extra]
 
 
 def logical_batch(n: int, seed: int) -> torch.Tensor:
@@ -34,41 +46,48 @@ def logical_batch(n: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.multinomial(w, K, replacement=False, generator=g) for _ in range(n)]).to(torch.int32)
 
 
+def tiny_cost() -> CostModel:
+    return CostModel.for_model(TINY, gpu="H200", dtype="bf16")
+
+
 def expected_quotas(rt, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """The core's quotas for this batch (``joint.balance_layer`` is the oracle of the wiring)."""
-    plan = rt.plans[layer]
-    lplb = "per_batch" if rt.opts.per_batch else "table"
-    quotas = balance_layer(plan.placement, ids, lplb=lplb, split_table=plan.table).quotas
+    """The core's quotas for this batch (``chain.balance_layer`` is the oracle of the wiring),
+    cross-checked against the LP (token objective) or the installed table."""
+    st = rt.layers[layer]
+    mode = rt.mode
+    cost = tiny_cost() if mode.objective == "tiles" else None
+    quotas = balance_layer(st.placement, ids, mode, split_table=st.table, cost=cost).quotas
     counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
-    if lplb == "per_batch":
-        assert torch.equal(quotas, integer_quotas(plan.placement, solve_split(plan.placement, counts), counts))
-    else:  # the installed table, rounded
-        frac = fractions_to_split(plan.placement, plan.table, counts)
+    if mode.per_batch and mode.objective == "tokens":
+        assert torch.equal(quotas, integer_quotas(st.placement, solve_split(st.placement, counts), counts))
+    elif mode.lplb == "table":  # the installed table, rounded
+        frac = fractions_to_split(st.placement, st.table, counts)
         assert bool(((quotas - frac).abs() < 1).all())
     return quotas
 
 
-def ready(rank0, mode: str, topks=()):
-    """Publish ``mode`` as rank 0, build the metadata, run SGLang's prepare_moe_topk."""
+def ready(rank0, name: str, *extra: str, topks=()):
+    """Publish ``name`` as rank 0, build the metadata, run SGLang's prepare_moe_topk."""
     from sglang.srt.model_executor.model_runner_components import moe_ep_setup
 
     from sglang_moe_lb.plugin.runtime import get_runtime
 
-    sa, md, mc = rank0(*MODES[mode])
-    topks = list(topks) or [make_topk(layer, waterfill=sa._moe_lb.waterfill) for layer in MOE_LAYERS]
+    sa, md, mc = rank0(*flags(name, *extra))
+    topks = list(topks) or [make_topk(layer, waterfill=sa._moe_lb.mode.waterfill is not None) for layer in MOE_LAYERS]
     moe_ep_setup.prepare_moe_topk(model=torch.nn.ModuleList(topks), model_config=mc)
     rt = get_runtime()
-    assert rt is not None and rt.attached
+    assert rt is not None and rt.attached and rt.opts.mode == BalanceMode.parse(name)
     return rt, md, topks
 
 
-@pytest.mark.parametrize("mode", ["lplb/rebalance-only", "lplb/per-batch"])
-def test_dispatcher_maps_back_and_meets_quotas(rank0, mode):
+@pytest.mark.parametrize("name", ["lplb/table", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles"])
+def test_dispatcher_maps_back_and_meets_quotas(rank0, name):
     from sglang.srt.eplb import expert_location_dispatch as eld
 
-    rt, md, _ = ready(rank0, mode)
+    rt, md, _ = ready(rank0, name)
+    assert not rt.collective  # no a2a backend: the counts are already global
     for layer in MOE_LAYERS:
-        pl = rt.plans[layer].placement
+        pl = rt.layers[layer].placement
         assert pl.has_replicas
         assert torch.equal(pl.phy2log[0].cpu(), md.physical_to_logical_map_cpu[layer])
         info = eld.ExpertLocationDispatchInfo.init_new(layer)
@@ -83,28 +102,43 @@ def test_dispatcher_maps_back_and_meets_quotas(rank0, mode):
         assert torch.equal(eld.topk_ids_logical_to_physical(ids, info), phys)
 
 
-def test_rebalance_only_table_beats_even_split_on_its_window(rank0):
+def test_tile_objective_uses_the_full_tile_without_a2a(rank0):
+    """No a2a backend: this rank's tokens are the whole batch, so a 'local' tile split is the
+    global one (the full GEMM tile, not tile / R): few-token experts stay on one copy."""
+    rt, md, _ = ready(rank0, "lplb/per-batch/local/tiles")
+    assert rt.mode.lplb_sync == "global" and rt.cost is not None and rt.cost.tile_tokens == 128
+    from sglang.srt.eplb import expert_location_dispatch as eld
+
+    ids = logical_batch(40, seed=5)  # 160 entries over 16 experts: every expert below one tile
+    phys = eld.topk_ids_logical_to_physical(ids, eld.ExpertLocationDispatchInfo.init_new(1))
+    pl = rt.layers[1].placement
+    got = torch.bincount(phys.reshape(-1).long(), minlength=pl.num_physical)
+    active_copies = torch.zeros(E, dtype=torch.long).index_add_(0, pl.phy2log[0].cpu(), (got > 0).long())
+    assert bool((active_copies <= 1).all()), "an expert with less than one tile of tokens was split"
+
+
+def test_table_schedule_starts_from_the_init_window(rank0):
     """Start-up tables come from the scenario LP over the --init-expert-location window."""
     from plugin_helpers import window
 
     from sglang_moe_lb.lp_split import scenario_split
 
-    rt, md, _ = ready(rank0, "lplb/rebalance-only")
+    rt, md, _ = ready(rank0, "lplb/table")
     win = window(0)
     for layer in MOE_LAYERS:
-        plan = rt.plans[layer]
-        assert plan.source == "startup-scenario"
+        st = rt.layers[layer]
+        assert st.source == "startup-scenario"
         pl = Placement(md.physical_to_logical_map_cpu[layer], rt.num_ranks, E)
-        assert torch.allclose(plan.table.cpu(), scenario_split(pl, win[:, layer].double()))
+        assert torch.allclose(st.table, scenario_split(pl, win[:, layer].double()))
 
 
 def _unfuse(fused: torch.Tensor, S: int) -> torch.Tensor:
     return fused - torch.div(fused, S + 1, rounding_mode="floor")
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_topk_forward_shapes_and_layout(rank0, mode):
-    rt, md, topks = ready(rank0, mode)
+@pytest.mark.parametrize("name", MODES)
+def test_topk_forward_shapes_and_layout(rank0, name):
+    rt, md, topks = ready(rank0, name)
     S, R = rt.slots_per_rank, rt.num_ranks
     T = 40
     for tk in topks:
@@ -114,7 +148,7 @@ def test_topk_forward_shapes_and_layout(rank0, mode):
         out = tk.forward_native(torch.randn(T, 64, generator=g), logits)
         want_logical = torch.topk(torch.softmax(logits, -1), K, dim=-1).indices.sort(-1).values
         p2l = md.physical_to_logical_map[layer]
-        if not rt.opts.waterfill:
+        if rt.mode.waterfill is None:
             assert out.topk_ids.shape == (T, K) and out.topk_weights.shape == (T, K)
             assert torch.equal(p2l[out.topk_ids.long()].sort(-1).values, want_logical)
             continue
@@ -125,20 +159,18 @@ def test_topk_forward_shapes_and_layout(rank0, mode):
         assert bool((shared % (S + 1) == S).all()), "shared column is not a shared slot"
         shared_rank = shared // (S + 1)
         assert bool(((shared_rank >= 0) & (shared_rank < R)).all())
-        if rt.opts.waterfill_candidates == "conservative":
+        if rt.mode.waterfill == "conservative":
             visited = routed // (S + 1)
             ok = (shared_rank == rt.ep.rank) | (visited == shared_rank[:, None]).any(1)
             assert bool(ok.all()), "conservative Waterfill picked a rank the token does not visit"
         assert torch.allclose(out.topk_weights[:, K], torch.full((T,), 1 / 2.5))
-        if rt.opts.lplb:  # table dispatch under the Waterfill columns
-            assert torch.equal(p2l[_unfuse(routed, S)].long().sort(-1).values, want_logical)
 
 
-def test_waterfill_static_balances_against_local_loads(rank0):
-    """Static Waterfill is never worse than always-local for this rank's own tokens."""
+def test_local_waterfill_balances_against_local_loads(rank0):
+    """Local-sync Waterfill is never worse than always-local for this rank's own tokens."""
     from sglang_moe_lb import routed_rank_load
 
-    rt, md, topks = ready(rank0, "waterfill/static/all_rank")
+    rt, md, topks = ready(rank0, "waterfill/all_rank/local")
     S, R = rt.slots_per_rank, rt.num_ranks
     tk = topks[0]
     g = torch.Generator().manual_seed(7)
@@ -154,18 +186,32 @@ def test_waterfill_static_balances_against_local_loads(rank0):
 
 
 def test_off_touches_no_forward_path(plugin, gloo_world):
+    from plugin_helpers import base_argv
     from sglang.srt.runtime_context import SpawnRanks, publish
     from sglang.srt.server_args import prepare_server_args
 
-    from plugin_helpers import base_argv
-    from sglang_moe_lb.plugin.hooks import _ORIGINALS, LIGHT_HOOKS
+    from sglang_moe_lb.plugin import manifest
+    from sglang_moe_lb.plugin.hooks import _ORIGINALS
     from sglang_moe_lb.plugin.runtime import get_runtime
 
     sa = prepare_server_args(base_argv(*LPLB_EP4))
     sa.resolve_once()
     publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0))
     assert get_runtime() is None
-    assert set(_ORIGINALS) == {t for t, _, _ in LIGHT_HOOKS}
+    assert set(_ORIGINALS) == {h.target for h in manifest.hooks_for("light")}
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_hooks_installed_are_the_manifests(rank0, name):
+    """What a mode hooks is exactly what the manifest says it needs (no list rebuilt here)."""
+    from sglang_moe_lb.plugin import manifest
+    from sglang_moe_lb.plugin.hooks import _ORIGINALS
+
+    rt, _, _ = ready(rank0, name)
+    want = {h.target for h in manifest.hooks_for("light")}
+    want |= {h.target for h in manifest.hooks_for("forward", rt.opts.mode, rt.rank_invariant)}
+    assert set(_ORIGINALS) == want
+    assert ("sglang.srt.eplb.eplb_manager.EPLBManager.rebalance" in want) == (rt.mode.lplb == "table")
 
 
 def test_padded_rows_stay_padding(rank0):
@@ -173,7 +219,7 @@ def test_padded_rows_stay_padding(rank0):
     from sglang.srt.eplb import expert_location_dispatch as eld
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-    rt, md, _ = ready(rank0, "lplb/per-batch")
+    rt, md, _ = ready(rank0, "lplb/per-batch/global/tokens")
     ids = logical_batch(64, seed=3)
     info = eld.ExpertLocationDispatchInfo.init_new(1)
     n = torch.tensor(50)
@@ -182,3 +228,39 @@ def test_padded_rows_stay_padding(rank0):
     assert bool((phys[50:] == -1).all())
     got = torch.bincount(phys[:50].reshape(-1).long(), minlength=md.num_physical_experts)
     assert torch.equal(got, expected_quotas(rt, 1, ids[:50]))
+
+
+def _overheads(tmp_path, collective_us: float, hot_us: float) -> str:
+    path = tmp_path / "overheads.json"
+    path.write_text(json.dumps({
+        "format": "sglang-moe-lb-overheads/1", "gpu": "test", "kernels_version": "test", "date": "test",
+        "hot_path_us": {"lplb/per-batch": {"1": hot_us, "65536": hot_us}},
+        "collective_us": {"intra_node": collective_us, "inter_node": collective_us, "ranks_per_node": 8},
+    }))
+    return str(path)
+
+
+def test_gate_closed_runs_sglangs_own_mapping(rank0, tmp_path):
+    """No a2a backend: the gate decides on ceil(rows / EP) (the same on every rank); closed, the
+    ids are exactly SGLang's own (deterministic, rank-invariant) dynamic pick."""
+    from sglang.srt.eplb import expert_location_dispatch as eld
+
+    from sglang_moe_lb.gate import uniform_layer_time
+    from sglang_moe_lb.plugin.hooks import _ORIGINALS
+
+    cm = tiny_cost()
+    S = (E + 4) // 4
+    lo, hi = uniform_layer_time(cm, 25, K, S), uniform_layer_time(cm, 400, K, S)
+    assert lo < hi  # one tile per copy at 25 tokens per rank, several at 400
+    hot = (lo + hi) / 2  # expected gain 1.0: open where the modelled layer time beats the hot path
+    rt, md, _ = ready(rank0, "lplb/per-batch/global/tokens/gate", "--moe-lb-overheads", _overheads(tmp_path, 0.0, hot),
+                      "--moe-lb-expected-gain", "1")
+    assert rt.gate is not None
+    info = eld.ExpertLocationDispatchInfo.init_new(1)
+    sglang_pick = _ORIGINALS["sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical"][2]
+    small, big = logical_batch(100, seed=1), logical_batch(1600, seed=2)  # 25 and 400 tokens per EP rank
+    assert torch.equal(eld.topk_ids_logical_to_physical(small, info), sglang_pick(small, info))
+    got = eld.topk_ids_logical_to_physical(big, info)
+    assert not torch.equal(got, sglang_pick(big, info))
+    q = torch.bincount(got.reshape(-1).long(), minlength=md.num_physical_experts)
+    assert torch.equal(q, expected_quotas(rt, 1, big))

@@ -1,20 +1,24 @@
-"""SGLang plugin: ``--moe-lb {off,waterfill,lplb,waterfill+lplb}`` in ``sglang==0.5.23``.
+"""SGLang plugin: ``--moe-lb {off,lplb,waterfill,waterfill+lplb}`` in ``sglang==0.5.23``.
 
 Installed as the entry point ``moe_lb`` in group ``sglang.srt.plugins``; SGLang's
 ``load_plugins()`` calls ``register()`` once in every process (launcher, schedulers,
 detokenizer, ...). The plugin only translates between SGLang's objects and the core
-(``sglang_moe_lb.placement``, ``lp_split``, ``quota_dispatch``, ``waterfill``, ``joint``):
+(``mode``, ``chain``, ``table``, ``cost``, ``gate``):
 
-* ``options``     the flag, sub-options and start-up checks (no SGLang import)
-* ``cli_hooks``   argument hooks: parse, validate, carry to schedulers, activate
-* ``hooks``       every hooked SGLang target, registration, ``uninstall()``
-* ``runtime``     per-scheduler state: one plan (placement + split table) per layer
-* ``hot_path``    the single indirection to the per-batch functions (core torch, or kernels)
-* ``comm``        the one EP all-gather of the dynamic modes
+* ``options``        the flag and sub-options (from ``mode.BalanceMode``), every start-up check
+* ``manifest``       every SGLang touch point (hooks, attributes written and read) and its check
+* ``hooks``          registration from the manifest, ``uninstall()``
+* ``cli_hooks``      argument hooks and ``sglang.Engine(moe_lb=...)``: parse, validate, carry
+* ``activation``     scheduler start-up: the runtime and the forward-path hooks
+* ``forward_hooks``  the forward-path hooks, thin calls into the runtime
+* ``runtime``        per-scheduler state: one layer path per MoE layer, the gate, the collectives
+* ``hot_path``       the layer path (kernels on CUDA, the core's chain otherwise); CUDA-graph rule
+* ``comm``           the one int32 EP all-gather of the global-sync modes
 * ``waterfill_balancer``  our drop-in for SGLang's ``WaterfillBalancer`` on ``TopK``
-* ``rebalance``   HiGHS split tables inside the EPLB cycle (background thread, atomic install)
+* ``rebalance``      split tables inside the EPLB cycle (a generator advanced per forward pass)
+* ``doctor``         ``sglang-moe-lb doctor``
 
-Usage and every start-up error: docs/usage.md.
+Usage, every start-up error and the touch-point table: docs/usage.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ __all__ = ["register"]
 
 
 def register() -> None:
-    """Entry point: add the argument hooks (forward-path hooks come when a scheduler starts)."""
+    """Entry point: check and add the argument hooks (forward-path hooks come when a scheduler starts).
+
+    Exits the process with one line naming what is missing if the installed SGLang lacks
+    an argument-handling touch point (``manifest``)."""
     from .hooks import register_light_hooks
 
     register_light_hooks()

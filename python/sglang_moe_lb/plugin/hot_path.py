@@ -1,75 +1,185 @@
-"""The single seam between the plugin and the per-batch math.
+"""The single seam between the plugin and the per-batch math: one layer path per MoE layer.
 
-Every per-batch call the plugin makes goes through ``impl(device)``, which returns the
-functions for that device:
+A *layer path* (``LayerPath``, the contract in docs/usage.md and the kernels' ``seam.py``)
+owns what one MoE layer needs per batch on one rank. It is built at start-up (after model
+load, before CUDA-graph capture), updated in place at rebalance, and called per batch:
 
-* ``balance_layer(pl, topk_ids, **kw) -> LayerDispatch`` (signature of ``joint.balance_layer``)
-* ``local_stats(topk_ids, num_logical, num_ranks, slots_per_rank, phys_ids=None)``
-* ``fuse_topk(phys_ids, weights, shared_rank, slots_per_rank, shared_weight)``
+* ``stats(topk_ids, phys_ids=None)``: this rank's int32 row for the global-sync all-gather
+  (``chain.local_stats``);
+* ``__call__(topk_ids, *, gathered=None, phys_ids=None) -> LayerDispatch``
+  (``chain.balance_layer``);
+* ``update_placement(pl)`` / ``set_split_table(fractions)``: in place (``ValueError`` when a
+  placement does not fit the capacities chosen at build time: the caller rebuilds);
+* ``counters()``: diagnostics read off the critical path.
 
-The core's torch functions are the reference and the CPU path. The kernel package
-(import name ``moe_lb_kernels``, distribution ``sglang-moe-lb-kernels``; its module
-``moe_lb_kernels.seam``) becomes the CUDA path by exporting any of these three names with the same signature and semantics; the ones
-it does not export stay on the core. If it also sets ``CUDA_GRAPH_SAFE = True``, it promises
-that all three run without host synchronisation and read plans through fixed tensor
-addresses, and the start-up check then allows ``--moe-lb`` with CUDA graphs. (On an H200 the
-core path synchronises with the host in every call but ``fuse_topk``, so CUDA-graph capture
-fails: see docs/usage.md.) To swap the implementation, change
-``impl`` (or ``KERNEL_MODULE``): nothing else in the plugin names a per-batch function.
+``make_layer_path`` picks the implementation: on CUDA the kernel package's
+``moe_lb_kernels.seam.make_layer_path`` when it is importable, else ``CoreLayerPath`` (the
+core's torch chain with ``FLOAT_STEPS``; the CPU path and the CUDA fallback; it may allocate
+and synchronise). ``graph_safety()`` is the start-up rule for CUDA graphs: they are allowed
+only when the kernel seam is importable and sets ``CUDA_GRAPH_SAFE = True``.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import SimpleNamespace
+from typing import Protocol
 
 import torch
 
-from ..joint import balance_layer as _core_balance_layer
-from ..joint import local_stats as _core_local_stats
-from ..waterfill import fuse_topk as _core_fuse_topk
+from ..chain import LayerDispatch, balance_layer, local_stats
+from ..cost import CostModel
+from ..mode import BalanceMode
+from ..objective import FLOAT_STEPS
+from ..placement import Placement
+from ..table import even_table
+from ..waterfill import fuse_topk
 
-__all__ = ["impl", "kernels_graph_safe", "KERNEL_MODULE"]
+__all__ = ["LayerPath", "CoreLayerPath", "make_layer_path", "impl_name", "graph_safety", "fuse_topk", "KERNEL_MODULE"]
 
 KERNEL_MODULE = "moe_lb_kernels.seam"  # sgl-kernel/python/moe_lb_kernels/seam.py
-_NAMES = ("balance_layer", "local_stats", "fuse_topk")
-_CORE = SimpleNamespace(
-    name="core-torch",
-    balance_layer=_core_balance_layer,
-    local_stats=_core_local_stats,
-    fuse_topk=_core_fuse_topk,
-)
-_cache: dict[str, SimpleNamespace] = {}
+
+
+class LayerPath(Protocol):
+    mode: BalanceMode
+    max_tokens: int
+
+    def stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def __call__(self, topk_ids: torch.Tensor, *, gathered: torch.Tensor | None = None,
+                 phys_ids: torch.Tensor | None = None) -> LayerDispatch: ...
+
+    def update_placement(self, pl: Placement) -> None: ...
+
+    def set_split_table(self, fractions: torch.Tensor) -> None: ...
+
+    def counters(self) -> dict: ...
+
+
+class CoreLayerPath:
+    """``LayerPath`` over the core's chain (``chain.balance_layer`` with ``FLOAT_STEPS``).
+
+    Args:
+        pl: single-layer placement on ``device``. mode: what to do. max_tokens: rows of
+        ``topk_ids`` a call may see (informational here: the core path has no fixed buffers).
+        topk: routed experts per token. source_rank: this rank in the EP group (0 without an
+        a2a backend). cost: the cost model (tile objective). split_table: ``[P]`` fractions
+        (table mode; default the even split).
+    """
+
+    name = "core-torch"
+
+    def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int,
+                 device, cost: CostModel | None = None, split_table: torch.Tensor | None = None):
+        self.mode = mode
+        self.max_tokens = int(max_tokens)
+        self.topk = int(topk)
+        self.source_rank = int(source_rank)
+        self.device = torch.device(device)
+        self.cost = cost
+        self._calls = 0
+        self._uncertified = 0
+        self.pl = self._prepared(pl)
+        self.table = None
+        if mode.lplb == "table":
+            self.set_split_table(even_table(pl) if split_table is None else split_table)
+
+    def _prepared(self, pl: Placement) -> Placement:
+        if not pl.single_layer:
+            raise ValueError(f"a layer path needs a single-layer placement, got {pl}")
+        if pl.phy2log.device != self.device:
+            pl = pl.to(self.device)
+        if pl.has_replicas:  # build the lazily derived structures now, off the forward path
+            pl.replica_blocks  # noqa: B018
+            if self.mode.waterfill == "all_rank" and self.mode.per_batch:
+                pl.with_shared_expert.replica_blocks  # noqa: B018
+        return pl
+
+    def stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return local_stats(self.pl, topk_ids, self.mode, phys_ids=phys_ids)
+
+    def __call__(self, topk_ids: torch.Tensor, *, gathered: torch.Tensor | None = None,
+                 phys_ids: torch.Tensor | None = None) -> LayerDispatch:
+        res = balance_layer(self.pl, topk_ids, self.mode, source_rank=self.source_rank, split_table=self.table,
+                            gathered=gathered, phys_ids=phys_ids, cost=self.cost, steps=FLOAT_STEPS, check=False)
+        self._calls += 1
+        if not bool(res.certified):
+            self._uncertified += 1
+        return res
+
+    def update_placement(self, pl: Placement) -> None:
+        old = self.pl
+        if (pl.num_physical, pl.num_ranks, pl.num_logical) != (old.num_physical, old.num_ranks, old.num_logical):
+            raise ValueError(f"placement {pl} does not fit this layer path (built for {old})")
+        self.pl = self._prepared(pl)
+
+    def set_split_table(self, fractions: torch.Tensor) -> None:
+        f = torch.as_tensor(fractions).to(device=self.device, dtype=torch.float64).reshape(-1)
+        if f.numel() != self.pl.num_physical:
+            raise ValueError(f"split table has {f.numel()} entries, the placement {self.pl.num_physical} slots")
+        if self.table is None:
+            self.table = f.clone()
+        else:
+            self.table.copy_(f)  # same storage: what a captured graph would read
+
+    def counters(self) -> dict:
+        return {"calls": self._calls, "uncertified": self._uncertified}
 
 
 def _kernel_module():
+    """The kernel seam, or (None, why not)."""
     try:
-        return importlib.import_module(KERNEL_MODULE)
-    except ImportError:
-        return None
+        return importlib.import_module(KERNEL_MODULE), ""
+    except ImportError as err:
+        return None, f"{KERNEL_MODULE} is not importable ({type(err).__name__}: {err})"
 
 
-def impl(device: torch.device | str) -> SimpleNamespace:
-    """The per-batch functions for ``device``: kernels on CUDA where provided, else the core."""
-    dev_type = torch.device(device).type
-    got = _cache.get(dev_type)
-    if got is not None:
-        return got
-    got = _CORE
-    if dev_type == "cuda":
-        mod = _kernel_module()
-        provided = {n: getattr(mod, n) for n in _NAMES if mod is not None and callable(getattr(mod, n, None))}
-        if provided:
-            got = SimpleNamespace(name=f"{KERNEL_MODULE}+core", **{n: provided.get(n, getattr(_CORE, n)) for n in _NAMES})
-    _cache[dev_type] = got
-    return got
+def _kernels_for(mode: BalanceMode | None):
+    """The kernel seam if it exists and runs ``mode``, and why not otherwise: (module | None, reason)."""
+    mod, why = _kernel_module()
+    if mod is None:
+        return None, why
+    if not callable(getattr(mod, "make_layer_path", None)):
+        return None, f"{KERNEL_MODULE} provides no make_layer_path"
+    supports = getattr(mod, "supports", None)
+    if mode is not None and callable(supports):
+        ok, reason = supports(mode)
+        if not ok:
+            return None, f"{KERNEL_MODULE} (kernels {getattr(mod, 'KERNELS_VERSION', '?')}) does not run {mode.name}: {reason}"
+    return mod, ""
 
 
-def kernels_graph_safe() -> bool:
-    """Whether the kernel package provides all three functions and promises CUDA-graph safety."""
-    mod = _kernel_module()
-    return bool(
-        mod is not None
-        and all(callable(getattr(mod, n, None)) for n in _NAMES)
-        and getattr(mod, "CUDA_GRAPH_SAFE", False)
-    )
+def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
+                    cost: CostModel | None = None, split_table: torch.Tensor | None = None) -> LayerPath:
+    """The layer path for ``device``: the kernel seam on CUDA where it runs ``mode``, else the core."""
+    kw = dict(max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=device, cost=cost,
+              split_table=split_table)
+    if torch.device(device).type == "cuda":
+        mod, _ = _kernels_for(mode)
+        if mod is not None:
+            return mod.make_layer_path(pl, mode, **kw)
+    return CoreLayerPath(pl, mode, **kw)
+
+
+def impl_name(device, mode: BalanceMode | None = None) -> str:
+    """Which implementation ``make_layer_path`` uses on ``device`` (for the start-up log line)."""
+    if torch.device(device).type == "cuda":
+        mod, _ = _kernels_for(mode)
+        if mod is not None:
+            return f"{KERNEL_MODULE} (kernels {getattr(mod, 'KERNELS_VERSION', '?')})"
+    return CoreLayerPath.name
+
+
+def graph_safety(mode: BalanceMode | None = None) -> tuple[bool, str]:
+    """Whether ``--moe-lb`` (in ``mode``) may run under CUDA graphs, and the reason when it may not.
+
+    True only when the kernel seam is importable, provides ``make_layer_path``, runs ``mode``
+    (its ``supports``) and promises safety (``CUDA_GRAPH_SAFE is True``: no host sync or
+    allocation per call, in-place updates)."""
+    mod, why = _kernels_for(mode)
+    if mod is None:
+        return False, (f"the per-batch path would be the core's torch reference, which synchronises with the host "
+                       f"in every MoE layer and cannot be captured ({why})")
+    if getattr(mod, "CUDA_GRAPH_SAFE", False) is not True:
+        version = getattr(mod, "KERNELS_VERSION", "?")
+        return False, f"{KERNEL_MODULE} (kernels {version}) does not promise CUDA-graph safety (CUDA_GRAPH_SAFE is not True)"
+    return True, ""

@@ -1,11 +1,16 @@
 """The ``--moe-lb`` flag, its sub-options, and every start-up check on them.
 
-Nothing here imports SGLang: the checks read plain values (an ``argparse.Namespace`` before
-resolution, a small dict after it), so they can be tested and documented on their own.
-``cli_hooks`` feeds them SGLang's objects.
+The flags are derived from the core's one mode spec (``sglang_moe_lb.mode``): ``--moe-lb``
+takes ``mode.FLAGS``, each sub-option the matching choice tuple, and an absent sub-option
+means ``mode.SERVER_DEFAULTS`` (``BalanceMode.from_flag``). ``OPTIONS`` is the one table of
+sub-options; the CLI parser, ``sglang.Engine(moe_lb=..., moe_lb_...=...)`` keywords and the
+docs all read it.
 
-Errors are ``MoeLbConfigError`` (a ``ValueError``); the CLI hooks turn them into an
-argparse-style exit. Every message names the flags involved and says what to do;
+Nothing here imports SGLang: the checks read plain values (an ``argparse.Namespace`` or a
+``ServerArgs`` before resolution, a small dict after it), so they can be tested and
+documented on their own. ``cli_hooks`` feeds them SGLang's objects.
+
+Errors are ``MoeLbConfigError`` (a ``ValueError``) with one line naming the flag to change;
 ``ERRORS``/``WARNINGS`` hold them all (docs/usage.md lists them).
 """
 
@@ -13,62 +18,210 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Mapping
+
+from .. import mode as modes
+from ..cost import DTYPE_BYTES, GPUS, CostModelError, load_calibration
+from ..gate import DEFAULT_EXPECTED_GAIN, Overheads
+from ..mode import BalanceMode
 
 __all__ = [
-    "MODES",
+    "FLAG",
+    "OPTIONS",
+    "Option",
+    "CostSettings",
     "MoeLbOptions",
     "MoeLbConfigError",
     "ERRORS",
     "WARNINGS",
     "add_cli_flags",
+    "mode_flags",
+    "options_from_values",
     "options_from_namespace",
+    "pop_engine_kwargs",
     "check_raw_args",
     "check_resolved",
 ]
 
-Mode = Literal["off", "waterfill", "lplb", "waterfill+lplb"]
-MODES: tuple[str, ...] = ("off", "waterfill", "lplb", "waterfill+lplb")
-CANDIDATES = ("conservative", "all_rank")
-SYNCS = ("static", "dynamic")
-SCHEDULES = ("rebalance-only", "per-batch")
-
-DEFAULTS = {"waterfill_candidates": "conservative", "waterfill_sync": "static", "lplb_schedule": "rebalance-only"}
-
 FLAG = "--moe-lb"
-FLAG_CANDIDATES = "--moe-lb-waterfill-candidates"
-FLAG_SYNC = "--moe-lb-waterfill-sync"
-FLAG_SCHEDULE = "--moe-lb-lplb-schedule"
+TILE_CHOICES = (64, 128)
+DEFAULT_TILE = 128
+
+
+class MoeLbConfigError(ValueError):
+    """A ``--moe-lb`` configuration that cannot run; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The sub-options: one table for the parser, Engine keywords, "ignored" warnings and the docs
+# ---------------------------------------------------------------------------------------------
+def _positive_fraction(text) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
+def _tile(text) -> int:
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, TILE_CHOICES))}, got {text!r}") from None
+    if v not in TILE_CHOICES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, TILE_CHOICES))}, got {text!r}")
+    return v
+
+
+def _file(text) -> str:
+    if not isinstance(text, (str, os.PathLike)) or not str(text):
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}")
+    return str(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``--moe-lb-*`` sub-option.
+
+    key: the ``BalanceMode.from_flag`` keyword it feeds (mode options) or the ``CostSettings``
+    field (cost/gate options). applies: ``(mode) -> None`` when it matters for that mode, else
+    the reason it is ignored. parse: argparse ``type`` (raises ``ArgumentTypeError``).
+    """
+
+    flag: str
+    key: str
+    choices: tuple | None
+    help: str
+    applies: Callable[[BalanceMode], str | None]
+    parse: Callable[[Any], Any] = str
+    metavar: str | None = None
+    mode_option: bool = True
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+def _needs_lplb(m: BalanceMode) -> str | None:
+    return None if m.lplb != "off" else "it only applies to LPLB"
+
+
+def _needs_per_batch(m: BalanceMode) -> str | None:
+    if m.lplb == "off":
+        return "it only applies to LPLB"
+    return None if m.per_batch else "it only applies to --moe-lb-lplb-schedule per-batch"
+
+
+def _needs_waterfill(m: BalanceMode) -> str | None:
+    return None if m.waterfill is not None else "it only applies to Waterfill"
+
+
+def _needs_waterfill_sync(m: BalanceMode) -> str | None:
+    if m.waterfill is None:
+        return "it only applies to Waterfill"
+    if m.per_batch:
+        return "with per-batch LPLB, Waterfill is decided in the same split and shares --moe-lb-lplb-sync"
+    return None
+
+
+def _needs_cost(m: BalanceMode) -> str | None:
+    if not m.active:
+        return "the plugin is off"
+    return None if (m.objective == "tiles" or m.gate) else "the cost model is only used by --moe-lb-objective tiles and --moe-lb-gate on"
+
+
+def _needs_gate(m: BalanceMode) -> str | None:
+    if not m.active:
+        return "the plugin is off"
+    return None if m.gate else "it only applies to --moe-lb-gate on"
+
+
+def _gate_flag(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text in ("on", "off"):
+        return text == "on"
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def _choice(choices):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, choices))}, got {text!r}")
+        return text
+
+    return parse
+
+
+_D = modes.SERVER_DEFAULTS
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--moe-lb-lplb-schedule", "schedule", modes.SCHEDULES,
+           "LPLB: 'table' applies a split table solved by HiGHS at start-up and after each EPLB rebalance "
+           "(no communication on the forward path); 'per-batch' solves the exact split of each batch "
+           f"(default: {_D['schedule']}).", _needs_lplb, _choice(modes.SCHEDULES)),
+    Option("--moe-lb-lplb-sync", "lplb_sync", modes.SYNCS,
+           "Per-batch LPLB: 'global' all-gathers each rank's expert counts once per MoE layer (int32) and "
+           "splits the global counts; 'local' splits only this rank's own tokens, with no collective "
+           f"(default: {_D['lplb_sync']}).", _needs_per_batch, _choice(modes.SYNCS)),
+    Option("--moe-lb-objective", "objective", modes.OBJECTIVES,
+           "Per-batch LPLB: minimise the busiest rank's 'tokens', or its grouped-GEMM 'tiles' "
+           f"(uses the cost model's tile; default: {_D['objective']}).", _needs_per_batch, _choice(modes.OBJECTIVES)),
+    Option("--moe-lb-waterfill-candidates", "candidates", modes.CANDIDATES,
+           "Waterfill: ranks that may run a token's shared expert. 'conservative': only ranks the token "
+           "already visits, plus its own rank (no extra traffic); 'all_rank': any EP rank "
+           f"(default: {_D['candidates']}).", _needs_waterfill, _choice(modes.CANDIDATES)),
+    Option("--moe-lb-waterfill-sync", "waterfill_sync", modes.SYNCS,
+           "Waterfill without per-batch LPLB: 'local' balances against this rank's own tokens (no "
+           "communication); 'global' against the global rank loads, one all-gather over the EP group per "
+           f"MoE layer (default: {_D['waterfill_sync']}).", _needs_waterfill_sync, _choice(modes.SYNCS)),
+    Option("--moe-lb-gate", "gate", ("on", "off"),
+           "Skip balancing a batch (SGLang's own dispatch runs, and no collective) where the cost model "
+           "predicts less gain than the mode's overhead; decided from batch sizes every rank shares "
+           f"(default: {'on' if _D['gate'] else 'off'}).", lambda m: None if m.active else "the plugin is off",
+           _gate_flag),
+    Option("--moe-lb-gpu", "gpu", tuple(GPUS),
+           "Cost model: the GPU's datasheet numbers (default: detected from the device name, else H200 "
+           "with a logged note).", _needs_cost, _choice(tuple(GPUS)), mode_option=False),
+    Option("--moe-lb-dtype", "dtype", tuple(DTYPE_BYTES),
+           "Cost model: expert weight dtype (default: fp8 for an fp8-quantised model, else bf16).",
+           _needs_cost, _choice(tuple(DTYPE_BYTES)), mode_option=False),
+    Option("--moe-lb-calibration", "calibration_path", None,
+           "Cost model: a calibration file measured on this GPU (format in docs/cost-model.md); overrides "
+           "the datasheet numbers.", _needs_cost, _file, metavar="FILE", mode_option=False),
+    Option("--moe-lb-tile-tokens", "tile_tokens", TILE_CHOICES,
+           f"Cost model: the grouped GEMM's M-tile in tokens (default: the calibration file's, else {DEFAULT_TILE}).",
+           _needs_cost, _tile, mode_option=False),
+    Option("--moe-lb-overheads", "overheads_path", None,
+           "Gate: a table of measured hot-path and collective microseconds per mode (format of "
+           "sglang_moe_lb/data/overheads_h200.json, the default).", _needs_gate, _file, metavar="FILE",
+           mode_option=False),
+    Option("--moe-lb-expected-gain", "expected_gain", None,
+           f"Gate: the share of a layer's time balancing takes off, in (0, 1] (default: {DEFAULT_EXPECTED_GAIN}; "
+           "replay --batch-sweep measures it).", _needs_gate, _positive_fraction, metavar="FLOAT", mode_option=False),
+)
+OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 
 HELP_MODE = (
     "Dispatch-time MoE load balancing for expert parallelism (sglang-moe-lb plugin). "
     "'lplb' splits the tokens of every replicated expert over its copies so that the busiest "
-    "EP rank carries as little as possible: by default a split table that HiGHS computes at "
-    "start-up and after every EPLB rebalance (minimising the expected max rank load over the "
-    "recorded window), or, with --moe-lb-lplb-schedule per-batch, an exact solve of each batch; "
-    "it needs redundant experts (--ep-num-redundant-experts, usually with --enable-eplb). "
-    "'waterfill' runs each token's shared expert on a lightly loaded EP rank as one extra fused "
-    "top-k slot; it needs a model with a shared expert (DeepSeek-V3/R1 family) and "
+    "EP rank carries as little as possible (a split table per EPLB rebalance, or an exact split per "
+    "batch: --moe-lb-lplb-schedule); it needs redundant experts (--ep-num-redundant-experts, usually "
+    "with --enable-eplb). 'waterfill' runs each token's shared expert on a lightly loaded EP rank as "
+    "one extra fused top-k slot; it needs a model with a shared expert (DeepSeek-V3/R1 family) and "
     "--moe-a2a-backend deepep. 'waterfill+lplb' does both. Replaces, and cannot be combined with, "
     "--enable-waterfill and --ep-dispatch-algorithm lp. Default: off."
 )
-HELP_CANDIDATES = (
-    "Waterfill: ranks that may run a token's shared expert. 'conservative' (default): only ranks "
-    "the token already visits, plus its own rank (no extra traffic); 'all_rank': any EP rank."
-)
-HELP_SYNC = (
-    "Waterfill without per-batch LPLB: 'static' (default) balances against this rank's own tokens, "
-    "no communication; 'dynamic' balances against the global rank loads with one all-gather over "
-    "the EP group per MoE layer (every rank joins, idle DP-attention ranks included)."
-)
-HELP_SCHEDULE = (
-    "LPLB: 'rebalance-only' (default) applies the split table solved at start-up and after each "
-    "EPLB rebalance (no communication on the forward path); 'per-batch' counts each batch, "
-    "all-gathers the counts once per MoE layer over the EP group, solves the exact split and "
-    "dispatches by integer quotas."
-)
 
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------------
 ERRORS = {
     "upstream_waterfill": (
         "--moe-lb {mode} cannot be combined with SGLang's own --enable-waterfill: both would drive "
@@ -88,6 +241,15 @@ ERRORS = {
         "--moe-lb {mode} runs the shared expert as a fused MoE slot, so it cannot be combined with "
         "--disable-shared-experts-fusion. Remove that flag, or use --moe-lb lplb."
     ),
+    "redundant_negative": (
+        "--moe-lb {mode}: --ep-num-redundant-experts must be >= 0 (got {n}). Set it to 0 (no replicas) "
+        "or a positive count."
+    ),
+    "redundant_indivisible": (
+        "--moe-lb {mode}: {experts} routed + {n} redundant experts = {total} expert slots do not split "
+        "evenly over {ranks} EP ranks. Change --ep-num-redundant-experts to a value that makes the total "
+        "a multiple of --ep-size (e.g. {suggest})."
+    ),
     "no_shared_expert": (
         "--moe-lb {mode} needs a model with a shared expert, but {arch} has none ({detail}). "
         "Use --moe-lb lplb for this model."
@@ -97,11 +259,8 @@ ERRORS = {
         "sglang 0.5.23. Use --moe-lb lplb for this model."
     ),
     "cuda_graph": (
-        "--moe-lb {mode} runs on the core's torch reference path, which synchronises with the host "
-        "in every MoE layer and cannot be captured in a CUDA graph (a captured graph would also keep "
-        "plan tensors that a rebalance replaces). Add --disable-cuda-graph (or "
-        "--cuda-graph-backend-decode disabled), or install sglang-moe-lb-kernels with a "
-        "CUDA-graph-safe implementation."
+        "--moe-lb {mode} with CUDA graphs in the {phases} phase: {reason}. Turn those graphs off "
+        "({flags}), or install sglang-moe-lb-kernels with a CUDA-graph-safe implementation."
     ),
     "fusion_off_at_load": (
         "--moe-lb {mode}: the model was built without the fused shared-expert slot (SGLang turned "
@@ -112,6 +271,19 @@ ERRORS = {
     "hook_conflict": (
         "--moe-lb {mode}: could not hook {targets} (another plugin patched it first). Load "
         "sglang-moe-lb alone, or leave the other plugin out with SGLANG_PLUGINS."
+    ),
+    "cost_file": "{flag}: {detail}",
+    "cost_model": (
+        "--moe-lb {mode} needs the cost model (--moe-lb-objective tiles, --moe-lb-gate on), which cannot "
+        "read this model's expert shape: {detail}. Use --moe-lb-objective tokens and --moe-lb-gate off."
+    ),
+    "overheads_key": (
+        "--moe-lb-overheads {path}: no hot-path time for mode {key!r} (the table has {known}). Add it, "
+        "or turn the gate off (--moe-lb-gate off)."
+    ),
+    "engine_kwarg": "sglang.Engine(..., {kwarg}=...) ({flag}): {detail}",
+    "engine_unknown": (
+        "sglang.Engine(..., {kwarg}=...): not an sglang-moe-lb option. Known: {known}."
     ),
 }
 
@@ -126,11 +298,42 @@ WARNINGS = {
         "--moe-lb {mode}: expert parallelism is off (EP size 1), so there is nothing to balance; "
         "the plugin stays off. Use --ep-size > 1 or an a2a backend."
     ),
+    "gate_not_shared": (
+        "--moe-lb-gate on with {mode}: without DP attention (--attn-dp-size) the ranks of an a2a "
+        "backend share no batch size to decide from, and a collective must be skipped on every rank "
+        "or none; the gate stays open (every batch is balanced). Use DP attention, or "
+        "--moe-lb-lplb-sync local / --moe-lb-waterfill-sync local."
+    ),
 }
 
 
-class MoeLbConfigError(ValueError):
-    """A ``--moe-lb`` configuration that cannot run; the message says what to change."""
+def _err(which: str, /, **kw) -> MoeLbConfigError:
+    return MoeLbConfigError(ERRORS[which].format(**kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user asked for
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostSettings:
+    """The cost model and gate settings (used by the tile objective and the gate).
+
+    gpu: a key of ``cost.GPUS``, or None (detect on the device). dtype: a key of
+    ``cost.DTYPE_BYTES``, or None (from the model's quantisation). calibration: the loaded
+    ``cost.load_calibration`` dict (read once in the launcher, carried to every rank).
+    tile_tokens: 64 | 128 | None (the calibration's, else 128). overheads: a loaded
+    ``gate.Overheads`` or None (the bundled H200 table). expected_gain: None for
+    ``gate.DEFAULT_EXPECTED_GAIN``.
+    """
+
+    gpu: str | None = None
+    dtype: str | None = None
+    calibration_path: str | None = None
+    calibration: dict | None = None
+    tile_tokens: int | None = None
+    overheads_path: str | None = None
+    overheads: Any = None
+    expected_gain: float | None = None
 
 
 @dataclass(frozen=True)
@@ -138,57 +341,37 @@ class MoeLbOptions:
     """What the user asked for, after defaults (carried to every scheduler on ``ServerArgs``).
 
     Attributes:
-        mode: the effective mode (``requested`` downgraded by start-up checks).
-        requested: the ``--moe-lb`` value as given.
-        waterfill_candidates: ``conservative`` | ``all_rank`` (core ``waterfill`` spelling).
-        waterfill_sync: ``static`` | ``dynamic``.
-        lplb_schedule: ``rebalance-only`` | ``per-batch``.
+        mode: the effective ``BalanceMode`` (``requested`` downgraded by start-up checks).
+        requested: the ``BalanceMode`` of the flags as given.
+        cost: cost model and gate settings.
         explicit: the sub-option flags the user passed (for "ignored" warnings).
+        entry: ``"cli"`` (launch_server / sglang serve) or ``"engine"`` (``sglang.Engine``).
     """
 
-    mode: str = "off"
-    requested: str = "off"
-    waterfill_candidates: str = DEFAULTS["waterfill_candidates"]
-    waterfill_sync: str = DEFAULTS["waterfill_sync"]
-    lplb_schedule: str = DEFAULTS["lplb_schedule"]
+    mode: BalanceMode = BalanceMode()
+    requested: BalanceMode = BalanceMode()
+    cost: CostSettings = CostSettings()
     explicit: tuple[str, ...] = ()
+    entry: str = "cli"
 
     @property
     def active(self) -> bool:
-        return self.mode != "off"
+        return self.mode.active
 
-    @property
-    def waterfill(self) -> bool:
-        return self.mode in ("waterfill", "waterfill+lplb")
-
-    @property
-    def lplb(self) -> bool:
-        return self.mode in ("lplb", "waterfill+lplb")
-
-    @property
-    def per_batch(self) -> bool:
-        return self.lplb and self.lplb_schedule == "per-batch"
-
-    @property
-    def joint(self) -> bool:
-        """Waterfill and per-batch LPLB decided together (one collective, ``joint.balance_layer``)."""
-        return self.waterfill and self.per_batch
-
-    @property
-    def dynamic_waterfill(self) -> bool:
-        return self.waterfill and not self.per_batch and self.waterfill_sync == "dynamic"
-
-    def with_mode(self, mode: str) -> "MoeLbOptions":
+    def with_mode(self, mode: BalanceMode) -> "MoeLbOptions":
         return dataclasses.replace(self, mode=mode)
 
     def describe(self) -> str:
-        parts = [f"mode={self.mode}"]
+        parts = [f"mode={self.mode.name}"]
         if self.requested != self.mode:
-            parts.append(f"requested={self.requested}")
-        if self.waterfill:
-            parts.append(f"waterfill={self.waterfill_candidates}/{'per-batch' if self.joint else self.waterfill_sync}")
-        if self.lplb:
-            parts.append(f"lplb={self.lplb_schedule}")
+            parts.append(f"requested={self.requested.name}")
+        c = self.cost
+        if self.mode.objective == "tiles" or self.mode.gate:
+            parts.append(f"gpu={c.gpu or 'auto'} dtype={c.dtype or 'auto'} tile={c.tile_tokens or 'auto'}")
+            if c.calibration_path:
+                parts.append(f"calibration={c.calibration_path}")
+        if self.mode.gate and c.overheads_path:
+            parts.append(f"overheads={c.overheads_path}")
         return " ".join(parts)
 
 
@@ -197,82 +380,159 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     if any(FLAG in a.option_strings for a in parser._actions):
         return
     group = parser.add_argument_group("MoE load balancing (sglang-moe-lb)")
-    group.add_argument(FLAG, dest="moe_lb", type=str, choices=MODES, default="off", help=HELP_MODE)
-    group.add_argument(FLAG_CANDIDATES, dest="moe_lb_waterfill_candidates", choices=CANDIDATES, default=None,
-                       help=HELP_CANDIDATES)
-    group.add_argument(FLAG_SYNC, dest="moe_lb_waterfill_sync", choices=SYNCS, default=None, help=HELP_SYNC)
-    group.add_argument(FLAG_SCHEDULE, dest="moe_lb_lplb_schedule", choices=SCHEDULES, default=None,
-                       help=HELP_SCHEDULE)
+    group.add_argument(FLAG, dest="moe_lb", type=str, choices=modes.FLAGS, default="off", help=HELP_MODE)
+    for o in OPTIONS:
+        # With choices, argparse's own "invalid choice" message lists them; values are
+        # converted (on/off -> bool) in options_from_values.
+        kind = (int if o.choices == TILE_CHOICES else str) if o.choices else o.parse
+        group.add_argument(o.flag, dest=o.dest, type=kind, choices=o.choices, default=None,
+                           metavar=o.metavar, help=o.help)
+
+
+def mode_flags(mode: BalanceMode) -> list[str]:
+    """The command-line flags that select ``mode`` (every relevant sub-option spelled out)."""
+    out = [FLAG, mode.flag]
+    if mode.lplb != "off":
+        out += ["--moe-lb-lplb-schedule", mode.lplb]
+    if mode.per_batch:
+        out += ["--moe-lb-lplb-sync", mode.lplb_sync, "--moe-lb-objective", mode.objective]
+    if mode.waterfill is not None:
+        out += ["--moe-lb-waterfill-candidates", mode.waterfill]
+        if mode.waterfill_sync is not None:
+            out += ["--moe-lb-waterfill-sync", mode.waterfill_sync]
+    if mode.active:
+        out += ["--moe-lb-gate", "on" if mode.gate else "off"]
+    return out
+
+
+def options_from_values(values: Mapping[str, Any], *, entry: str = "cli",
+                        name: Callable[[Option], str] | None = None) -> MoeLbOptions:
+    """Build the options from ``{dest: value}`` (absent or None: default).
+
+    Values are checked here too (the Engine path has no argparse): a bad one raises
+    ``MoeLbConfigError`` naming it (``name(option)``; default the flag).
+    """
+    name = name or (lambda o: o.flag)
+    flag = values.get("moe_lb") or "off"
+    if flag not in modes.FLAGS:
+        raise MoeLbConfigError(f"{FLAG} must be one of {', '.join(modes.FLAGS)}; got {flag!r}")
+    parsed: dict[str, Any] = {}
+    for o in OPTIONS:
+        v = values.get(o.dest)
+        if v is None:
+            continue
+        try:
+            v = o.parse(v)
+        except argparse.ArgumentTypeError as err:
+            raise MoeLbConfigError(f"{name(o)}: {err}") from None
+        parsed[o.dest] = v
+    kw = {OPTION_BY_DEST[d].key: v for d, v in parsed.items() if OPTION_BY_DEST[d].mode_option}
+    requested = BalanceMode.from_flag(flag, **kw)
+    cost = CostSettings(**{OPTION_BY_DEST[d].key: v for d, v in parsed.items() if not OPTION_BY_DEST[d].mode_option})
+    explicit = tuple(OPTION_BY_DEST[d].flag for d in parsed)
+    return MoeLbOptions(mode=requested, requested=requested, cost=cost, explicit=explicit, entry=entry)
 
 
 def options_from_namespace(args: argparse.Namespace) -> MoeLbOptions:
     """Read the flags off a parsed namespace (absent flags: ``off``)."""
-    mode = getattr(args, "moe_lb", None) or "off"
-    if mode not in MODES:
-        raise MoeLbConfigError(f"{FLAG} must be one of {', '.join(MODES)}; got {mode!r}")
-    given = {
-        "waterfill_candidates": (FLAG_CANDIDATES, getattr(args, "moe_lb_waterfill_candidates", None)),
-        "waterfill_sync": (FLAG_SYNC, getattr(args, "moe_lb_waterfill_sync", None)),
-        "lplb_schedule": (FLAG_SCHEDULE, getattr(args, "moe_lb_lplb_schedule", None)),
-    }
-    values = {k: (v if v is not None else DEFAULTS[k]) for k, (_, v) in given.items()}
-    explicit = tuple(flag for flag, v in given.values() if v is not None)
-    return MoeLbOptions(mode=mode, requested=mode, explicit=explicit, **values)
+    return options_from_values({d: getattr(args, d, None) for d in ("moe_lb", *OPTION_BY_DEST)})
 
 
-def _err(key: str, **kw) -> MoeLbConfigError:
-    return MoeLbConfigError(ERRORS[key].format(**kw))
+def pop_engine_kwargs(kwargs: dict) -> dict:
+    """Remove and return the ``moe_lb``/``moe_lb_*`` keywords of an ``sglang.Engine(...)`` call.
+
+    Raises ``MoeLbConfigError`` for a ``moe_lb_*`` name that is not an option."""
+    ours = {k: kwargs.pop(k) for k in list(kwargs) if k == "moe_lb" or k.startswith("moe_lb_")}
+    for k in ours:
+        if k != "moe_lb" and k not in OPTION_BY_DEST:
+            raise _err("engine_unknown", kwarg=k, known=", ".join(("moe_lb", *OPTION_BY_DEST)))
+    return ours
+
+
+def engine_options(ours: Mapping[str, Any]) -> MoeLbOptions:
+    """Options from ``sglang.Engine`` keywords; errors name the keyword and its flag."""
+    if "moe_lb" in ours and ours["moe_lb"] not in modes.FLAGS:
+        raise _err("engine_kwarg", kwarg="moe_lb", flag=FLAG,
+                   detail=f"expected one of {', '.join(modes.FLAGS)}, got {ours['moe_lb']!r}")
+    return options_from_values(ours, entry="engine", name=lambda o: f"sglang.Engine(..., {o.dest}=...) ({o.flag})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+def _load_cost_files(opts: MoeLbOptions) -> MoeLbOptions:
+    """Read the calibration and overheads files now (one-line errors naming the flag)."""
+    c = opts.cost
+    cal = ov = None
+    if c.calibration_path is not None:
+        try:
+            cal = load_calibration(c.calibration_path)
+        except CostModelError as err:
+            raise _err("cost_file", flag="--moe-lb-calibration", detail=err) from None
+    if c.overheads_path is not None:
+        try:
+            ov = Overheads.measured(c.overheads_path)
+        except FileNotFoundError:
+            raise _err("cost_file", flag="--moe-lb-overheads", detail=f"{c.overheads_path}: no such file") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            detail = f"{c.overheads_path}: not a valid overheads table ({type(err).__name__}: {err})"
+            raise _err("cost_file", flag="--moe-lb-overheads", detail=detail) from None
+    return dataclasses.replace(opts, cost=dataclasses.replace(c, calibration=cal, overheads=ov))
+
+
+def _check_overheads_cover(opts: MoeLbOptions) -> None:
+    ov = opts.cost.overheads
+    if not opts.mode.gate or ov is None:
+        return
+    key = Overheads.key(opts.mode)
+    if ov.fixed_us is None and key not in ov.hot_path:
+        raise _err("overheads_key", path=opts.cost.overheads_path, key=key, known=", ".join(sorted(ov.hot_path)))
+
+
+def _check_redundant(opts: MoeLbOptions, args) -> None:
+    n = int(getattr(args, "ep_num_redundant_experts", 0) or 0)
+    if n < 0:
+        raise _err("redundant_negative", mode=opts.mode.flag, n=n)
 
 
 def check_raw_args(opts: MoeLbOptions, args) -> tuple[MoeLbOptions, list[str]]:
-    """Checks on the raw CLI values, before SGLang resolves them.
+    """Checks on the raw values, before SGLang resolves them.
 
     Args:
-        opts: from ``options_from_namespace``.
-        args: anything with SGLang's raw field names as attributes (the argparse namespace).
+        opts: from ``options_from_namespace`` / ``engine_options``.
+        args: anything with SGLang's raw field names as attributes (the argparse namespace,
+            or the ``ServerArgs`` an ``Engine`` built).
     Returns:
         (effective options, warnings). Raises ``MoeLbConfigError``.
     """
     warnings: list[str] = []
-    if not opts.active:
-        ignored = [f for f in opts.explicit]
-        if ignored:
-            warnings.append(WARNINGS["ignored"].format(flag=", ".join(ignored), mode="off",
-                                                       why="the plugin is off"))
-        return opts, warnings
     mode = opts.mode
+    for flag in opts.explicit:
+        why = next(o for o in OPTIONS if o.flag == flag).applies(mode) if mode.active else "the plugin is off"
+        if why:
+            warnings.append(WARNINGS["ignored"].format(flag=flag, mode=mode.flag, why=why))
+    if not opts.active:
+        return opts, warnings
     if getattr(args, "enable_waterfill", False):
-        hint = "--moe-lb waterfill already includes Waterfill" if opts.waterfill else \
+        hint = "--moe-lb waterfill already includes Waterfill" if mode.waterfill else \
             "for both, use --moe-lb waterfill+lplb"
-        raise _err("upstream_waterfill", mode=mode, hint=hint)
+        raise _err("upstream_waterfill", mode=mode.flag, hint=hint)
     if getattr(args, "ep_dispatch_algorithm", None) == "lp":
-        raise _err("lp_dispatch", mode=mode)
-    if opts.waterfill:
+        raise _err("lp_dispatch", mode=mode.flag)
+    if mode.waterfill is not None:
         backend = getattr(args, "moe_a2a_backend", "none") or "none"
         if backend != "deepep":
-            raise _err("waterfill_a2a", mode=mode, backend=backend)
+            raise _err("waterfill_a2a", mode=mode.flag, backend=backend)
         if getattr(args, "disable_shared_experts_fusion", False):
-            raise _err("waterfill_fusion_disabled", mode=mode)
+            raise _err("waterfill_fusion_disabled", mode=mode.flag)
+    _check_redundant(opts, args)
+    opts = _load_cost_files(opts)
+    _check_overheads_cover(opts)
 
-    # Sub-options that do nothing in this mode.
-    why = {
-        FLAG_CANDIDATES: None if opts.waterfill else "it only applies to Waterfill",
-        FLAG_SYNC: (
-            "it only applies to Waterfill" if not opts.waterfill else
-            "per-batch LPLB already gathers global counts once per layer, and Waterfill shares that "
-            "collective" if opts.per_batch else None
-        ),
-        FLAG_SCHEDULE: None if opts.lplb else "it only applies to LPLB",
-    }
-    for flag in opts.explicit:
-        if why.get(flag):
-            warnings.append(WARNINGS["ignored"].format(flag=flag, mode=mode, why=why[flag]))
-
-    if opts.lplb and int(getattr(args, "ep_num_redundant_experts", 0) or 0) == 0:
-        new_mode = "waterfill" if opts.waterfill else "off"
-        rest = "; Waterfill stays on" if opts.waterfill else ""
-        warnings.append(WARNINGS["no_redundant"].format(mode=mode, rest=rest))
-        opts = opts.with_mode(new_mode)
+    if mode.lplb != "off" and int(getattr(args, "ep_num_redundant_experts", 0) or 0) == 0:
+        rest = "; Waterfill stays on" if mode.waterfill else ""
+        warnings.append(WARNINGS["no_redundant"].format(mode=mode.flag, rest=rest))
+        opts = opts.with_mode(mode.with_(lplb="off"))
     return opts, warnings
 
 
@@ -280,10 +540,12 @@ def check_resolved(opts: MoeLbOptions, view: dict) -> tuple[MoeLbOptions, list[s
     """Checks that need SGLang's resolved configuration and the model's config.
 
     Args:
-        view: ``ep_size``, ``device``, ``cuda_graph`` (bool: a CUDA graph will be captured),
-            ``arch`` (architecture name), ``shared_experts`` (int or None when unknown),
-            ``shared_detail`` (str, where that number came from), ``fusion_supported``
-            (bool or None when unknown), ``graph_safe_kernels`` (bool).
+        view: ``ep_size``, ``device``, ``graph_phases`` (phases with CUDA graphs on, e.g.
+            ``["decode"]``), ``graph_safe`` (``(bool, reason)`` from ``hot_path.graph_safety``),
+            ``arch``, ``shared_experts`` (int or None when unknown), ``shared_detail``,
+            ``fusion_supported`` (bool or None), ``num_experts`` (routed experts or None),
+            ``redundant`` (int), ``attn_dp_size`` (int), ``a2a_backend`` (str),
+            ``cost_model_error`` (why the model config gives no expert shape, when the mode needs one).
     Returns:
         (effective options, warnings). Raises ``MoeLbConfigError``.
     """
@@ -291,16 +553,33 @@ def check_resolved(opts: MoeLbOptions, view: dict) -> tuple[MoeLbOptions, list[s
     if not opts.active:
         return opts, warnings
     mode = opts.mode
-    if int(view.get("ep_size", 1) or 1) <= 1:
-        warnings.append(WARNINGS["ep1"].format(mode=mode))
-        return opts.with_mode("off"), warnings
+    ep = int(view.get("ep_size", 1) or 1)
+    if ep <= 1:
+        warnings.append(WARNINGS["ep1"].format(mode=mode.flag))
+        return opts.with_mode(BalanceMode()), warnings
     arch = view.get("arch") or "this model"
-    if opts.waterfill:
+    experts, red = view.get("num_experts"), int(view.get("redundant", 0) or 0)
+    if experts is not None and (experts + red) % ep:
+        suggest = next(n for n in range(red + 1, red + ep + 1) if (experts + n) % ep == 0)
+        raise _err("redundant_indivisible", mode=mode.flag, experts=experts, n=red, total=experts + red,
+                   ranks=ep, suggest=suggest)
+    if mode.waterfill is not None:
         shared = view.get("shared_experts")
         if shared is not None and shared <= 0:
-            raise _err("no_shared_expert", mode=mode, arch=arch, detail=view.get("shared_detail", "no shared expert"))
+            raise _err("no_shared_expert", mode=mode.flag, arch=arch, detail=view.get("shared_detail", "no shared expert"))
         if view.get("fusion_supported") is False:
-            raise _err("no_fusion_support", mode=mode, arch=arch)
-    if view.get("device") == "cuda" and view.get("cuda_graph") and not view.get("graph_safe_kernels"):
-        raise _err("cuda_graph", mode=mode)
+            raise _err("no_fusion_support", mode=mode.flag, arch=arch)
+    if view.get("cost_model_error"):
+        raise _err("cost_model", mode=mode.flag, detail=view["cost_model_error"])
+    phases = list(view.get("graph_phases") or [])
+    if view.get("device") == "cuda" and phases:
+        safe, reason = view.get("graph_safe", (False, "no kernel check ran"))
+        if not safe:
+            flags = " and ".join(f"--cuda-graph-backend-{p} disabled" for p in phases)
+            if len(phases) == 2:
+                flags += ", or --disable-cuda-graph"
+            raise _err("cuda_graph", mode=mode.flag, phases=" and ".join(phases), reason=reason, flags=flags)
+    if mode.gate and mode.collective and int(view.get("attn_dp_size", 1) or 1) <= 1 \
+            and (view.get("a2a_backend") or "none") != "none":
+        warnings.append(WARNINGS["gate_not_shared"].format(mode=mode.name))
     return opts, warnings

@@ -1,37 +1,54 @@
-"""Per-scheduler-process state of the plugin: the options, one plan per MoE layer, and the
-bookkeeping that keeps every EP rank's collectives in step.
+"""Per-scheduler-process state of the plugin: one layer path per MoE layer, the gate, and
+the bookkeeping that keeps every EP rank's collectives in step.
 
-A ``LayerPlan`` pairs the placement SGLang is serving for a layer (a core ``Placement``
-built from ``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) with the split
-table for ``rebalance-only`` LPLB. Plans are replaced whole (one dict assignment per
-layer), so the forward path always sees a placement and a table that belong together.
-The placement follows SGLang's metadata in lockstep (hooked at ``ExpertLocationMetadata.update``):
-a token must never be sent to a slot that no longer holds its expert. Tables follow later,
-from the background solve (``rebalance.py``).
+Each MoE layer has one ``LayerPath`` (``hot_path.make_layer_path``: the kernels on CUDA
+where installed, the core's chain otherwise), built at ``prepare_moe_topk`` (model loaded,
+before CUDA-graph capture) for SGLang's placement of that layer
+(``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) and sized by
+``call_capacity``. Placements and split tables are then written into it in place
+(``update_placement`` / ``set_split_table``); a placement that does not fit rebuilds the
+path, with a log line. The placement follows SGLang's metadata in lockstep (hooked at
+``ExpertLocationMetadata.update``): a token must never be sent to a slot that no longer
+holds its expert. Tables follow later, from the background solve (``rebalance.py``).
 
-Nothing here decides anything about balancing: each per-batch decision is one call into
-``hot_path.impl(device)`` (the core's ``joint.balance_layer`` and friends).
+Sync: with ``mode.collective`` and an a2a backend, every MoE layer runs one int32
+all-gather of ``LayerPath.stats`` rows over the EP group (``comm.py``) on every rank, idle
+ranks included (``join_empty``, and the DeepEP dispatcher safety net ``ensure_joined``).
+Local sync, the table schedule and runs without an a2a backend (every rank sees every token,
+so the counts are already global) run no collective.
+
+The gate (``mode.gate``): per batch, ``gate.Gate.open(tokens_per_rank)`` on a batch size
+every rank shares (``shared_tokens``); closed, the dispatch hook returns None (SGLang's own
+mapping runs), the shared expert stays on its home rank, and no rank enters the collective.
+
+Nothing here decides anything about balancing: each per-batch decision is one layer-path call.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..lp_split import scenario_split
+from ..chain import stats_width
+from ..cost import GPUS, CostModel
+from ..gate import DEFAULT_EXPECTED_GAIN, Gate, Overheads
+from ..mode import BalanceMode
 from ..placement import Placement
+from ..table import even_table
 from . import comm, hot_path
 from .options import ERRORS, MoeLbConfigError, MoeLbOptions
+from .rebalance import Rebalancer
 
-__all__ = ["LayerPlan", "Runtime", "get_runtime", "activate", "deactivate"]
+__all__ = ["LayerState", "Runtime", "get_runtime", "activate", "deactivate", "call_capacity", "cost_model_for"]
 
 logger = logging.getLogger("sglang_moe_lb.plugin")
 
 _RUNTIME: "Runtime | None" = None
 _LOCK = threading.Lock()
+_LOCAL = object()  # stash marker: the gate was closed, the shared expert stays home
 
 
 def get_runtime() -> "Runtime | None":
@@ -39,25 +56,83 @@ def get_runtime() -> "Runtime | None":
     return _RUNTIME
 
 
-@dataclass(frozen=True)
-class LayerPlan:
-    """What the forward path needs for one layer, installed atomically.
+@dataclass
+class LayerState:
+    """One MoE layer: its layer path and what it was built from.
 
-    placement: single-layer core ``Placement`` on the serving device.
-    row: the CPU physical->logical row it was built from (identity checks).
-    table: ``[P]`` float64 split fractions for rebalance-only LPLB (device), or None.
-    source: ``"even"``, ``"scenario"`` (HiGHS over a recorded window) or ``"startup-scenario"``.
+    row: the CPU physical->logical row being served. placement: the single-layer ``Placement``
+    on the serving device. table: ``[P]`` float64 CPU copy of the installed split table
+    (table schedule) or None. source: ``"even"``, ``"scenario"`` or ``"startup-scenario"``.
     """
 
-    placement: Placement
+    path: hot_path.LayerPath
     row: torch.Tensor
-    table: torch.Tensor | None
+    placement: Placement
+    table: torch.Tensor | None = None
     source: str = "even"
 
 
-@dataclass
-class _Counters:
-    joined: dict = field(default_factory=dict)  # layer -> collectives done by the TopK path, not yet matched
+def call_capacity(rank_invariant: bool) -> tuple[int, str]:
+    """Rows of ``topk_ids`` one MoE call may see on this rank, from SGLang's published config.
+
+    The largest of: the largest captured decode batch (``cuda_graph_config.decode``:
+    ``max_bs`` / ``bs``) and ``max_running_requests`` (eager decode), both times
+    ``speculative_num_draft_tokens``; and the prefill maximum (``max_prefill_tokens``,
+    ``chunked_prefill_size``). Without an a2a backend the MoE sees every DP rank's tokens,
+    so times ``attn_dp_size``. A call beyond it still works (the path grows, eagerly, logged).
+    """
+    from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule, get_spec
+
+    g = getattr(get_exec().graph, "cuda_graph_config", None)
+    decode = max([*(getattr(g.decode, "bs", None) or []), getattr(g.decode, "max_bs", None) or 0]) if g else 0
+    s = get_schedule()
+    draft = getattr(get_spec(), "speculative_num_draft_tokens", None) or 1
+    running = getattr(s, "max_running_requests", None) or 0
+    prefill = max(getattr(s, "max_prefill_tokens", None) or 0, getattr(s, "chunked_prefill_size", None) or 0)
+    n = max(decode * draft, running * draft, prefill, 1)
+    dp = int(getattr(get_parallel(), "attn_dp_size", 1) or 1) if rank_invariant else 1
+    why = (f"decode graph max {decode} x {draft} draft, max_running_requests {running}, prefill max {prefill}"
+           + (f", x {dp} DP ranks (no a2a)" if dp > 1 else ""))
+    return n * dp, why
+
+
+def _detect_gpu() -> tuple[str, str]:
+    """A ``cost.GPUS`` key for this process's device, and a note when it is a guess."""
+    try:
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            for key in sorted(GPUS, key=len, reverse=True):
+                if key.lower() in name.lower():
+                    return key, ""
+            return "H200", f"GPU {name!r} is not in the cost model's table; using H200's numbers (--moe-lb-gpu)"
+    except Exception as err:  # noqa: BLE001 - detection is best effort
+        return "H200", f"could not read the GPU name ({err}); using H200's numbers (--moe-lb-gpu)"
+    return "H200", "no CUDA device; the cost model uses H200's numbers (--moe-lb-gpu)"
+
+
+def _model_dtype(model_config) -> str:
+    """``fp8`` for an fp8-quantised model, else ``bf16``."""
+    hf = getattr(model_config, "hf_config", None)
+    q = getattr(model_config, "quantization", None)
+    qc = getattr(hf, "quantization_config", None) if hf is not None else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return "fp8" if "fp8" in str(q or method or "").lower() else "bf16"
+
+
+def cost_model_for(opts: MoeLbOptions, model_config) -> CostModel | None:
+    """The cost model the mode needs (tile objective or gate), or None."""
+    m = opts.mode
+    if not (m.objective == "tiles" or m.gate):
+        return None
+    c = opts.cost
+    gpu = c.gpu
+    if gpu is None:
+        gpu, note = _detect_gpu()
+        if note:
+            logger.info("[moe-lb] %s", note)
+    dtype = c.dtype or _model_dtype(model_config)
+    hf = getattr(model_config, "hf_config", model_config)
+    return CostModel.for_model(hf, gpu=gpu, dtype=dtype, calibration=c.calibration, tile_tokens=c.tile_tokens)
 
 
 class Runtime:
@@ -68,19 +143,29 @@ class Runtime:
         # No a2a backend: every EP rank runs the MoE over the same tokens and must pick the
         # same copy for each of them; counts are then already global and no collective runs.
         self.rank_invariant = rank_invariant
-        self.plans: dict[int, LayerPlan] = {}
+        m = opts.mode
+        # Without an a2a backend this rank's tokens are the whole batch: a per-batch split of
+        # them is the global split (full tile, no collective).
+        self.mode: BalanceMode = m.with_(lplb_sync="global") if (rank_invariant and m.per_batch) else m
+        self.collective = m.collective and not rank_invariant
+        self.layers: dict[int, LayerState] = {}
         self.num_logical = self.num_ranks = self.slots_per_rank = None
         self.device: torch.device | None = None
+        self.topk = 0
+        self.max_tokens = 0
+        self.cost: CostModel | None = None
+        self.gate: Gate | None = None
+        self._gate_memo: dict[int, bool] = {}
         self.attached = False
         self.moe_layers: set[int] = set()  # layers with a (non-draft) TopK; empty = unknown, all layers
-        self.stash: dict[int, torch.Tensor] = {}
-        self._counters = _Counters()
+        self.stash: dict[int, object] = {}  # layer -> shared ranks decided with LPLB (or _LOCAL)
+        self.joined: dict[int, int] = {}  # layer -> collectives done by the TopK path, not yet matched
         self._ep: comm.EpGroup | None = None
         self._warned: set[str] = set()
-        self.rebalancer = None  # set by rebalance.Rebalancer when LPLB tables are used
+        self.rebalancer = Rebalancer(self) if m.lplb == "table" else None
         self.last_report: dict | None = None
 
-    # -- topology ------------------------------------------------------------------------
+    # -- topology --------------------------------------------------------------------------
     @property
     def ep(self) -> comm.EpGroup:
         if self._ep is None:
@@ -88,63 +173,146 @@ class Runtime:
         return self._ep
 
     @property
-    def collective_per_layer(self) -> bool:
-        """Whether every MoE layer runs one EP collective on every rank in this mode."""
-        return (self.opts.per_batch and not self.rank_invariant) or self.opts.dynamic_waterfill
+    def source_rank(self) -> int:
+        return 0 if self.rank_invariant else self.ep.rank
 
     def warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("[moe-lb] " + msg, *args)
 
-    # -- plans ---------------------------------------------------------------------------
-    def _plan_for_row(self, row_cpu: torch.Tensor, table: torch.Tensor | None = None, source: str = "even") -> LayerPlan:
+    def is_log_rank(self) -> bool:
+        try:
+            return self.ep.rank == 0
+        except Exception:  # noqa: BLE001 - no EP group yet (tests): log
+            return True
+
+    # -- building ------------------------------------------------------------------------
+    def configure(self, *, topk: int, max_tokens: int, model_config=None) -> None:
+        """Shapes and cost model, before ``attach_metadata`` builds the paths."""
+        self.topk = int(topk)
+        self.max_tokens = int(max_tokens)
+        if model_config is not None:
+            self.cost = cost_model_for(self.opts, model_config)
+
+    def _gate_mode(self) -> BalanceMode:
+        """The mode as the gate prices it: no collective where none runs (no a2a backend)."""
+        m = self.mode
+        if m.collective and not self.collective:
+            m = m.with_(lplb_sync="local") if m.per_batch else m.with_(waterfill_sync="local")
+        return m
+
+    def _new_path(self, pl: Placement, table: torch.Tensor | None) -> hot_path.LayerPath:
+        return hot_path.make_layer_path(pl, self.mode, max_tokens=max(1, self.max_tokens), topk=self.topk or 1,
+                                        source_rank=self.source_rank, device=self.device, cost=self.cost,
+                                        split_table=table)
+
+    def _layer(self, row_cpu: torch.Tensor) -> LayerState:
         pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
-        # Build the lazily derived structures now, off the forward path.
-        if pl.has_replicas:
-            pl.replica_blocks  # noqa: B018
-            if self.opts.joint and self.opts.waterfill_candidates == "all_rank":
-                pl.with_shared_expert.replica_blocks  # noqa: B018
-        if table is None and self.opts.lplb and not self.opts.per_batch:
-            # The even split (every copy gets the same share) is the scenario LP with no scenarios.
-            table = scenario_split(pl, torch.zeros(0, self.num_logical))
-            source = "even"
-        if table is not None:
-            table = table.to(device=self.device, dtype=torch.float64)
-        return LayerPlan(pl, row_cpu.clone(), table, source)
+        table = even_table(pl).cpu() if self.mode.lplb == "table" else None
+        return LayerState(self._new_path(pl, table), row_cpu.clone(), pl, table, "even")
 
     def attach_metadata(self, metadata) -> None:
-        """(Re)build every layer's plan from SGLang's expert-location metadata."""
+        """(Re)build every MoE layer's path from SGLang's expert-location metadata."""
         p2l = metadata.physical_to_logical_map_cpu
-        self.num_logical = int(metadata.num_logical_experts)
-        self.num_ranks = int(metadata.ep_size)
-        self.slots_per_rank = int(metadata.num_local_physical_experts)
+        shape = (int(metadata.num_logical_experts), int(metadata.ep_size), int(metadata.num_local_physical_experts))
+        if shape != (self.num_logical, self.num_ranks, self.slots_per_rank):
+            self.layers = {}  # a new topology: nothing carries over
+        self.num_logical, self.num_ranks, self.slots_per_rank = shape
         self.device = metadata.physical_to_logical_map.device
-        plans = {}
-        for layer in range(p2l.shape[0]):
-            old = self.plans.get(layer)
-            if old is not None and torch.equal(old.row, p2l[layer]):
-                plans[layer] = old
-            else:
-                plans[layer] = self._plan_for_row(p2l[layer])
-        self.plans = plans
+        if self.mode.gate and self.cost is not None:
+            self.gate = Gate(self._gate_mode(), self.cost, self.opts.cost.overheads or Overheads.measured(),
+                             top_k=self.topk or 1, slots_per_rank=self.slots_per_rank, num_ranks=self.num_ranks,
+                             expected_gain=self.opts.cost.expected_gain or DEFAULT_EXPECTED_GAIN)
+            self._gate_memo.clear()
+        wanted = sorted(self.moe_layers) if self.moe_layers else range(p2l.shape[0])
+        layers = {}
+        for layer in wanted:
+            old = self.layers.get(layer)
+            layers[layer] = old if old is not None and torch.equal(old.row, p2l[layer]) else self._layer(p2l[layer])
+        self.layers = layers
         self.attached = True
 
     def set_placement(self, layer: int, row_cpu: torch.Tensor) -> bool:
-        """Follow SGLang's placement of one layer; keeps the plan if the row is unchanged."""
-        old = self.plans.get(layer)
-        if old is not None and torch.equal(old.row, row_cpu):
+        """Follow SGLang's placement of one layer, in place (even table until the solve arrives)."""
+        st = self.layers.get(layer)
+        if st is None or torch.equal(st.row, row_cpu):
             return False
-        self.plans[layer] = self._plan_for_row(row_cpu)
+        pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
+        table = even_table(pl).cpu() if self.mode.lplb == "table" else None
+        try:
+            st.path.update_placement(pl)
+            if table is not None:
+                st.path.set_split_table(table)
+        except ValueError as err:
+            logger.info("[moe-lb] layer %d: new placement does not fit its layer path (%s); rebuilding it", layer, err)
+            st.path = self._new_path(pl, table)
+        st.row, st.placement, st.table, st.source = row_cpu.clone(), pl, table, "even"
         return True
 
     def install_table(self, layer: int, row_cpu: torch.Tensor, table: torch.Tensor, source: str) -> bool:
         """Install a solved table if its layer still serves the placement it was solved for."""
-        old = self.plans.get(layer)
-        if old is None or not torch.equal(old.row, row_cpu):
+        st = self.layers.get(layer)
+        if st is None or not torch.equal(st.row, row_cpu):
             return False
-        self.plans[layer] = LayerPlan(old.placement, old.row, table.to(device=self.device, dtype=torch.float64), source)
+        table = table.to(dtype=torch.float64).cpu()
+        st.path.set_split_table(table)
+        st.table, st.source = table, source
         return True
+
+    def served_tables(self) -> dict:
+        """layer -> (row, table) being served now (CPU), for the rebalance report."""
+        return {layer: (st.row, st.table) for layer, st in self.layers.items()}
+
+    def counters(self) -> dict:
+        """Summed layer-path counters (read off the critical path: at rebalance, in reports)."""
+        total: dict = {}
+        for st in self.layers.values():
+            for k, v in st.path.counters().items():
+                v = int(v)
+                total[k] = max(total.get(k, v), v) if k.startswith("max") else total.get(k, 0) + v
+        return total
+
+    def _grow(self, layer: int, rows: int) -> None:
+        """A call larger than the path was sized for (only outside CUDA graphs): rebuild it bigger."""
+        st = self.layers[layer]
+        self.warn_once(f"grow-{layer}", "layer %d: a batch of %d rows exceeds the %d rows its layer path was sized "
+                       "for; rebuilt larger (eager only)", layer, rows, st.path.max_tokens)
+        self.max_tokens = max(self.max_tokens, 2 * rows)
+        st.path = self._new_path(st.placement, st.table)
+
+    # -- the gate --------------------------------------------------------------------------
+    def shared_tokens(self, rows: int) -> int | None:
+        """The batch size the gate decides on: identical on every rank that may join a collective.
+
+        * DP attention: the largest DP rank's tokens (``get_dp_global_num_tokens()``, what
+          SGLang gathers for padding; under CUDA graphs the captured bucket's).
+        * No a2a backend: every rank sees the same rows: ``ceil(rows / EP size)``.
+        * Otherwise: this rank's rows if no collective runs (each rank decides for its own
+          tokens), else None (nothing shared: the gate stays open).
+        """
+        if self.rank_invariant:
+            return -(-rows // max(1, self.num_ranks or 1))
+        try:
+            from sglang.srt.layers.dp_attention import get_dp_global_num_tokens
+
+            dp = get_dp_global_num_tokens()
+        except Exception:  # noqa: BLE001 - no DP state (tests, other layouts)
+            dp = None
+        if dp:
+            return int(max(dp))
+        return None if self.collective else rows
+
+    def gate_open(self, rows: int) -> bool:
+        if self.gate is None:
+            return True
+        n = self.shared_tokens(rows)
+        if n is None:
+            return True
+        got = self._gate_memo.get(n)
+        if got is None:
+            got = self._gate_memo[n] = bool(self.gate.open(n))
+        return got
 
     # -- the forward path ----------------------------------------------------------------
     def _mask_padded(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -162,73 +330,72 @@ class Runtime:
         rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
         return torch.where((rows < n)[:, None], topk_ids, torch.full_like(topk_ids, -1))
 
-    def collective(self, layer: int, row: torch.Tensor) -> torch.Tensor:
-        """The layer's one EP all-gather; counts it so the dispatcher safety net can match it."""
-        out = comm.all_gather_rows(row, self.ep)
-        self._counters.joined[layer] = self._counters.joined.get(layer, 0) + 1
+    def collective_rows(self, layer: int, row: torch.Tensor) -> torch.Tensor:
+        """The layer's one EP all-gather (int32 rows); counted so the dispatcher net can match it."""
+        out = comm.all_gather_rows(row.to(torch.int32), self.ep)
+        self.joined[layer] = self.joined.get(layer, 0) + 1
         return out
 
-    def _zero_row(self, device) -> torch.Tensor:
-        return torch.zeros(self.num_logical + self.num_ranks + 1, dtype=torch.long, device=device)
+    def _zero_row(self, layer: int, device) -> torch.Tensor:
+        return torch.zeros(stats_width(self.layers[layer].placement, self.mode), dtype=torch.int32, device=device)
 
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor | None:
-        """LPLB (and, in joint mode, Waterfill) for one layer: logical ``[T, k]`` -> physical ids.
+        """LPLB (and, with Waterfill, the shared ranks) for one layer: logical ``[T, k]`` -> physical.
 
-        Returns None when this layer has no plan (the caller then keeps SGLang's mapping).
-        """
-        plan = self.plans.get(layer)
-        if plan is None:
+        Returns None when this layer has no path or the gate is closed (the caller then keeps
+        SGLang's mapping)."""
+        st = self.layers.get(layer)
+        if st is None:
+            return None
+        if not self.gate_open(topk_ids.shape[0]):
+            if self.mode.waterfill is not None:
+                self.stash[layer] = _LOCAL
             return None
         ids = self._mask_padded(topk_ids)
-        hp = hot_path.impl(ids.device)
-        E, R, S = self.num_logical, self.num_ranks, self.slots_per_rank
-        gathered = None
-        source_rank = 0 if self.rank_invariant else self.ep.rank
-        if self.opts.per_batch and not self.rank_invariant:
-            gathered = self.collective(layer, hp.local_stats(ids, E, R, S))
-        res = hp.balance_layer(
-            plan.placement,
-            ids,
-            source_rank=source_rank,
-            lplb="per_batch" if self.opts.per_batch else "table",
-            split_table=plan.table,
-            waterfill=self.opts.waterfill_candidates if self.opts.joint else None,
-            gathered=gathered,
-        )
-        if self.opts.joint:
+        if ids.shape[0] > st.path.max_tokens:
+            self._grow(layer, ids.shape[0])
+        gathered = self.collective_rows(layer, st.path.stats(ids)) if self.collective else None
+        res = st.path(ids, gathered=gathered)
+        if self.mode.waterfill is not None:
             self.stash[layer] = res.shared_rank
         return res.phys_ids.to(topk_ids.dtype)
 
     def join_empty(self, layer: int, device) -> None:
-        """An idle rank's share of a per-batch layer: the same collective, with a zero row."""
-        if not self.opts.per_batch or layer not in self.plans:
+        """An idle rank's share of a layer's collective (LPLB modes): the same all-gather, a zero row."""
+        if not self.collective or self.mode.lplb == "off" or layer not in self.layers:
             return
-        if not self.rank_invariant:
-            self.collective(layer, self._zero_row(device))
-        if self.opts.joint:
+        if not self.gate_open(0):
+            if self.mode.waterfill is not None:
+                self.stash[layer] = _LOCAL
+            return
+        self.collective_rows(layer, self._zero_row(layer, device))
+        if self.mode.waterfill is not None:
             self.stash[layer] = torch.zeros(0, dtype=torch.long, device=device)
+
+    def _home(self, phys_ids: torch.Tensor) -> torch.Tensor:
+        return torch.full((phys_ids.shape[0],), self.ep.rank, dtype=torch.long, device=phys_ids.device)
 
     def shared_ranks(self, layer: int, phys_ids: torch.Tensor) -> torch.Tensor:
         """Waterfill's rank per token for one layer, from physical routed ids ``[T, k]``."""
-        if self.opts.joint:
+        st = self.layers.get(layer)
+        if st is None:
+            return self._home(phys_ids)
+        if self.mode.lplb != "off":  # decided with the split, in the dispatch hook
             got = self.stash.pop(layer, None)
-            if got is not None and got.shape[0] == phys_ids.shape[0]:
+            if got is _LOCAL:
+                return self._home(phys_ids)
+            if isinstance(got, torch.Tensor) and got.shape[0] == phys_ids.shape[0]:
                 return got
-            self.warn_once("joint-miss", "layer %d: no joint decision for this batch; Waterfill falls back to static", layer)
-        plan = self.plans[layer]
-        pl = plan.placement
-        hp = hot_path.impl(phys_ids.device)
-        E, R, S = self.num_logical, self.num_ranks, self.slots_per_rank
-        p2l = pl.phy2log[0]
+            self.warn_once("joint-miss", "layer %d: no Waterfill decision for this batch; the shared expert stays home", layer)
+            return self._home(phys_ids)
+        if not self.gate_open(phys_ids.shape[0]):
+            return self._home(phys_ids)
+        p2l = st.placement.phy2log[0]
         logical = torch.where(phys_ids >= 0, p2l[phys_ids.clamp(min=0).to(torch.long)], -1)
-        gathered = None
-        if self.opts.dynamic_waterfill:
-            gathered = self.collective(layer, hp.local_stats(logical, E, R, S, phys_ids=phys_ids))
-        res = hp.balance_layer(
-            pl, logical, source_rank=self.ep.rank, lplb="off", waterfill=self.opts.waterfill_candidates,
-            gathered=gathered, phys_ids=phys_ids,
-        )
-        return res.shared_rank
+        if logical.shape[0] > st.path.max_tokens:
+            self._grow(layer, logical.shape[0])
+        gathered = self.collective_rows(layer, st.path.stats(logical, phys_ids)) if self.collective else None
+        return st.path(logical, gathered=gathered, phys_ids=phys_ids).shared_rank
 
     def ensure_joined(self, layer: int | None, device) -> None:
         """Dispatcher-side safety net: join this layer's collective if the TopK path skipped it.
@@ -237,11 +404,13 @@ class Runtime:
         A model that returns early on an idle rank without calling TopK would otherwise leave
         the other ranks waiting in the all-gather.
         """
-        if layer is None or not self.collective_per_layer or layer not in self.plans:
+        if layer is None or not self.collective or layer not in self.layers:
             return
-        done = self._counters.joined.get(layer, 0)
+        done = self.joined.get(layer, 0)
         if done > 0:
-            self._counters.joined[layer] = done - 1
+            self.joined[layer] = done - 1
+            return
+        if not self.gate_open(0):
             return
         self.warn_once(
             f"net-{layer}",
@@ -249,14 +418,14 @@ class Runtime:
             "joined its collective from the dispatcher",
             layer,
         )
-        comm.all_gather_rows(self._zero_row(device), self.ep)
+        comm.all_gather_rows(self._zero_row(layer, device), self.ep)
 
 
 def activate(opts: MoeLbOptions, *, rank_invariant: bool) -> Runtime:
     """Create this process's runtime (idempotent for the same options)."""
     global _RUNTIME
     with _LOCK:
-        if _RUNTIME is None or _RUNTIME.opts != opts:
+        if _RUNTIME is None or _RUNTIME.opts != opts or _RUNTIME.rank_invariant != rank_invariant:
             _RUNTIME = Runtime(opts, rank_invariant=rank_invariant)
         return _RUNTIME
 
@@ -269,5 +438,13 @@ def deactivate() -> None:
         _RUNTIME = None
 
 
-def fusion_off_error(mode: str) -> MoeLbConfigError:
-    return MoeLbConfigError(ERRORS["fusion_off_at_load"].format(mode=mode))
+def fusion_off_error(mode: BalanceMode) -> MoeLbConfigError:
+    return MoeLbConfigError(ERRORS["fusion_off_at_load"].format(mode=mode.flag))
+
+
+def gate_summary(rt: Runtime) -> str:
+    """For the ready line: from which batch size the gate opens."""
+    if rt.gate is None:
+        return ""
+    n = rt.gate.min_tokens()
+    return f", gate opens at {n} tokens/rank" if n is not None else ", gate never opens (overhead > modelled gain)"

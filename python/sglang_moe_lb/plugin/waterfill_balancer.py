@@ -5,7 +5,8 @@ SGLang builds the fused layout when ``enable_waterfill`` is on (the plugin turns
 ``module.waterfill_balancer.expand_topk(topk_output, num_tokens)``, and the DeepEP MoE layer
 holds ``S + 1`` experts per rank (S routed slots, then the shared expert). We keep all of
 that and swap only the balancer object, so the shared-expert rank per token comes from the
-core (``joint.balance_layer`` through ``hot_path``) and the fused ids from ``waterfill.fuse_topk``.
+runtime (the layer path; decided with the LPLB split when LPLB is on) and the fused ids from
+``waterfill.fuse_topk``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class MoeLbWaterfill:
         rt = self.runtime
         phys = topk_output.topk_ids
         shared_rank = rt.shared_ranks(self.layer_id, phys)
-        ids, weights = hot_path.impl(phys.device).fuse_topk(
+        ids, weights = hot_path.fuse_topk(
             phys, topk_output.topk_weights, shared_rank, rt.slots_per_rank, self.shared_weight
         )
         return StandardTopKOutput(

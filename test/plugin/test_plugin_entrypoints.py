@@ -1,0 +1,222 @@
+"""Every way in: ``sglang.Engine(moe_lb=...)``, the touch-point manifest, ``doctor``, and ``register()``
+failing clearly on an SGLang without what we hook.
+
+The Engine runs for real up to the point where it would spawn processes (its
+``_launch_subprocesses`` is replaced in the test by one that resolves the ``ServerArgs``, as
+the real one does first, and stops).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from plugin_helpers import TINY
+
+from sglang_moe_lb import BalanceMode
+from sglang_moe_lb.plugin import manifest
+from sglang_moe_lb.plugin.options import ERRORS, MoeLbConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+EP4 = dict(tp_size=4, ep_size=4, ep_num_redundant_experts=4, enable_eplb=True)
+
+
+class _Launched(Exception):
+    def __init__(self, server_args):
+        self.server_args = server_args
+
+
+@pytest.fixture
+def engine(plugin, monkeypatch):
+    """``engine(**kwargs)`` -> the resolved ``ServerArgs`` an ``sglang.Engine(**kwargs)`` would launch."""
+    import atexit
+
+    import sglang.srt.entrypoints.engine as engine_mod
+    from sglang.srt.runtime_context import restore_context, snapshot_context
+
+    from sglang_moe_lb.plugin import register
+
+    register()  # the Engine module is loaded now: what load_plugins() inside Engine.__init__ does
+
+    def fake_launch(cls, server_args, **kwargs):
+        server_args.resolve_once()
+        raise _Launched(server_args)
+
+    monkeypatch.setattr(engine_mod, "load_plugins", lambda: None)
+    monkeypatch.setattr(engine_mod.Engine, "_launch_subprocesses", classmethod(fake_launch))
+    monkeypatch.setattr(atexit, "register", lambda *a, **k: None)
+    before = snapshot_context()
+
+    def run(**kwargs):
+        with pytest.raises(_Launched) as info:
+            engine_mod.Engine(**{"model_path": str(TINY), "device": "cpu", "load_format": "dummy", **kwargs})
+        return info.value.server_args
+
+    yield run
+    restore_context(before)
+
+
+def test_engine_keywords_work_like_the_flags(engine):
+    from sglang.srt.server_args import prepare_server_args
+
+    from plugin_helpers import base_argv
+
+    sa = engine(**EP4, moe_lb="lplb", moe_lb_lplb_schedule="per-batch", moe_lb_lplb_sync="local",
+                moe_lb_objective="tiles", moe_lb_gate="on", moe_lb_tile_tokens=64)
+    cli = prepare_server_args(base_argv("--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4",
+                                        "--enable-eplb", "--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch",
+                                        "--moe-lb-lplb-sync", "local", "--moe-lb-objective", "tiles",
+                                        "--moe-lb-gate", "on", "--moe-lb-tile-tokens", "64"))
+    got, want = sa._moe_lb, cli._moe_lb
+    assert got.mode == want.mode == BalanceMode.parse("lplb/per-batch/local/tiles/gate")
+    assert got.cost == want.cost and got.explicit == want.explicit
+    assert got.entry == "engine" and want.entry == "cli"
+    assert sa.ep_dispatch_algorithm == "dynamic" and sa._moe_lb_checked  # the resolve-time checks ran
+
+
+def test_engine_without_our_keywords_is_untouched(engine):
+    sa = engine(**EP4)
+    assert getattr(sa, "_moe_lb", None) is None and sa.ep_dispatch_algorithm is None
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(moe_lb="lpbl"), "sglang.Engine(..., moe_lb=...) (--moe-lb): expected one of off, lplb, waterfill, "
+                          "waterfill+lplb, got 'lpbl'"),
+    (dict(moe_lb="lplb", moe_lb_lplb_shedule="table"), "sglang.Engine(..., moe_lb_lplb_shedule=...): not an "
+                                                       "sglang-moe-lb option. Known: moe_lb, moe_lb_lplb_schedule"),
+    (dict(moe_lb="lplb", moe_lb_lplb_schedule="always"), "sglang.Engine(..., moe_lb_lplb_schedule=...) "
+                                                         "(--moe-lb-lplb-schedule): expected one of table, per-batch, got 'always'"),
+    (dict(moe_lb="lplb", moe_lb_expected_gain=3), "(--moe-lb-expected-gain): expected a number in (0, 1], got 3"),
+    (dict(moe_lb="waterfill"), ERRORS["waterfill_a2a"].format(mode="waterfill", backend="none")),
+])
+def test_engine_bad_keywords_raise_one_clear_error(engine, kwargs, needle):
+    with pytest.raises(MoeLbConfigError) as info:
+        engine(**EP4, **kwargs)
+    assert needle in str(info.value)
+
+
+def test_engine_resolve_time_errors_raise_instead_of_exiting(engine, tmp_path):
+    import json
+
+    cfg = json.loads((TINY / "config.json").read_text())
+    cfg["n_shared_experts"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoeLbConfigError) as info:
+        engine(model_path=str(tmp_path), tp_size=4, moe_a2a_backend="deepep", moe_lb="waterfill")
+    assert str(info.value) == ERRORS["no_shared_expert"].format(mode="waterfill", arch="DeepseekV3ForCausalLM",
+                                                                 detail="n_shared_experts=0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest and doctor
+# ---------------------------------------------------------------------------------------------
+def test_installed_sglang_has_every_touch_point():
+    assert manifest.sglang_version() == manifest.WRITTEN_FOR
+    assert manifest.check() == []
+
+
+def test_usage_doc_table_is_the_manifest():
+    doc = (ROOT / "docs" / "usage.md").read_text()
+    assert manifest.markdown() in doc, "docs/usage.md's touch-point tables differ from plugin/manifest.py (markdown())"
+
+
+def test_a_changed_target_is_named():
+    gone = manifest.Hook("sglang.srt.server_args.ServerArgs.no_such_method", "AFTER", "cli_hooks.fail", "light",
+                         "always", "test")
+    moved = manifest.Hook("sglang.srt.no_such_module.fn", "AFTER", "cli_hooks.fail", "light", "always", "test")
+    renamed = manifest.Hook("sglang.srt.runtime_context.publish", "AFTER", "cli_hooks.fail", "light", "always",
+                            "test", params=("server_args", "no_such_param"))
+    slots = manifest.Attr("sglang.srt.runtime_context.SpawnRanks", "_moe_lb_x", "new", "always", "test")
+    got = {p.target: p.detail for p in manifest.check([gone, moved, renamed, slots])}
+    assert got[gone.target] == "sglang.srt.server_args.ServerArgs has no attribute 'no_such_method'"
+    assert got[moved.target].startswith("cannot import sglang.srt.no_such_module: ")
+    assert got[renamed.target] == "signature changed: no parameter no_such_param"
+    assert "take no new attributes" in got[slots.target]
+
+
+def test_register_stops_with_one_line_naming_the_target(monkeypatch, capsys):
+    from sglang_moe_lb.plugin import hooks, register
+
+    fake = manifest.Hook("sglang.srt.server_args.ServerArgs.no_such_hook", "AFTER", "cli_hooks.after_add_cli_args",
+                         "light", "always", "test")
+    monkeypatch.setattr(manifest, "HOOKS", manifest.HOOKS + (fake,))
+    with pytest.raises(SystemExit) as info:
+        register()
+    msg = str(info.value.code)
+    assert "sglang.srt.server_args.ServerArgs.no_such_hook (sglang.srt.server_args.ServerArgs has no attribute" in msg
+    assert f"the installed sglang {manifest.sglang_version()}" in msg and "sglang==0.5.23" in msg
+    assert "\n" not in msg and capsys.readouterr().err.strip() == msg
+    assert not hooks._ORIGINALS, "registered hooks although a target is missing"
+
+
+def test_doctor_reports_each_touch_point_present():
+    """``python -m sglang_moe_lb doctor`` against the installed SGLang (a subprocess, as a user runs it)."""
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
+    proc = subprocess.run([sys.executable, "-m", "sglang_moe_lb", "doctor"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for e in manifest.HOOKS + manifest.WRITES + manifest.READS:
+        assert any(ln.startswith("  ok ") and ln.endswith(e.target) for ln in lines), e.target
+    assert lines[-1] == f"all {len(manifest.HOOKS + manifest.WRITES + manifest.READS)} touch points present"
+
+
+def test_doctor_names_what_is_missing():
+    from sglang_moe_lb.plugin import doctor
+
+    fake = manifest.Hook("sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step", "AFTER", "cli_hooks.fail",
+                         "forward", "table", "test")
+    out = io.StringIO()
+    assert doctor.run(out, entries=[*manifest.HOOKS, fake]) == 1
+    text = out.getvalue()
+    assert "  MISSING after       sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step  (sglang.srt.eplb." in text
+    assert text.splitlines()[-1].startswith("missing: sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step (")
+
+
+def test_plugin_filtered_out_by_sglang_plugins_gets_a_hint(monkeypatch):
+    """SGLang never runs our code when SGLANG_PLUGINS leaves us out; doctor (and the docs) say why."""
+    from sglang_moe_lb.plugin import doctor
+
+    assert manifest.plugin_filter_note({}) is None
+    assert manifest.plugin_filter_note({"SGLANG_PLUGINS": "moe_lb,other"}) is None
+    note = manifest.plugin_filter_note({"SGLANG_PLUGINS": "other"})
+    assert "leaves this plugin ('moe_lb') out" in note and "--moe-lb is an unrecognized argument" in note
+    monkeypatch.setenv("SGLANG_PLUGINS", "other")
+    out = io.StringIO()
+    assert doctor.run(out, entries=[]) == 1
+    assert "missing: SGLANG_PLUGINS excludes moe_lb" in out.getvalue()
+
+
+def test_plugin_modules_import_without_cycles():
+    """The plugin's module graph (every ``from . import`` / ``from .x import``, nested ones too) is acyclic."""
+    pkg = ROOT / "python" / "sglang_moe_lb" / "plugin"
+    names = {p.stem for p in pkg.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for p in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps |= {a.name for a in node.names}
+        graph[p.stem] = (deps & names) - {p.stem}
+    state: dict[str, int] = {}
+
+    def visit(n, path):
+        if state.get(n) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path + [n])}")
+        if state.get(n) == 2:
+            return
+        state[n] = 1
+        for d in sorted(graph.get(n, ())):
+            visit(d, path + [n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        visit(n, [])

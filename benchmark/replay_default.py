@@ -1,17 +1,19 @@
 """Regenerate docs/replay.md's results and docs/img/replay_*.png from the bundled default.
 
-Two runs of ``sglang-moe-lb replay`` on the bundled OLMoE data (see docs/replay.md):
+Three runs of ``sglang-moe-lb replay`` on the bundled OLMoE data (see docs/replay.md):
 
 1. exactly the no-argument command a user types first; its stdout and wall time go into the
    docs verbatim;
-2. the same configuration with every mode, SGLang's Waterfill included in both its static
-   (default) and dynamic variants, scored on *every* step (``--upstream-waterfill-steps -1``:
-   a few minutes, SGLang's Triton kernels run in the Triton interpreter). Its JSON becomes the
-   results table, and its plots go to docs/img.
+2. the same configuration with every mode (``--modes all``: SGLang's four, every ``--moe-lb``
+   mode gated and not), SGLang's Waterfill scored on *every* step (``--upstream-waterfill-steps
+   -1``: minutes, SGLang's Triton kernels run in the Triton interpreter). Its JSON becomes the
+   results table, and its plots go to docs/img;
+3. the batch sweep ``--batch-sweep 1,16,64,256,1024,4096,16384`` (default modes): the modelled
+   time table and docs/img/replay_sweep.png.
 
 Usage (from the repo root, with the project venv)::
 
-    .venv/bin/python benchmark/replay_default.py            # rewrite docs/replay.md + docs/img
+    .venv/bin/python benchmark/replay_default.py            # rewrite docs/replay.md + docs/img (~20 min on 2 cores)
     .venv/bin/python benchmark/replay_default.py --check    # only run, print, write nothing
 """
 
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "replay.md"
 IMG = ROOT / "docs" / "img"
 CLI = [sys.executable, "-m", "sglang_moe_lb", "replay", "--no-progress"]
+SWEEP = "1,16,64,256,1024,4096,16384"
 
 
 def run(args: list[str]) -> tuple[str, float, float]:
@@ -50,22 +53,49 @@ def run(args: list[str]) -> tuple[str, float, float]:
 
 def markdown_table(js: dict) -> str:
     rows = [
-        "| mode | by | balancedness mean | p5 | gap to joint LP bound | gap to class bound | MoE time vs static | overhead ms/batch (this CPU) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | by | balancedness mean | p5 | gap to joint LP bound | gap to class bound | MoE time vs static (tokens) "
+        "| modelled time vs static (with overhead) | overhead µs/layer | CPU ms/batch (this CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in js["modes"].items():
+        if name.endswith("/gate"):
+            continue  # gated modes: static or their ungated mode per batch; see the sweep
         cls = "joint" if m["class_bound"] == "joint" else "shared-local"
         ovh = f"{m['overhead_ms_per_batch']:.2f}" + (" (Triton interpreter)" if "overhead_note" in m else "")
         rows.append(
             f"| `{name}` | {'SGLang' if m['family'] == 'upstream' else 'ours'} | {m['balancedness_mean']:.4f} | "
             f"{m['balancedness_p5']:.4f} | {100 * m['gap_to_bound_mean']:.2f}% | {100 * m['gap_to_class_bound_mean']:.2f}% ({cls}) | "
-            f"{m['moe_time_ratio_vs_static']:.4f} | {ovh} |"
+            f"{m['moe_time_ratio_vs_static']:.4f} | {m['time_vs_static']:.4f} | {m['overhead_us_per_layer']:.1f} | {ovh} |"
         )
     for label, key in (("bound: joint LP", "bound"), ("bound: shared expert local", "bound_local_shared")):
         b = js[key]
         rows.append(
-            f"| **{label}** | LP | {b['balancedness_mean']:.4f} | {b['balancedness_p5']:.4f} | | | {b['moe_time_ratio_vs_static']:.4f} | |"
+            f"| **{label}** | LP | {b['balancedness_mean']:.4f} | {b['balancedness_p5']:.4f} | | | "
+            f"{b['moe_time_ratio_vs_static']:.4f} | | | |"
         )
+    return "\n".join(rows)
+
+
+def sweep_table(js: dict) -> str:
+    """Modelled time with overhead vs static per mode (rows) and tokens per rank (columns)."""
+    sizes = [row["tokens_per_rank"] for row in js["sweep"]]
+    names = list(dict.fromkeys(n for row in js["sweep"] for n in row["modes"]))
+    rows = ["| mode | " + " | ".join(str(n) for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for n in names:
+        cells = [f"{row['modes'][n]['time_vs_static']:.3f}" if n in row["modes"] else "-" for row in js["sweep"]]
+        star = " (server default)" if n in js["server_default"].values() else ""
+        rows.append(f"| `{n}`{star} | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("Break-even overhead (µs per layer at which the mode would only match static):")
+    rows.append("")
+    rows.append("| mode | " + " | ".join(str(n) for n in sizes) + " |")
+    rows.append("|---|" + "---:|" * len(sizes))
+    for n in names:
+        cells = []
+        for row in js["sweep"]:
+            v = row["modes"].get(n, {}).get("break_even_overhead_us")
+            cells.append("-" if v is None else f"{v:.1f}")
+        rows.append(f"| `{n}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -79,7 +109,7 @@ def reading(js: dict) -> str:
                 f"{100 * x['gap_to_bound_mean']:.1f}% from the joint bound")
 
     ups = [n for n in m if m[n]["family"] == "upstream"]
-    ours = [n for n in m if m[n]["family"] == "ours"]
+    ours = [n for n in m if m[n]["family"] == "ours" and not n.endswith("/gate")]
     best_up = max(ups, key=lambda n: m[n]["balancedness_mean"])
     best_ours = max(ours, key=lambda n: m[n]["balancedness_mean"])
     b = js["bound"]
@@ -90,9 +120,11 @@ def reading(js: dict) -> str:
         f"- Best SGLang mode: {line(best_up)}.",
         f"- Best of ours: {line(best_ours)}.",
     ]
-    for a, b_ in (("waterfill-cons", "upstream-waterfill-dyn"), ("waterfill-all", "upstream-waterfill-dyn"),
-                  ("waterfill-cons-static", "upstream-waterfill"), ("waterfill-all-static", "upstream-waterfill"),
-                  ("lplb", "dynamic"), ("lplb-rebalance", "static")):
+    for a, b_ in (("waterfill/conservative/global", "upstream-waterfill-dyn"),
+                  ("waterfill/all_rank/global", "upstream-waterfill-dyn"),
+                  ("waterfill/conservative/local", "upstream-waterfill"), ("waterfill/all_rank/local", "upstream-waterfill"),
+                  ("lplb/per-batch/global/tokens", "dynamic"), ("lplb/per-batch/local/tokens", "dynamic"),
+                  ("lplb/table", "static")):
         if a in m and b_ in m:
             out.append(
                 f"- `{a}` vs `{b_}`: {m[a]['balancedness_mean']:.4f} vs {m[b_]['balancedness_mean']:.4f} balancedness, "
@@ -113,7 +145,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="run and print only; write nothing")
     args = ap.parse_args()
 
-    print("1/2 default run: sglang-moe-lb replay", flush=True)
+    print("1/3 default run: sglang-moe-lb replay", flush=True)
     default_out, wall, cpu = run([])
     print(default_out)
     print(f"wall {wall:.1f} s, CPU {cpu:.1f} s, {os.cpu_count()} cores", flush=True)
@@ -122,15 +154,22 @@ def main() -> None:
         js_path = Path(tmp) / "full.json"
         img = Path(tmp) / "img"
         full_args = ["--modes", "all", "--upstream-waterfill-steps", "-1", "--json", str(js_path), "--plot", str(img)]
-        print("2/2 full run: sglang-moe-lb replay " + " ".join(full_args[:4]), flush=True)
+        print("2/3 full run: sglang-moe-lb replay " + " ".join(full_args[:4]), flush=True)
         full_out, full_wall, full_cpu = run(full_args)
         print(full_out)
         js = json.loads(js_path.read_text())
+        sweep_path = Path(tmp) / "sweep.json"
+        sweep_args = ["--batch-sweep", SWEEP, "--json", str(sweep_path), "--plot", str(Path(tmp) / "sweep_img")]
+        print("3/3 sweep: sglang-moe-lb replay " + " ".join(sweep_args[:2]), flush=True)
+        sweep_out, sweep_wall, sweep_cpu = run(sweep_args)
+        print(sweep_out)
+        sweep_js = json.loads(sweep_path.read_text())
         if args.check:
             return
         IMG.mkdir(parents=True, exist_ok=True)
         for p in img.iterdir():
             shutil.copy(p, IMG / p.name)
+        shutil.copy(Path(tmp) / "sweep_img" / "replay_sweep.png", IMG / "replay_sweep.png")
 
     cfg = js["config"]
     text = DOC.read_text()
@@ -152,6 +191,14 @@ def main() -> None:
         + f"). Wall time {full_wall:.0f} s ({full_cpu:.0f} s CPU), most of it SGLang's Waterfill kernels in the Triton interpreter.",
     )
     text = replace_block(text, "replay-reading", reading(js))
+    text = replace_block(
+        text,
+        "replay-sweep",
+        f"```\n$ sglang-moe-lb replay --batch-sweep {SWEEP}\n```\n\n" + sweep_table(sweep_js)
+        + f"\n\nCost model: {sweep_js['config']['cost_model']}; overheads: {sweep_js['config']['overheads_source']}. "
+        f"{len(sweep_js['sweep'])} sizes x {sweep_js['config']['sweep_steps']} steps; wall time {sweep_wall:.0f} s "
+        f"({sweep_cpu:.0f} s CPU over {os.cpu_count()} cores).",
+    )
     DOC.write_text(text)
     print(f"rewrote {DOC.relative_to(ROOT)} and {IMG.relative_to(ROOT)}/replay_*.png")
 

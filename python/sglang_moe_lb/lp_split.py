@@ -173,12 +173,20 @@ def _solve_fast(
     c_blocks = [c[col[0], col[1]] for col in blocks.colours]
     certified = torch.zeros(L, dtype=torch.bool, device=c.device)
     for _ in range(max_sweeps):
+        # A layer certified in an earlier sweep keeps that split: every layer then gets what it
+        # would get solved alone (layers never interact), so callers may batch independent layers.
+        frozen = bool(certified.any())
+        if frozen:
+            keep_x, keep_load = x_ext[:-1].reshape(L, P)[certified], load_ext[:-1].reshape(L, R)[certified]
         for colour, c_blk in zip(blocks.colours, c_blocks):
             _waterfill_blocks(x_ext, load_ext, c_blk, colour)
+        if frozen:
+            x_ext[:-1].reshape(L, P)[certified] = keep_x
+            load_ext[:-1].reshape(L, R)[certified] = keep_load
         load = load_ext[:-1].reshape(L, R)
         m = load.max(1).values
         lb = lower_bound(pl, c, load)
-        certified = m - lb <= tol * m.clamp(min=1.0)
+        certified = certified | (m - lb <= tol * m.clamp(min=1.0))
         if bool(certified.all()):
             break
     return _conserve(x_ext[:-1].reshape(L, P), pl, c), certified

@@ -205,7 +205,8 @@ def test_replay_on_live_dump(server, live_dumps, e2e_log_dir):
     table = res.stdout
     (e2e_log_dir / f"replay_{slug(server.mode)}.txt").write_text(table)
     assert "SGLang recorder dump (stat)" in table and str(dump) in table, table[-2000:]
-    for mode in ("static", "dynamic", "lplb-rebalance", "lplb", "waterfill-cons", "waterfill+lplb-all", "bound (joint LP)"):
+    for mode in ("static", "dynamic", "lplb/table", "lplb/per-batch/global/tokens", "waterfill/conservative/global",
+                 "waterfill+lplb/per-batch/global/tokens/all_rank", "bound (joint LP)"):
         assert re.search(rf"^{re.escape(mode)}\s", table, re.M), f"no row {mode!r} in:\n{table}"
 
     result = json.loads(out.read_text())
@@ -228,8 +229,9 @@ def test_replay_on_live_dump(server, live_dumps, e2e_log_dir):
             assert m["steps_scored"] == steps_with_tokens, (name, m)
     # Per-batch LPLB is never worse than SGLang's static dispatch on a batch (it is optimal
     # among integral dispatches); the joint mode reaches the joint LP bound up to integrality.
-    assert modes["lplb"]["moe_time_ratio_vs_static"] <= 1.0 + 1e-9
-    assert modes["waterfill+lplb-all"]["moe_time_ratio_vs_static"] <= modes["lplb"]["moe_time_ratio_vs_static"] + 1e-9
+    lplb, joint = modes["lplb/per-batch/global/tokens"], modes["waterfill+lplb/per-batch/global/tokens/all_rank"]
+    assert lplb["moe_time_ratio_vs_static"] <= 1.0 + 1e-9
+    assert joint["moe_time_ratio_vs_static"] <= lplb["moe_time_ratio_vs_static"] + 1e-9
 
 
 @pytest.mark.e2e
@@ -253,9 +255,9 @@ def test_moe_lb_ready_on_both_ranks(server):
     text = server.log_text()
     ready = {m.group(1): m for m in READY_RE.finditer(text)}
     assert set(ready) == {"TP0", "TP1"}, f"no '[moe-lb] ready' line on both ranks in {server.log_path}"
-    want_schedule = "per-batch" if "per-batch" in mode_args(server.mode) else "rebalance-only"
+    want_mode = "lplb/per-batch" if "per-batch" in mode_args(server.mode) else "lplb/table"
     for rank, m in ready.items():
-        assert f"lplb={want_schedule}" in m.group(2), m.group(0)
+        assert f"mode={want_mode}" in m.group(2), m.group(0)
         assert (int(m.group(4)), int(m.group(5))) == (2, (CONFIG["n_routed_experts"] + 2) // 2), m.group(0)
     # The server log has no level column: look for the plugin's warning wording instead.
     warning_words = re.compile(r"(?i)fail|error|ignored|falls? back|without the TopK path|LPLB is off")
@@ -271,7 +273,7 @@ def test_moe_lb_ready_on_both_ranks(server):
 def test_lplb_tables_solved_in_rebalance(server):
     """Our rebalance hook ran in SGLang's EPLB cycle and HiGHS produced non-trivial split tables."""
     if "--moe-lb" not in mode_args(server.mode) or "per-batch" in mode_args(server.mode):
-        pytest.skip("split tables are the rebalance-only LPLB schedule")
+        pytest.skip("split tables are the LPLB table schedule")
     text = server.log_text()
     if not TABLES_RE.search(text):  # the install point is the pass after a rebalance
         server.generate(PROMPTS[:2], greedy=True, max_new_tokens=24)
@@ -289,8 +291,10 @@ def test_lplb_tables_solved_in_rebalance(server):
         for layer, before, even, lplb in re.findall(r"(\d+):(\S+?)->(\S+?)->(\S+)", m.group(6)):
             if "n/a" in (even, lplb):
                 continue
-            # The scenario LP's table is never worse than the even split on the window it solved.
-            assert float(lplb) >= float(even) - 1e-3, (label, layer, even, lplb)
+            # The log reports SGLang's balancedness (mean over steps of mean/max, core metrics); the
+            # scenario LP minimises the summed max load instead, so a table may score below the even
+            # split on this metric for one layer (test_plugin_rebalance checks the LP's own objective).
+            assert 0 < float(lplb) <= 1 and 0 < float(even) <= 1, (label, layer, even, lplb)
             improved += float(lplb) > float(even) + 1e-3
     assert max(int(m.group(2)) for m in lines) == MOE_LAYERS, [m.group(0) for m in lines]
     assert improved > 0, "every table equals the even split: did HiGHS solve anything?"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_moe_lb.replay.sources import TraceFormatError, bundled_trace, load_recorder, synthetic_trace
+from sglang_moe_lb.replay.dumps import load_recorder
+from sglang_moe_lb.replay.sources import TraceFormatError, bundled_trace, synthetic_trace
 
 from .conftest import DUMP_P2L, DUMP_PASSES, DUMP_RANKS, DUMP_TOPK, dump_tokens
 
@@ -187,3 +188,61 @@ def test_unreadable_and_missing_files(tmp_path):
 def test_mixed_dump_kinds_are_rejected(recorder_dumps):
     with pytest.raises(TraceFormatError, match="mixed dump kinds"):
         load_recorder([recorder_dumps["stat"][0], recorder_dumps["per_pass"][0]], num_ranks=2)
+
+
+# ------------------------------------------------------------------------------------------
+# Conflicting or duplicate inputs are rejected, never merged
+# ------------------------------------------------------------------------------------------
+def test_the_same_file_twice_is_rejected(recorder_dumps, tmp_path):
+    f = recorder_dumps["stat"][0]
+    with pytest.raises(TraceFormatError, match="given twice"):
+        load_recorder([f, f], num_ranks=2)
+    with pytest.raises(TraceFormatError, match="given twice"):  # once as a file, once inside its directory
+        load_recorder([f.parent, f], num_ranks=2)
+    link = tmp_path / "alias.pt"
+    link.symlink_to(f)
+    with pytest.raises(TraceFormatError, match="given twice"):
+        load_recorder([f, link], num_ranks=2)
+
+
+@pytest.mark.parametrize("kind", ["per_pass", "per_token"])
+def test_two_files_of_one_rank_are_rejected(recorder_dumps, tmp_path, kind):
+    a = recorder_dumps[kind][0]
+    copy = _save(tmp_path, "copy.pt", torch.load(a, weights_only=True))
+    with pytest.raises(TraceFormatError, match=r"copy.pt: rank 0 again \(also .*\); give one file per rank"):
+        load_recorder([a, copy], num_ranks=2)
+
+
+def test_a_pass_recorded_twice_in_one_file_is_rejected(recorder_dumps, tmp_path):
+    obj = torch.load(recorder_dumps["per_token"][0], weights_only=True)
+    obj["records"].append(obj["records"][0])
+    p = _save(tmp_path, "dup.pt", obj)
+    with pytest.raises(TraceFormatError, match=r"dup.pt: forward pass 0 is recorded twice"):
+        load_recorder([p], num_ranks=2)
+
+
+def test_files_of_different_dumps_are_rejected(recorder_dumps, tmp_path):
+    a, b = recorder_dumps["per_pass"]
+    obj = torch.load(b, weights_only=True)
+    obj["last_physical_to_logical_map"] = obj["last_physical_to_logical_map"].flip(1)
+    other = _save(tmp_path, "other.pt", obj)
+    with pytest.raises(TraceFormatError, match="other.pt: 'last_physical_to_logical_map' differs from"):
+        load_recorder([a, other], num_ranks=2)
+
+
+def test_top_k_narrower_than_per_token_rows_is_rejected(recorder_dumps):
+    files = recorder_dumps["per_token"]
+    with pytest.raises(TraceFormatError, match=f"rows route up to {DUMP_TOPK} experts per token; --top-k 1 would drop"):
+        load_recorder(files, num_ranks=DUMP_RANKS, top_k=1)
+    wide = load_recorder(files, num_ranks=DUMP_RANKS, top_k=DUMP_TOPK + 2)  # wider: padding only, same tokens
+    narrow = load_recorder(files, num_ranks=DUMP_RANKS)
+    b, w = narrow.batch(0).topk, wide.batch(0).topk
+    assert torch.equal(w[..., :DUMP_TOPK], b) and (w[..., DUMP_TOPK:] == -1).all()
+
+
+def test_counts_dump_notes_a_doubtful_top_k(recorder_dumps):
+    (f,) = recorder_dumps["stat"]
+    tr = load_recorder([f], num_ranks=DUMP_RANKS, top_k=3)  # the dump was recorded with top-2
+    assert any("not a multiple of --top-k 3" in n for n in tr.info["notes"])
+    with pytest.raises(TraceFormatError, match="--top-k 9 is more than the dump's 3 experts"):
+        load_recorder([f], num_ranks=DUMP_RANKS, top_k=9)

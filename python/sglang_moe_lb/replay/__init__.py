@@ -2,19 +2,27 @@
 
 Feeds a recording (SGLang expert-distribution recorder dumps, the bundled OLMoE data or a
 synthetic generator) through SGLang's own placement and dispatch modes and through ours,
-using the same ``joint.balance_layer`` the server plugin calls, and reports balancedness, the
-gap to the per-batch LP bound and the modelled MoE-layer time. See docs/replay.md.
+using the same ``chain.balance_layer`` the server plugin calls, and reports balancedness,
+the gap to the per-batch LP bound and the modelled MoE-layer time (cost model + overhead),
+optionally over a sweep of batch sizes. Stages: read (``sources``, ``dumps``) -> placement
+timeline (``timeline``) -> evaluate (``evaluate``) -> aggregate (``aggregate``) -> report
+(``report``), orchestrated by ``simulate``. See docs/replay.md.
 """
 
-from .simulate import DEFAULT_MODES, MODES, Mode, ReplayConfig, ReplayResult, run_replay
-from .sources import Batch, Trace, TraceFormatError, bundled_trace, load_recorder, synthetic_trace
+from .dumps import load_recorder
+from .modes import ReplayMode, parse_mode, parse_modes, server_default
+from .simulate import DEFAULT_MODES, ReplayConfig, ReplayResult, make_plan, run_replay
+from .sources import Batch, Trace, TraceFormatError, bundled_trace, synthetic_trace
 
 __all__ = [
     "run_replay",
+    "make_plan",
     "ReplayConfig",
     "ReplayResult",
-    "Mode",
-    "MODES",
+    "ReplayMode",
+    "parse_mode",
+    "parse_modes",
+    "server_default",
     "DEFAULT_MODES",
     "Trace",
     "Batch",

@@ -1,48 +1,57 @@
-"""Turn a ``ReplayResult`` into the stdout table, the JSON file and the PNG plots."""
+"""The *report* stage: a ``ReplayResult`` as the stdout tables, the JSON file and the PNG plots."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from .simulate import MODES, ReplayResult
+from .simulate import ReplayResult
 
-__all__ = ["format_table", "write_json", "write_plots", "PLOT_FILES"]
+__all__ = ["format_table", "format_sweep", "write_json", "write_plots", "PLOT_FILES", "SWEEP_PLOT"]
 
 PLOT_FILES = ("replay_balancedness.png", "replay_worst_step.png")
+SWEEP_PLOT = "replay_sweep.png"
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
 
 
+def _name_width(res: ReplayResult) -> int:
+    return max([24] + [len(n) + 2 for n in res.modes])
+
+
 def format_table(res: ReplayResult) -> str:
     """The per-mode table (one row per mode, then the two LP bounds), with notes."""
     cfg = res.config
+    w = _name_width(res)
     head = (
-        f"{'mode':<24}{'by':<9}{'steps':>6}{'bal mean':>10}{'bal p5':>8}{'gap->bound':>12}"
-        f"{'gap->class':>12}{'MoE time':>10}{'overhead':>11}"
+        f"{'mode':<{w}}{'by':<7}{'steps':>6}{'bal mean':>9}{'bal p5':>8}{'gap->bound':>11}"
+        f"{'gap->class':>11}{'MoE time':>9}{'modelled':>10}{'overhead':>9}{'CPU':>9}"
     )
-    sub = f"{'':<24}{'':<9}{'':>6}{'':>10}{'':>8}{'(joint LP)':>12}{'bound':>12}{'/static':>10}{'ms/batch':>11}"
+    sub = (f"{'':<{w}}{'':<7}{'':>6}{'':>9}{'':>8}{'(joint LP)':>11}{'bound':>11}{'/static':>9}"
+           f"{'t/static':>10}{'us/layer':>9}{'ms/batch':>9}")
     lines = [head, sub, "-" * len(head)]
     for name, m in res.modes.items():
         cls = "J" if m["class_bound"] == "joint" else "L"
         star = "*" if m["steps_scored"] < cfg["num_steps"] else " "
-        ovh = f"{m['overhead_ms_per_batch']:9.2f}{'i' if 'overhead_note' in m else ' '} "
+        cpu = f"{m['overhead_ms_per_batch']:8.2f}{'i' if 'overhead_note' in m else ' '}"
         lines.append(
-            f"{name + star:<24}{'SGLang' if m['family'] == 'upstream' else 'ours':<9}{m['steps_scored']:>6}"
-            f"{m['balancedness_mean']:>10.4f}{m['balancedness_p5']:>8.4f}{_pct(m['gap_to_bound_mean']):>12}"
-            f"{_pct(m['gap_to_class_bound_mean']) + ' ' + cls:>12}{m['moe_time_ratio_vs_static']:>10.4f}{ovh:>11}"
+            f"{name + star:<{w}}{'SGLang' if m['family'] == 'upstream' else 'ours':<7}{m['steps_scored']:>6}"
+            f"{m['balancedness_mean']:>9.4f}{m['balancedness_p5']:>8.4f}{_pct(m['gap_to_bound_mean']):>11}"
+            f"{_pct(m['gap_to_class_bound_mean']) + ' ' + cls:>11}{m['moe_time_ratio_vs_static']:>9.4f}"
+            f"{m['time_vs_static']:>10.4f}{m['overhead_us_per_layer']:>9.1f}{cpu:>9}"
         )
     lines.append("-" * len(head))
     for label, b in (("bound (joint LP)", res.bound), ("bound (shared local)", res.bound_local_shared)):
         lines.append(
-            f"{label:<24}{'LP':<9}{cfg['num_steps']:>6}{b['balancedness_mean']:>10.4f}{b['balancedness_p5']:>8.4f}"
-            f"{'':>12}{'':>12}{b['moe_time_ratio_vs_static']:>10.4f}{'':>11}"
+            f"{label:<{w}}{'LP':<7}{cfg['num_steps']:>6}{b['balancedness_mean']:>9.4f}{b['balancedness_p5']:>8.4f}"
+            f"{'':>11}{'':>11}{b['moe_time_ratio_vs_static']:>9.4f}"
         )
     out = ["\n".join(lines)]
     legend = [
@@ -51,7 +60,9 @@ def format_table(res: ReplayResult) -> str:
         "gap->bound = 1 - joint-LP max / achieved max (shared expert may go anywhere); gap->class: J = same, "
         "L = against the LP with the shared expert kept on the source rank (the best a routed-only mode can do).",
         "MoE time/static = sum over steps and layers of the max rank load, relative to static on the same steps.",
-        "overhead = one rank's dispatch-decision time per batch (all layers), measured on this CPU"
+        f"modelled t/static = busiest rank's grouped-GEMM time (cost model: {cfg['cost_model']}) plus the mode's "
+        "overhead per layer (measured kernels + collective; 0 for SGLang static/dynamic), relative to static.",
+        "CPU = one rank's dispatch-decision time per batch (all layers) on this CPU"
         + (" (i = Triton interpreter)" if any("overhead_note" in m for m in res.modes.values()) else "") + ".",
     ]
     if any(m["steps_scored"] < cfg["num_steps"] for m in res.modes.values()):
@@ -62,7 +73,7 @@ def format_table(res: ReplayResult) -> str:
             rows = [f"On the {m['steps_scored']} steps where {name} ran ({res.sampled_steps}):"]
             for other, s in m["on_sampled_steps"].items():
                 rows.append(
-                    f"  {other:<24}bal mean {s['balancedness_mean']:.4f}   MoE time/static {s['moe_time_ratio_vs_static']:.4f}"
+                    f"  {other:<{w}}bal mean {s['balancedness_mean']:.4f}   MoE time/static {s['moe_time_ratio_vs_static']:.4f}"
                 )
             out.append("\n".join(rows))
     summ = _headline(res)
@@ -74,12 +85,48 @@ def format_table(res: ReplayResult) -> str:
         f"({cfg['slots_per_rank']} slots/rank), top-{cfg['top_k']}, {cfg['num_layers']} layers, {cfg['num_steps']} steps; "
         f"EPLB {cfg['eplb_algorithm_resolved']} every {cfg['rebalance_every'] or 'never'} steps on a {cfg['window']}-step "
         f"window (rebalanced at {res.rebalance_steps}); SGLang {cfg['sglang_version']}",
+        f"--moe-lb lplb runs {res.server_default['lplb']}; --moe-lb waterfill+lplb runs {res.server_default['waterfill+lplb']} "
+        "(mode.SERVER_DEFAULTS)",
     ]
     info += [f"note: {n}" for n in res.notes]
     info += [f"skipped {k}: {v}" for k, v in res.skipped.items()]
     info.append(f"wall time {res.wall_s:.1f} s")
     out.append("\n".join(info))
     return "\n\n".join(out)
+
+
+def format_sweep(res: ReplayResult) -> str:
+    """Modelled time vs SGLang static per mode (rows) and batch size (columns), then break-even µs."""
+    sizes = [row["tokens_per_rank"] for row in res.sweep]
+    names = list(dict.fromkeys(n for row in res.sweep for n in row["modes"]))
+    w = max([24] + [len(n) + 2 for n in names])
+    head = f"{'tokens per rank ->':<{w}}" + "".join(f"{n:>9}" for n in sizes)
+
+    def table(title: str, key: str, fmt: str) -> str:
+        lines = [title, head, "-" * len(head)]
+        for n in names:
+            cells = []
+            for row in res.sweep:
+                v = row["modes"].get(n, {}).get(key)
+                cells.append(f"{'-' if v is None else format(v, fmt):>9}")
+            lines.append(f"{n:<{w}}" + "".join(cells))
+        return "\n".join(lines)
+
+    default = res.server_default
+    foot = [
+        "time/static = (busiest rank's modelled layer time + the mode's overhead) / SGLang static's, summed over "
+        "steps and layers; < 1 is faster than static. Gated modes run static (ratio 1, no overhead) where the gate is closed.",
+        f"cost model: {res.config['cost_model']}; overheads: {res.config['overheads_source']}.",
+        f"--moe-lb lplb runs {default['lplb']}; waterfill+lplb runs {default['waterfill+lplb']}.",
+        "break-even = the largest overhead per layer (us) at which the mode, where it balances, would still match static "
+        "(negative: slower than static even for free).",
+    ]
+    return "\n\n".join([
+        table("modelled MoE-layer time with overhead / SGLang static, per batch size", "time_vs_static", ".4f"),
+        table("tile balancedness (grouped-GEMM tiles per rank, mean/max)", "tile_balancedness", ".4f"),
+        table("break-even overhead, us per layer", "break_even_overhead_us", ".1f"),
+        "\n".join(foot),
+    ])
 
 
 def _trace_line(cfg: dict) -> str:
@@ -106,10 +153,13 @@ def _headline(res: ReplayResult) -> str:
         return ""
     bu = max(ups, key=lambda n: ups[n]["balancedness_mean"])
     bo = max(ours, key=lambda n: ours[n]["balancedness_mean"])
+    fast = min((n for n in modes if modes[n]["steps_scored"] == res.config["num_steps"]),
+               key=lambda n: modes[n]["time_vs_static"])
     return (
         f"Best of ours: {bo} (balancedness {ours[bo]['balancedness_mean']:.4f}, MoE time x{ours[bo]['moe_time_ratio_vs_static']:.3f} "
         f"of static, {100 * ours[bo]['gap_to_bound_mean']:.2f}% from the joint LP bound {res.bound['balancedness_mean']:.4f}); "
-        f"best SGLang mode on every step: {bu} ({ups[bu]['balancedness_mean']:.4f}, x{ups[bu]['moe_time_ratio_vs_static']:.3f})."
+        f"best SGLang mode on every step: {bu} ({ups[bu]['balancedness_mean']:.4f}, x{ups[bu]['moe_time_ratio_vs_static']:.3f}).\n"
+        f"Fastest modelled (overhead included): {fast} (x{modes[fast]['time_vs_static']:.3f} of static)."
     )
 
 
@@ -133,7 +183,8 @@ def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:
     N = res.config["num_steps"]
     x = np.arange(N)
     colors = plt.get_cmap("tab20").colors
-    names = list(res.modes)
+    # Gated modes are static or their ungated mode per batch: the sweep shows them; here they only repeat.
+    names = [n for n in res.modes if not n.endswith("/gate")]
     col = {n: colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, n in enumerate(names)}
 
     fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True, sharey=True)
@@ -168,28 +219,32 @@ def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:
     fig.savefig(p1, dpi=110)
     plt.close(fig)
 
-    n = len(res.worst)
+    worst = {k: v for k, v in res.worst.items() if k in names}
+    n = len(worst)
     cols = 4
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    for ax, (name, w) in zip(axes.flat, res.worst.items()):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, sharey=True)
+    for ax, (name, w) in zip(axes.flat, worst.items()):
         r = np.arange(len(w["routed"]))
         ax.bar(r, w["routed"], color="tab:blue", label="routed")
         ax.bar(r, w["shared"], bottom=w["routed"], color="tab:orange", label="shared expert")
         ax.axhline(w["mean"], color="black", lw=1, ls="--", label="mean")
         ax.axhline(w["bound"], color="tab:green", lw=1.2, label="joint LP max")
-        ax.set_title(f"{name}\nstep {w['step']} layer {w['layer']}: bal {w['balancedness']:.3f}", fontsize=8)
+        ax.set_title(f"{name}\nstep {w['step']} layer {w['layer']}: bal {w['balancedness']:.3f}", fontsize=6)
         ax.set_xticks(r)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle("per-rank load (token-slots) at each mode's worst step and layer", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (2.6 * rows + 0.4)))
     p2 = out / PLOT_FILES[1]
     fig.savefig(p2, dpi=100)
     plt.close(fig)
-    return [p1, p2]
+    paths = [p1, p2]
+    if res.sweep:
+        paths.append(write_sweep_plot(res, out))
+    return paths
 
 
 def _plot_title(res: ReplayResult) -> str:
@@ -202,6 +257,32 @@ def _plot_title(res: ReplayResult) -> str:
     )
 
 
-def mode_descriptions() -> str:
-    """One line per mode (for --help and the docs)."""
-    return "\n".join(f"  {n:<24}{m.description}" for n, m in MODES.items())
+def write_sweep_plot(res: ReplayResult, out: Path) -> Path:
+    """Net speedup (static time / mode time, overhead included) against tokens per rank, log x."""
+    import matplotlib.pyplot as plt
+
+    sizes = [row["tokens_per_rank"] for row in res.sweep]
+    names = list(dict.fromkeys(n for row in res.sweep for n in row["modes"]))
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    for i, n in enumerate(names):
+        xs = [row["tokens_per_rank"] for row in res.sweep if n in row["modes"]]
+        ys = [1.0 / row["modes"][n]["time_vs_static"] for row in res.sweep if n in row["modes"]]
+        ours = not (n in ("static", "dynamic") or n.startswith("upstream"))
+        ax.plot(xs, ys, "-o" if ours else "--s", ms=3.5, lw=1.8 if n in res.server_default.values() else 1.1,
+                color="black" if n == "static" else colors[i % 20], label=n + (" (server default)" if n in res.server_default.values() else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("tokens per rank per batch")
+    ax.set_ylabel("net speedup vs SGLang static (modelled, overhead included)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    title = textwrap.fill(_plot_title(res), 140) + "\n" + textwrap.fill(f"cost model: {res.config['cost_model']}", 140)
+    ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    path = out / SWEEP_PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

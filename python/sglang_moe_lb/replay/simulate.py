@@ -1,112 +1,50 @@
-"""Feed a trace through every balancing mode, batch by batch, and score the rank loads.
+"""Replay a trace through every mode, in stages: read -> timeline -> evaluate -> aggregate -> report.
 
-The simulated EP group has ``R`` ranks, each also a DP-attention rank that owns a slice of
-every batch's tokens (its "source" tokens). Per step and MoE layer:
+* read: ``sources`` / ``dumps`` give a ``Trace`` (the caller), ``read.read_trace`` draws every
+  batch once (in parallel) and counts it;
+* plan (``make_plan``): every check that needs the trace's shapes, SGLang's layout, the cost
+  model and the overheads, before any work;
+* placement timeline (``timeline.build_timeline``): placements and split tables of every step;
+* evaluate (``evaluate.evaluate_step``, per step, in forked workers): tokens per fused slot
+  of every mode, and the LP bounds;
+* aggregate (``aggregate``): token metrics, modelled time with overhead, tile balancedness,
+  gated modes;
+* report (``report``): the table, JSON and plots.
 
-1. Upstream SGLang maps each rank's logical ids to physical ids (``static``: the rank's own
-   nearest-copy table; ``dynamic``: a random copy), optionally followed by SGLang's Waterfill.
-2. Our modes call ``sglang_moe_lb.joint.balance_layer`` once per rank, exactly as the server
-   plugin does: the dynamic ones with the stacked ``local_stats`` rows of all ranks (the one
-   all-gather), the static Waterfill ones with the rank's own tokens only.
-3. Every mode's result becomes a per-rank load: routed token-slots received plus
-   shared-expert token-slots executed. Without Waterfill the shared expert runs on the
-   token's own (source) rank. So every mode is scored on the same total work,
-   ``(k + 1) * tokens``, and a lower max means a faster MoE layer.
-4. Two per-batch LP bounds on the same placement (HiGHS): the *joint* bound, where the shared
-   expert may run anywhere (no dispatch of any mode can beat it), and the *local-shared*
-   bound, where the shared expert stays on the source rank (the best any routed-only mode can
-   reach).
-
-Placement follows the server: the initial map (SGLang's EPLB on the calibration counts, a
-recorded map, or the trivial one), then every ``rebalance_every`` steps SGLang's EPLB on the
-last ``window`` steps' counts. ``lplb-rebalance`` recomputes its split table at the same
-moments with ``scenario_split`` over the same window.
-
-All ranks of one mode solve bit-identical split problems (that is the design: every rank
-derives the same quotas from the gathered stats). The simulator therefore lets rank 0 solve
-and hands the result to ranks 1..R-1 (``_shared_solves``); the measured per-batch overhead is
-rank 0's, which includes the solve.
+``--batch-sweep`` repeats evaluate + aggregate at fixed batch sizes (``sweep``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from .. import joint
-from ..joint import balance_layer, local_stats
-from ..lp_split import scenario_split, solve_split
-from ..placement import Placement
-from ..quota_dispatch import count_experts
-from ..waterfill import routed_rank_load
+from ..mode import ModeError
+from ..objective import FloatSteps
+from . import aggregate as agg
+from .costs import CostOptions, build_cost_model, build_overheads, check_overheads
+from .evaluate import EvalContext, evaluate_step
+from .modes import ReplayMode, default_mode_names, parse_modes, server_default
+from .pool import cpu_count, run_jobs
 from .sources import Trace
+from .sweep import evenly_spaced, sized_trace
+from .read import Read, read_trace
+from .timeline import Timeline, build_timeline, resolve_init
 
-__all__ = ["Mode", "MODES", "DEFAULT_MODES", "ReplayConfig", "ReplayResult", "run_replay"]
+__all__ = ["ReplayConfig", "ReplayResult", "Plan", "make_plan", "run_replay", "DEFAULT_MODES", "INIT_PLACEMENTS"]
 
-
-@dataclass(frozen=True)
-class Mode:
-    """One balancing mode.
-
-    routing: "static" | "dynamic" (SGLang's mapping), "lplb-table" | "lplb" (ours).
-    waterfill: None, "conservative" | "all_rank" (ours), "upstream" (SGLang's WaterfillBalancer).
-    gathered: ours only; whether the mode uses the all-gathered stats (dynamic) or only the
-        rank's own tokens (static Waterfill, no communication).
-    """
-
-    name: str
-    family: str
-    routing: str
-    waterfill: str | None
-    gathered: bool
-    description: str
-    upstream_dynamic_waterfill: bool = False
-
-    @property
-    def moves_shared(self) -> bool:
-        return self.waterfill is not None
-
-
-_M = Mode
-MODES: dict[str, Mode] = {
-    m.name: m
-    for m in [
-        _M("static", "upstream", "static", None, False, "SGLang static dispatch (each rank's nearest copy); shared expert local"),
-        _M("dynamic", "upstream", "dynamic", None, False, "SGLang dynamic dispatch (random copy); shared expert local"),
-        _M("upstream-waterfill", "upstream", "static", "upstream", False,
-           "SGLang static dispatch + SGLang WaterfillBalancer (static, its default)"),
-        _M("upstream-waterfill-dyn", "upstream", "static", "upstream", False,
-           "SGLang static dispatch + SGLang WaterfillBalancer with SGLANG_DISABLE_STATIC_WATERFILL=1",
-           upstream_dynamic_waterfill=True),
-        _M("waterfill-cons", "ours", "static", "conservative", True,
-           "SGLang static dispatch + our Waterfill, conservative candidates, dynamic (gathered loads)"),
-        _M("waterfill-all", "ours", "static", "all_rank", True,
-           "SGLang static dispatch + our Waterfill, any rank, dynamic (gathered loads)"),
-        _M("waterfill-cons-static", "ours", "static", "conservative", False,
-           "SGLang static dispatch + our Waterfill, conservative, static (own tokens only, no collective)"),
-        _M("waterfill-all-static", "ours", "static", "all_rank", False,
-           "SGLang static dispatch + our Waterfill, any rank, static (own tokens only, no collective)"),
-        _M("lplb-rebalance", "ours", "lplb-table", None, True,
-           "our LPLB split table, solved at each rebalance over the recorded window (scenario LP)"),
-        _M("lplb", "ours", "lplb", None, True, "our exact per-batch LPLB split"),
-        _M("waterfill+lplb-cons", "ours", "lplb", "conservative", True,
-           "our per-batch LPLB split, then conservative Waterfill on the resulting loads"),
-        _M("waterfill+lplb-all", "ours", "lplb", "all_rank", True,
-           "our joint per-batch split: shared expert = one more expert with a copy on every rank"),
-    ]
-}
-# The no-argument run leaves out the opt-in variants (SGLang's dynamic Waterfill, our no-collective
-# Waterfill) to stay under a minute on 2 cores; docs/replay.md's full table has them all.
-OPT_IN_MODES = ("upstream-waterfill-dyn", "waterfill-cons-static", "waterfill-all-static")
-DEFAULT_MODES = tuple(m for m in MODES if m not in OPT_IN_MODES)
+DEFAULT_MODES = tuple(default_mode_names())
+INIT_PLACEMENTS = ("auto", "calibration", "recorded", "trivial", "first-window")
 AUTO_UPSTREAM_WATERFILL_STEPS = 4  # steps SGLang's Waterfill is scored on by default (Triton interpreter)
+AUTO_SWEEP_UPSTREAM_STEPS = 1  # ... per batch size in a sweep
+AUTO_SWEEP_UPSTREAM_MAX_TOKENS = 4096  # ... and only up to this many tokens per rank
 AUTO_UPSTREAM_WATERFILL_MAX_EP = 16  # beyond this EP size it is skipped unless asked for
+MAX_RESULT_BYTES = 4 << 30  # tokens per slot of every mode, step and layer, held for the aggregate
 
 
 @dataclass
@@ -128,31 +66,57 @@ class ReplayConfig:
     threads: int = 1
     workers: int | None = None
     progress: bool = True
+    cost: CostOptions = field(default_factory=CostOptions)
+    batch_sweep: tuple[int, ...] = ()
+    sweep_steps: int = 8
+    memo: bool = True  # share each split problem's solve between ranks and modes (MemoSteps)
+    bounds: bool = True
 
     def validate(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"--ep-size must be >= 1, got {self.ep_size}")
-        if self.redundant_experts < 0:
-            raise ValueError(f"--redundant-experts must be >= 0, got {self.redundant_experts}")
-        if self.rebalance_every < 0:
-            raise ValueError(f"--rebalance-every must be >= 0 (0 = never), got {self.rebalance_every}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"--window must be >= 1, got {self.window}")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise ValueError(f"--modes: unknown mode(s) {bad}; choose from {list(MODES)}")
-        if "static" not in self.modes:
-            raise ValueError("--modes must include 'static' (the reference of the time ratio)")
-        if self.init_placement not in ("auto", "calibration", "recorded", "trivial", "first-window"):
-            raise ValueError(
-                f"--init-placement must be auto, calibration, recorded, trivial or first-window, got {self.init_placement!r}"
-            )
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        """Flag values alone; raises ``ValueError`` naming the flag."""
+        def at_least(name: str, v, lo) -> None:
+            if v is not None and v < lo:
+                raise ValueError(f"--{name} must be >= {lo}, got {v}")
+
+        at_least("ep-size", self.ep_size, 1)
+        at_least("redundant-experts", self.redundant_experts, 0)
+        at_least("rebalance-every", self.rebalance_every, 0)
+        at_least("window", self.window, 1)
+        at_least("workers", self.workers, 1)
+        at_least("threads", self.threads, 1)
+        at_least("num-groups", self.num_groups, 1)
+        at_least("nnodes", self.nnodes, 1)
+        at_least("upstream-waterfill-steps", self.upstream_waterfill_steps, -1)
+        at_least("sweep-steps", self.sweep_steps, 1)
+        self.replay_modes()
+        if self.init_placement not in INIT_PLACEMENTS:
+            raise ValueError(f"--init-placement must be one of {', '.join(INIT_PLACEMENTS)}, got {self.init_placement!r}")
         if self.lp_method not in ("highs", "fast"):
             raise ValueError(f"--lp-method must be highs or fast, got {self.lp_method!r}")
+        if self.ep_size % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must divide --ep-size {self.ep_size}")
+        if len(set(self.batch_sweep)) != len(self.batch_sweep) or any(n < 1 for n in self.batch_sweep):
+            raise ValueError(f"--batch-sweep needs distinct sizes >= 1, got {list(self.batch_sweep)}")
+        _check_eplb_algorithm(self.eplb_algorithm)
+        self.cost.validate()
+
+    def replay_modes(self) -> tuple[ReplayMode, ...]:
+        try:
+            return parse_modes(list(self.modes))
+        except ModeError as err:
+            msg = str(err)
+            raise ValueError(msg if msg.startswith("--modes") else f"--modes: {msg}") from None
+
+
+def _check_eplb_algorithm(name: str) -> None:
+    from .upstream import ensure_triton_interpreter
+
+    ensure_triton_interpreter()  # before anything imports Triton (SGLang does)
+    from sglang.srt.eplb.eplb_algorithms import EplbAlgorithm
+
+    known = ["auto"] + [a.name for a in EplbAlgorithm]
+    if name not in known:
+        raise ValueError(f"--eplb-algorithm must be one of SGLang's {', '.join(known)}; got {name!r}")
 
 
 @dataclass
@@ -168,17 +132,20 @@ class ReplayResult:
     notes: list
     skipped: dict
     wall_s: float
+    sweep: list = field(default_factory=list)
+    server_default: dict = field(default_factory=dict)
     series: dict = field(repr=False, default_factory=dict)
     worst: dict = field(repr=False, default_factory=dict)
     arrays: dict = field(repr=False, default_factory=dict)
-    """Raw numbers (not in the JSON): ``total[mode]`` / ``routed[mode]`` ``[steps, L, R]`` loads (NaN where
-    not scored), ``bound_joint`` / ``bound_local`` / ``bound_routed`` ``[steps, L]`` LP max loads,
-    ``routed_total`` ``[steps, L]`` routed entries, ``placements`` (each ``[L, P]``) and
-    ``state_of_step`` (index into ``placements`` per step)."""
+    """Raw numbers (not in the JSON): ``slots[mode]`` ``[steps, L, R, S+1]`` tokens per fused slot,
+    ``total[mode]`` / ``routed[mode]`` ``[steps, L, R]`` loads (NaN where not scored),
+    ``bound_joint`` / ``bound_local`` / ``bound_routed`` ``[steps, L]`` LP max loads, ``tokens``
+    ``[steps, R]``, ``placements`` (each ``[L, P]``) and ``state_of_step``."""
 
     def to_json(self, per_step: bool = True) -> dict:
         out = {
             "config": self.config,
+            "server_default": self.server_default,
             "modes": self.modes,
             "bound": self.bound,
             "bound_local_shared": self.bound_local_shared,
@@ -190,6 +157,8 @@ class ReplayResult:
             "skipped": self.skipped,
             "wall_s": round(self.wall_s, 3),
         }
+        if self.sweep:
+            out["sweep"] = self.sweep
         if per_step:
             out["per_step"] = {
                 "balancedness": {k: [None if math.isnan(v) else round(float(v), 6) for v in s]
@@ -199,493 +168,445 @@ class ReplayResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Plan: every check before any work
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _shared_solves():
-    """Let the R ranks of one mode share one solve (their inputs are bit-identical).
+@dataclass
+class Plan:
+    cfg: ReplayConfig
+    modes: tuple[ReplayMode, ...]  # as asked (gated ones included)
+    eval_modes: tuple[ReplayMode, ...]  # what runs per step: ungated, static first
+    E: int
+    k: int
+    L: int
+    N: int
+    R: int
+    P: int
+    S: int
+    window: int
+    init: str
+    up: object
+    cost: object
+    cost_note: str
+    overheads: object
+    sampled_steps: list[int]
+    notes: list[str]
+    skipped: dict[str, str]
+    seconds: float = 0.0  # time make_plan took (SGLang's import and context included)
 
-    Wraps the two solver entry points that ``joint.balance_layer`` calls with a cache keyed
-    on the placement object and the exact input bytes. ``cache.clear()`` starts a new mode.
-    """
-    cache: dict = {}
-    orig_solve, orig_quota = joint.solve_split, joint.integer_quotas
 
-    def key_of(t: torch.Tensor) -> tuple:
-        return (t.dtype, tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes())
+def _eval_modes(modes: tuple[ReplayMode, ...]) -> tuple[ReplayMode, ...]:
+    out: dict[str, ReplayMode] = {}
+    for m in sorted(modes, key=lambda m: m.name != "static"):
+        u = m.ungated
+        out.setdefault(u.name, u)
+    return tuple(out.values())
 
-    def solve(pl, counts, method="fast", **kw):
-        k = ("solve", id(pl), method, tuple(sorted(kw.items())), key_of(counts))
-        if k not in cache:
-            cache[k] = orig_solve(pl, counts, method, **kw)
-        return cache[k]
 
-    def quota(pl, split, counts, *a, **kw):
-        k = ("quota", id(pl), a, tuple(sorted(kw.items())), key_of(split), key_of(counts))
-        if k not in cache:
-            cache[k] = orig_quota(pl, split, counts, *a, **kw)
-        return cache[k]
+def _layout_checks(cfg: ReplayConfig, E: int, L: int, N: int, modes) -> int:
+    """Shapes against the flags; returns P."""
+    P = E + cfg.redundant_experts
+    if P % cfg.ep_size:
+        raise ValueError(f"{E} experts + {cfg.redundant_experts} redundant = {P} physical slots, "
+                         f"not divisible by --ep-size {cfg.ep_size}")
+    if cfg.num_groups is not None and E % cfg.num_groups:
+        raise ValueError(f"--num-groups {cfg.num_groups} must divide the {E} experts")
+    S = P // cfg.ep_size
+    per_mode = N * L * cfg.ep_size * (S + 1) * 4
+    need = per_mode * max(1, len(modes))
+    if need > MAX_RESULT_BYTES:
+        raise ValueError(
+            f"{N} steps x {L} layers x {cfg.ep_size} ranks x {S + 1} slots x {len(modes)} modes would hold "
+            f"{need / 2**30:.1f} GiB of results (limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); use fewer --steps or --modes"
+        )
+    return P
 
-    joint.solve_split, joint.integer_quotas = solve, quota
+
+def _dry_run_eplb(up, E: int, L: int) -> None:
+    """SGLang's EPLB asserts on layouts it cannot place; try it once on a dummy window first."""
     try:
-        yield cache
-    finally:
-        joint.solve_split, joint.integer_quotas = orig_solve, orig_quota
+        up.rebalance(torch.ones(1, L, E, dtype=torch.float64))
+    except Exception as err:  # noqa: BLE001 - SGLang asserts or raises anything on a layout it cannot place
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"SGLang's EPLB ({up.algorithm.name}) cannot place {E} experts on this layout "
+            f"(--ep-size, --redundant-experts, --num-groups, --nnodes, --eplb-algorithm): {detail}"
+        ) from None
 
 
-def _local_shared_placement(pl: Placement) -> Placement:
-    """The fused layout with rank r's extra slot holding its own pseudo-expert ``E + r``.
+def _upstream_sampling(cfg: ReplayConfig, modes, up, R: int, N: int, notes: list, skipped: dict) -> tuple:
+    """(modes without skipped upstream Waterfill, steps where it runs)."""
+    upstream = [m for m in modes if m.upstream_waterfill]
+    if not upstream:
+        return modes, []
+    reason = None
+    if up.note:
+        reason = up.note
+    elif R & (R - 1):
+        reason = f"SGLang's Waterfill kernel needs a power-of-two EP size (tl.arange over ranks); got {R}"
+    elif cfg.upstream_waterfill_steps == 0:
+        reason = "skipped by --upstream-waterfill-steps 0"
+    elif cfg.upstream_waterfill_steps is None and R > AUTO_UPSTREAM_WATERFILL_MAX_EP:
+        reason = (f"too slow at EP {R}: SGLang's Waterfill kernel unrolls over the ranks and runs in the Triton "
+                  f"interpreter on CPU; pass --upstream-waterfill-steps K to run it on K steps anyway")
+    if reason:
+        for m in upstream:
+            skipped[m.name] = reason
+        return tuple(m for m in modes if not m.upstream_waterfill), []
+    k = AUTO_UPSTREAM_WATERFILL_STEPS if cfg.upstream_waterfill_steps is None else cfg.upstream_waterfill_steps
+    sampled = evenly_spaced(N, k)
+    if len(sampled) < N:
+        notes.append(
+            f"upstream Waterfill runs SGLang's Triton kernels in the Triton interpreter on CPU "
+            f"(~0.1-0.3 s per rank and layer), so it is scored on {len(sampled)} evenly spaced steps {sampled}; "
+            f"its time ratio and gaps compare against the other modes on those same steps (see 'on_sampled_steps')."
+        )
+    return modes, sampled
 
-    Counting rank r's source tokens as that expert's load pins the shared expert to the
-    source rank, so ``solve_split`` on it gives the best max load of any routed-only mode.
-    """
-    L, R, S, E = pl.num_layers, pl.num_ranks, pl.slots_per_rank, pl.num_logical
-    pseudo = (E + torch.arange(R)).reshape(1, R, 1).expand(L, R, 1)
-    fused = torch.cat([pl.phy2log.reshape(L, R, S), pseudo], 2).reshape(L, R * (S + 1))
-    return Placement(fused, R, E + R)
+
+def make_plan(trace: Trace, cfg: ReplayConfig) -> Plan:
+    """Every check that needs the trace (shapes, SGLang's layout, cost model, overheads)."""
+    from .upstream import UpstreamSGLang
+
+    t0 = time.perf_counter()
+    cfg.validate()
+    modes = cfg.replay_modes()
+    E, k, L, N, R = trace.num_logical, trace.top_k, trace.num_layers, trace.num_steps, cfg.ep_size
+    P = _layout_checks(cfg, E, L, N, modes)
+    S = P // R
+    init, notes = resolve_init(trace, cfg.init_placement, L, P)
+    notes = list(trace.info.get("notes", [])) + notes
+    cost, cost_note = build_cost_model(cfg.cost, trace.info)
+    overheads = build_overheads(cfg.cost)
+    check_overheads(overheads, modes, R)
+    up = UpstreamSGLang(num_logical=E, num_physical=P, ep_size=R, num_layers=L,
+                        eplb_algorithm=cfg.eplb_algorithm, num_groups=cfg.num_groups, nnodes=cfg.nnodes)
+    _dry_run_eplb(up, E, L)
+    skipped: dict[str, str] = {}
+    modes, sampled = _upstream_sampling(cfg, modes, up, R, N, notes, skipped)
+    window = cfg.window or cfg.rebalance_every or N
+    return Plan(cfg, modes, _eval_modes(modes), E, k, L, N, R, P, S, window, init, up, cost, cost_note, overheads,
+                sampled, notes, skipped, time.perf_counter() - t0)
 
 
-def _even_table(pl: Placement) -> torch.Tensor:
-    """Split fractions of the even split (each copy an equal share): ``[L, P]``."""
-    return 1.0 / pl.num_copies.gather(1, pl.phy2log).to(torch.float64)
-
-
-def _split_ranks(n: int, R: int, sizes: list[int] | None) -> list[int]:
-    if sizes is not None and len(sizes) == R and sum(sizes) == n:
-        return list(sizes)
-    base, extra = divmod(n, R)
-    return [base + (1 if r < extra else 0) for r in range(R)]
+# ---------------------------------------------------------------------------------------------
+# Evaluate every step
+# ---------------------------------------------------------------------------------------------
+def _context(plan: Plan, timeline: Timeline, upstream_steps, with_bounds: bool) -> EvalContext:
+    return EvalContext(plan.eval_modes, plan.up, timeline, plan.cost, FloatSteps(plan.cfg.lp_method),
+                       plan.E, plan.k, plan.L, plan.R, plan.S, seed=plan.cfg.seed, memo=plan.cfg.memo,
+                       upstream_steps=frozenset(upstream_steps), with_bounds=with_bounds)
 
 
 @dataclass
-class _PlacementState:
-    pl: Placement
-    up: object
-    table: torch.Tensor
-    local: Placement
-    how: str
+class StepArrays:
+    """Every step's evaluation, stacked: slots per mode ``[N, L, R, S+1]`` (NaN: not run),
+    rank-0 CPU seconds per mode ``[N]``, bounds ``[N, L]``, tokens per source rank ``[N, R]``."""
+
+    slots: dict[str, np.ndarray]
+    cpu: dict[str, np.ndarray]
+    bounds: dict[str, np.ndarray]
+    tokens: np.ndarray
+    memo_hits: int = 0
+    memo_misses: int = 0
+
+    @classmethod
+    def empty(cls, modes, N: int, L: int, R: int, S: int) -> "StepArrays":
+        return cls({m.name: np.full((N, L, R, S + 1), np.nan, dtype=np.float32) for m in modes},
+                   {m.name: np.full(N, np.nan) for m in modes},
+                   {k: np.zeros((N, L)) for k in ("joint", "local", "routed")}, np.zeros((N, R), dtype=np.int64))
+
+    def put(self, i: int, res) -> None:
+        for name, s in res.slots.items():
+            self.slots[name][i] = s
+            self.cpu[name][i] = res.cpu_s[name]
+        if res.bounds is not None:
+            for key, v in res.bounds.items():
+                self.bounds[key][i] = v
+        self.tokens[i] = res.tokens
+        self.memo_hits += res.memo_hits
+        self.memo_misses += res.memo_misses
+
+
+def _workers(cfg: ReplayConfig, jobs: int) -> int:
+    return max(1, min(cfg.workers or cpu_count(), jobs))
+
+
+def evaluate_all(plan: Plan, trace: Trace, read: Read, timeline: Timeline) -> StepArrays:
+    """Every mode on every step (sampled steps first, so the slow upstream ones are shared out)."""
+    ctx = _context(plan, timeline, plan.sampled_steps, plan.cfg.bounds)
+    out = StepArrays.empty(plan.eval_modes, plan.N, plan.L, plan.R, plan.S)
+    order = sorted(range(plan.N), key=lambda t: (t not in ctx.upstream_steps, t))
+
+    def task(t: int):
+        return evaluate_step(ctx, t, read.batch(trace, t))
+
+    jobs = run_jobs(task, order, _workers(plan.cfg, plan.N), plan.cfg.threads, "replay" if plan.cfg.progress else None)
+    with contextlib.closing(jobs):
+        for t, res in jobs:
+            out.put(t, res)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregate
+# ---------------------------------------------------------------------------------------------
+def _mode_slots(plan: Plan, arr: StepArrays, tokens_per_rank: np.ndarray) -> tuple[dict, dict, dict]:
+    """(slots, gate-open mask, overhead µs per step) of every asked mode; gated ones derived."""
+    c = plan.cfg.cost
+    static = arr.slots["static"].astype(np.float64)
+    slots, open_, ovh = {}, {}, {}
+    for m in plan.modes:
+        base = arr.slots[m.ungated.name].astype(np.float64)
+        o = agg.gate_open(m, tokens_per_rank, plan.cost, plan.overheads, plan.k, plan.S, plan.R, c.expected_gain)
+        slots[m.name] = agg.gated_slots(base, static, o) if m.gated else base
+        open_[m.name] = o
+        ovh[m.name] = agg.step_overheads(m, tokens_per_rank, o, plan.overheads, plan.R)
+    return slots, open_, ovh
+
+
+def _bound_summary(bound: np.ndarray, mean_load: np.ndarray, static_max: np.ndarray, mask: np.ndarray) -> dict:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(bound > 0, mean_load / bound, 1.0)[mask].mean(1)
+    return {"balancedness_mean": float(b.mean()), "balancedness_p5": float(np.percentile(b, 5)),
+            "moe_time_ratio_vs_static": float(bound[mask].sum() / static_max[mask].sum())}
+
+
+def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict) -> dict:
+    bj, bl = arr.bounds["joint"], arr.bounds["local"]
+    static = slots["static"]
+    out = {}
+    for m in plan.modes:
+        s = slots[m.name]
+        mask = ~np.isnan(s).any((1, 2, 3))
+        if not mask.any():
+            continue
+        res = agg.token_summary(s, static, mask, bj, bj if m.moves_shared else bl)
+        _, routed = agg.rank_loads(s[mask])
+        rb = agg._step_balancedness(routed)
+        base_cpu = arr.cpu[m.ungated.name][mask]
+        closed = ~open_[m.name][mask] if m.gated else np.zeros(int(mask.sum()), dtype=bool)
+        cpu = np.where(closed, arr.cpu["static"][mask], base_cpu)
+        res.update(
+            class_bound="joint" if m.moves_shared else "local_shared",
+            routed_balancedness_mean=float(rb.mean()),
+            overhead_ms_per_batch=float(np.nanmean(cpu) * 1e3),
+            steps_scored=int(mask.sum()),
+            family=m.family,
+            description=m.description,
+        )
+        res.update(agg.time_summary(s, static, mask, ovh[m.name], open_[m.name], plan.cost))
+        if m.gated:
+            res["gate_open_share"] = float(open_[m.name][mask].mean())
+        if m.upstream_waterfill:
+            res["overhead_note"] = "CPU time: Triton interpreter, not indicative of GPU cost"
+        out[m.name] = res
+    return out
+
+
+def _series_and_worst(plan: Plan, slots: dict, mean_load: np.ndarray, bj: np.ndarray, bl: np.ndarray):
+    series, worst = {}, {}
+    for m in plan.modes:
+        s = slots[m.name]
+        scored = ~np.isnan(s).any((1, 2, 3))
+        if not scored.any():
+            continue
+        total, routed = agg.rank_loads(np.nan_to_num(s))
+        mx = total.max(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bal = np.where(mx > 0, mean_load / mx, 1.0)
+        series[m.name] = np.where(scored, bal.mean(1), np.nan)
+        b = np.where(scored[:, None], bal, np.inf)
+        ws, wl = np.unravel_index(int(np.argmin(b)), b.shape)
+        worst[m.name] = {"step": int(ws), "layer": int(wl), "routed": routed[ws, wl].tolist(),
+                         "shared": (total[ws, wl] - routed[ws, wl]).tolist(), "mean": float(mean_load[ws, wl]),
+                         "bound": float(bj[ws, wl]), "balancedness": float(bal[ws, wl])}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        series["bound"] = np.where(bj > 0, mean_load / bj, 1.0).mean(1)
+        series["bound-local-shared"] = np.where(bl > 0, mean_load / bl, 1.0).mean(1)
+    return series, worst
+
+
+def _on_sampled(plan: Plan, slots: dict, arr: StepArrays, mean_load, static_max) -> dict:
+    mask = np.zeros(plan.N, dtype=bool)
+    mask[plan.sampled_steps] = True
+    bj = arr.bounds["joint"]
+    out = {}
+    for m in plan.modes:
+        s = slots[m.name]
+        if np.isnan(s[mask]).any():
+            continue
+        out[m.name] = agg.token_summary(s, slots["static"], mask, bj, None)
+    b = _bound_summary(bj, mean_load, static_max, mask)
+    b["gap_to_bound_mean"] = 0.0
+    out["bound"] = b
+    return out
+
+
+def aggregate_run(plan: Plan, arr: StepArrays) -> dict:
+    """Summaries, bounds, per-step series and worst steps of the main replay."""
+    tokens_per_rank = arr.tokens.max(1).astype(np.float64)
+    slots, open_, ovh = _mode_slots(plan, arr, tokens_per_rank)
+    static_total, _ = agg.rank_loads(slots["static"])
+    mean_load = static_total.sum(-1) / plan.R
+    static_max = static_total.max(-1)
+    modes = _summaries(plan, arr, slots, open_, ovh)
+    all_steps = np.ones(plan.N, dtype=bool)
+    bj, bl, br = arr.bounds["joint"], arr.bounds["local"], arr.bounds["routed"]
+    routed_total = agg.rank_loads(slots["static"])[1].sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        brt = np.where(br > 0, (routed_total / plan.R) / br, 1.0).mean(1)
+    if plan.sampled_steps and len(plan.sampled_steps) < plan.N:
+        on = _on_sampled(plan, slots, arr, mean_load, static_max)
+        for m in plan.modes:
+            if m.upstream_waterfill and m.name in modes:
+                modes[m.name]["on_sampled_steps"] = on
+    series, worst = _series_and_worst(plan, slots, mean_load, bj, bl)
+    return {
+        "modes": modes,
+        "bound": _bound_summary(bj, mean_load, static_max, all_steps),
+        "bound_local_shared": _bound_summary(bl, mean_load, static_max, all_steps),
+        "bound_routed": {"routed_balancedness_mean": float(brt.mean())},
+        "series": series, "worst": worst,
+        "arrays": {"slots": slots, "total": {k: v.sum(-1) for k, v in slots.items()},
+                   "routed": {k: v[..., :-1].sum(-1) for k, v in slots.items()},
+                   "bound_joint": bj, "bound_local": bl, "bound_routed": br, "tokens": arr.tokens,
+                   "routed_total": routed_total},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch sweep
+# ---------------------------------------------------------------------------------------------
+def run_sweep(plan: Plan, trace: Trace, timeline: Timeline) -> tuple[list[dict], list[str]]:
+    """One row per ``--batch-sweep`` size (schema in docs/replay.md), and notes."""
+    cfg = plan.cfg
+    steps = evenly_spaced(plan.N, cfg.sweep_steps)
+    explicit = cfg.upstream_waterfill_steps is not None
+    up_k = cfg.upstream_waterfill_steps if explicit else AUTO_SWEEP_UPSTREAM_STEPS
+    up_steps = [steps[i] for i in evenly_spaced(len(steps), up_k)] if any(m.upstream_waterfill for m in plan.modes) else []
+    sized = {n: sized_trace(trace, n, plan.R, cfg.seed) for n in cfg.batch_sweep}
+    # SGLang's Waterfill in the Triton interpreter costs ~3 s per rank and layer at 16k tokens per rank.
+    up_sizes = [n for n in cfg.batch_sweep if explicit or n <= AUTO_SWEEP_UPSTREAM_MAX_TOKENS] if up_steps else []
+    ctxs = {n: _context(plan, timeline, up_steps if n in up_sizes else [], with_bounds=False) for n in cfg.batch_sweep}
+    arrays = {n: StepArrays.empty(plan.eval_modes, len(steps), plan.L, plan.R, plan.S) for n in cfg.batch_sweep}
+    index = {t: i for i, t in enumerate(steps)}
+    # Slow items first (SGLang's Waterfill, big batches), so the workers share them out.
+    items = sorted(((n, t) for n in cfg.batch_sweep for t in steps),
+                   key=lambda it: (it[1] not in ctxs[it[0]].upstream_steps, -it[0], it[1]))
+
+    def task(item):
+        n, t = item
+        return evaluate_step(ctxs[n], t, sized[n][0].batch(t))
+
+    jobs = run_jobs(task, items, _workers(cfg, len(items)), cfg.threads, "sweep" if cfg.progress else None)
+    with contextlib.closing(jobs):
+        for (n, t), res in jobs:
+            arrays[n].put(index[t], res)
+    rows = [_sweep_row(plan, n, arrays[n], steps) for n in cfg.batch_sweep]
+    how = sorted({h for _, h in sized.values()})
+    notes = [f"batch sweep: {len(steps)} steps per size {steps}, {'; '.join(how)}; placements of the recorded trace"]
+    if up_sizes:
+        skipped = [n for n in cfg.batch_sweep if n not in up_sizes]
+        notes.append(f"batch sweep: SGLang's Waterfill scored on steps {up_steps} of sizes {up_sizes} (Triton interpreter)"
+                     + (f"; not at {skipped} tokens per rank (pass --upstream-waterfill-steps K to run it there too)"
+                        if skipped else ""))
+    return rows, notes
+
+
+def _sweep_row(plan: Plan, n: int, arr: StepArrays, steps: list[int]) -> dict:
+    tokens_per_rank = np.full(len(steps), float(n))
+    slots, open_, ovh = _mode_slots(plan, arr, tokens_per_rank)
+    row_modes = {}
+    for m in plan.modes:
+        s = slots[m.name]
+        mask = ~np.isnan(s).any((1, 2, 3))
+        if not mask.any():
+            continue
+        t = agg.time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], plan.cost)
+        total, _ = agg.rank_loads(s[mask])
+        static_total, _ = agg.rank_loads(slots["static"][mask])
+        t.update(balancedness_mean=float(agg._step_balancedness(total).mean()),
+                 moe_time_ratio_vs_static=float(total.max(-1).sum() / static_total.max(-1).sum()),
+                 steps_scored=int(mask.sum()))
+        if m.gated:
+            t["gate_open"] = bool(open_[m.name][mask].all())
+        row_modes[m.name] = t
+    return {"tokens_per_rank": n, "server_default": server_default("lplb"),
+            "server_default_waterfill_lplb": server_default("waterfill+lplb"), "modes": row_modes}
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def run_replay(trace: Trace, cfg: ReplayConfig) -> ReplayResult:
-    """Replay ``trace`` through ``cfg.modes``; see the module docstring."""
-    cfg.validate()
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_replay(trace: Trace, cfg: ReplayConfig, plan: Plan | None = None) -> ReplayResult:
+    """Replay ``trace`` through ``cfg.modes`` (module docstring); ``plan`` if already made."""
     t_start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _run(trace, cfg, t_start)
-    finally:
-        torch.set_num_threads(threads_before)
+    stages: dict[str, float] = {}
 
+    def lap(name: str) -> None:
+        stages[name] = round(time.perf_counter() - t_start - sum(v for k, v in stages.items() if k != "plan"), 3)
 
-def _run(trace: Trace, cfg: ReplayConfig, t_start: float) -> ReplayResult:
-    from .upstream import UpstreamSGLang, sglang_version
-
-    E, k, L, N, R = trace.num_logical, trace.top_k, trace.num_layers, trace.num_steps, cfg.ep_size
-    P = E + cfg.redundant_experts
-    if P % R:
-        raise ValueError(
-            f"{E} experts + {cfg.redundant_experts} redundant = {P} physical slots, not divisible by --ep-size {R}"
-        )
-    S = P // R
-    window = cfg.window or cfg.rebalance_every or N
-    modes = [MODES[m] for m in cfg.modes]
-    notes: list[str] = []
-    skipped: dict[str, str] = {}
-
-    up = UpstreamSGLang(
-        num_logical=E, num_physical=P, ep_size=R, num_layers=L,
-        eplb_algorithm=cfg.eplb_algorithm, num_groups=cfg.num_groups, nnodes=cfg.nnodes,
-    )
-    upstream_wf = [m for m in modes if m.waterfill == "upstream"]
-    sampled_steps: list[int] = []
-    if upstream_wf:
-        reason = None
-        if up.note:
-            reason = up.note
-        elif R & (R - 1):
-            reason = f"SGLang's Waterfill kernel needs a power-of-two EP size (tl.arange over ranks); got {R}"
-        elif cfg.upstream_waterfill_steps == 0:
-            reason = "skipped by --upstream-waterfill-steps 0"
-        elif cfg.upstream_waterfill_steps is None and R > AUTO_UPSTREAM_WATERFILL_MAX_EP:
-            reason = (
-                f"too slow at EP {R}: SGLang's Waterfill kernel unrolls over the ranks and runs in the Triton "
-                f"interpreter on CPU; pass --upstream-waterfill-steps K to run it on K steps anyway"
-            )
-        if reason:
-            for m in upstream_wf:
-                skipped[m.name] = reason
-            modes = [m for m in modes if m.waterfill != "upstream"]
-        else:
-            k_steps = AUTO_UPSTREAM_WATERFILL_STEPS if cfg.upstream_waterfill_steps is None else cfg.upstream_waterfill_steps
-            n = N if k_steps < 0 else min(N, k_steps)
-            sampled_steps = sorted({int(round(x)) for x in np.linspace(0, N - 1, n)}) if n < N else list(range(N))
-            if n < N:
-                notes.append(
-                    f"upstream Waterfill runs SGLang's Triton kernels in the Triton interpreter on CPU "
-                    f"(~0.1-0.3 s per rank and layer), so it is scored on {len(sampled_steps)} evenly spaced "
-                    f"steps {sampled_steps}; its time ratio and gaps compare against the other modes on those "
-                    f"same steps (see 'on_sampled_steps')."
-                )
-
-    # -- placement state ------------------------------------------------------------------------
-    def make_state(p2l: torch.Tensor, l2p: torch.Tensor | None, table_window: torch.Tensor | None, how: str):
-        """Install a placement; the split table is the scenario LP over the window, as the plugin's
-        rebalance solves it, or the even split until the first rebalance (the plugin's start)."""
-        pl = Placement(p2l, R, E)
-        upl = up.install(p2l, l2p)
-        if table_window is not None:
-            table_window = table_window[table_window.flatten(1).sum(1) > 0]  # skip empty recorded steps
-        table = scenario_split(pl, table_window) if table_window is not None and len(table_window) else _even_table(pl)
-        return _PlacementState(pl, upl, table.reshape(L, P), _local_shared_placement(pl), how)
-
-    init = cfg.init_placement
-    if init == "auto":
-        rp = trace.recorded_placement
-        init = "calibration" if trace.calibration is not None else (
-            "recorded" if rp is not None and tuple(rp.shape) == (L, P) else "trivial"
-        )
-        if init == "trivial" and rp is not None:
-            notes.append(
-                f"the input's recorded map has shape {list(rp.shape)}, not [layers, experts + --redundant-experts] = "
-                f"{[L, P]}; starting from the trivial placement instead"
-            )
-    if init == "calibration":
-        if trace.calibration is None:
-            raise ValueError("--init-placement calibration: this input has no calibration counts")
-        calib = trace.calibration.to(torch.float64).reshape(L, E)
-        p2l, l2p = up.rebalance(calib[None])
-        state = make_state(p2l, l2p, None, "SGLang EPLB on the calibration counts")
-    elif init == "recorded":
-        rp = trace.recorded_placement
-        if rp is None or tuple(rp.shape) != (L, P):
-            raise ValueError(
-                f"--init-placement recorded: the input's map has shape "
-                f"{None if rp is None else list(rp.shape)}, the simulation needs {[L, P]} "
-                f"(layers, experts + --redundant-experts)"
-            )
-        state = make_state(rp, None, None, "the recorded physical_to_logical_map")
-    elif init == "trivial":
-        p2l = (torch.arange(P) % E).repeat(L, 1)
-        state = make_state(p2l, None, None, "trivial (slot p holds expert p mod E)")
-    else:  # first-window
-        w = torch.stack([count_experts_layers(trace.batch(t).topk, E) for t in range(min(window, N))])
-        p2l, l2p = up.rebalance(w)
-        state = make_state(p2l, l2p, None, f"SGLang EPLB on the first {min(window, N)} steps (peeks ahead)")
-    notes.append(f"initial placement: {state.how}")
-
-    # -- pass 1, in order: traffic counts and the placements they lead to ----------------------------
-    # A placement depends only on recorded counts, never on a mode's decisions, so the
-    # placements of every step are known before any mode runs.
-    counts_hist = torch.zeros(N, L, E, dtype=torch.float64)
-    states, state_of_step, rebalance_steps = [state], [], []
-    kept: list | None = []
-    kept_bytes = 0
-    for t in range(N):
-        if cfg.rebalance_every and t > 0 and t % cfg.rebalance_every == 0:
-            w = counts_hist[max(0, t - window) : t]
-            p2l, l2p = up.rebalance(w)
-            states.append(make_state(p2l, l2p, w, "rebalance"))
-            rebalance_steps.append(t)
-        state_of_step.append(len(states) - 1)
-        batch = trace.batch(t)
-        counts_hist[t] = count_experts_layers(batch.topk, E)
-        if kept is not None:
-            small = batch.topk.to(torch.int16 if E < 2**15 else torch.int32)
-            kept_bytes += small.numel() * small.element_size()
-            if kept_bytes < _KEEP_BYTES:
-                kept.append((small, batch.rank_sizes))
-            else:
-                kept = None  # too big to hold: the workers regenerate batches (deterministic)
-
-    # -- pass 2: every mode on every step (steps are independent now; forked workers share them) --
-    global _JOB
-    _JOB = _Job(trace, kept, states, state_of_step, modes, cfg, up, set(sampled_steps), E, k, L, R, S)
-    names = [m.name for m in modes]
-    total = {n: np.full((N, L, R), np.nan) for n in names}
-    routed = {n: np.full((N, L, R), np.nan) for n in names}
-    overhead = {n: np.full(N, np.nan) for n in names}
-    bound_joint = np.zeros((N, L))
-    bound_local = np.zeros((N, L))
-    bound_routed = np.zeros((N, L))
-    routed_total = np.zeros((N, L))
-    # The slow upstream-Waterfill steps go first so that the workers share them.
-    order = sorted(range(N), key=lambda t: (t not in _JOB.sampled, t))
-    workers = max(1, min(cfg.workers or (os.cpu_count() or 1), N))
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=N, desc="replay", unit="step", leave=False, dynamic_ncols=True)
-    pool = None
-    try:
-        if workers == 1:
-            results_iter = map(_eval_step, order)
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context("fork").Pool(workers)
-            results_iter = pool.imap_unordered(_eval_step, order, chunksize=1)
-        for t, out in results_iter:
-            for name, (tl, rl, dt) in out["modes"].items():
-                total[name][t], routed[name][t], overhead[name][t] = tl, rl, dt
-            bound_joint[t], bound_local[t], bound_routed[t] = out["bound_joint"], out["bound_local"], out["bound_routed"]
-            routed_total[t] = out["routed_total"]
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if pool is not None:
-            pool.terminate()  # every result is in (or we are failing): stop the workers now
-            pool.join()
-        if bar is not None:
-            bar.close()
-        _JOB = None
+    plan = plan or make_plan(trace, cfg)
+    t_start = time.perf_counter()
+    stages["plan"] = round(plan.seconds, 3)
+    with _torch_threads(cfg.threads):
+        read = read_trace(trace, _workers(cfg, plan.N), cfg.threads, cfg.progress)
+        lap("read")
+        timeline = build_timeline(trace, read.counts, up=plan.up, ep_size=plan.R, num_physical=plan.P, init=plan.init,
+                                  rebalance_every=cfg.rebalance_every, window=plan.window,
+                                  with_tables=any(m.balance is not None and m.balance.lplb == "table" for m in plan.modes))
+        lap("timeline")
+        notes = plan.notes + [f"initial placement: {timeline.states[0].how}"]
+        arr = evaluate_all(plan, trace, read, timeline)
+        lap("evaluate")
+        summary = aggregate_run(plan, arr)
+        lap("aggregate")
+        sweep, sweep_notes = run_sweep(plan, trace, timeline) if cfg.batch_sweep else ([], [])
+        if cfg.batch_sweep:
+            lap("sweep")
+    workers = _workers(cfg, plan.N)
     if workers > 1:
-        notes.append(f"steps evaluated by {workers} forked worker processes (placements computed first, in order)")
-
-    # -- aggregate ---------------------------------------------------------------------------------
-    # Every mode does the same total work per (step, layer): routed entries + one shared slot per token.
-    tot_work = np.nansum(total["static"], axis=2)
-    mean_load = tot_work / R
-
-    def bal(maxes: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            b = np.where(maxes > 0, mean_load / maxes, 1.0)
-        return b
-
-    def summary(maxes: np.ndarray, steps_mask: np.ndarray, class_bound: np.ndarray | None) -> dict:
-        b = bal(maxes)[steps_mask].mean(1)
-        static_max = np.max(total["static"], axis=2)[steps_mask]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gap = np.where(maxes > 0, 1.0 - bound_joint / maxes, 0.0)[steps_mask]
-            out = {
-                "balancedness_mean": float(b.mean()),
-                "balancedness_p5": float(np.percentile(b, 5)),
-                "gap_to_bound_mean": float(gap.mean()),
-                "moe_time_ratio_vs_static": float(maxes[steps_mask].sum() / static_max.sum()),
-            }
-            if class_bound is not None:
-                cg = np.where(maxes > 0, 1.0 - class_bound / maxes, 0.0)[steps_mask]
-                out["gap_to_class_bound_mean"] = float(cg.mean())
-        return out
-
-    results: dict[str, dict] = {}
-    series: dict[str, np.ndarray] = {}
-    worst: dict[str, dict] = {}
-    sampled_mask = np.zeros(N, dtype=bool)
-    sampled_mask[sampled_steps] = True
-    for m in modes:
-        maxes = np.max(total[m.name], axis=2)
-        mask = ~np.isnan(maxes).any(1)
-        if not mask.any():
-            continue
-        class_bound = bound_joint if m.moves_shared else bound_local
-        res = summary(maxes, mask, class_bound)
-        rmax = np.max(routed[m.name], axis=2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rb = np.where(rmax > 0, (routed_total / R) / rmax, 1.0)[mask].mean(1)
-        res.update(
-            class_bound="joint" if m.moves_shared else "local_shared",
-            routed_balancedness_mean=float(rb.mean()),
-            overhead_ms_per_batch=float(np.nanmean(overhead[m.name][mask]) * 1e3),
-            steps_scored=int(mask.sum()),
-            family=m.family,
-            description=m.description,
-        )
-        if m.waterfill == "upstream":
-            res["overhead_note"] = "Triton interpreter on CPU; not indicative of GPU cost"
-        results[m.name] = res
-        s = np.full(N, np.nan)
-        s[mask] = bal(maxes)[mask].mean(1)
-        series[m.name] = s
-        # Worst (step, layer) of this mode, for the load-bar plot.
-        bl = np.where(np.isnan(maxes), np.inf, bal(np.where(np.isnan(maxes), 1, maxes)))
-        ws, wl = np.unravel_index(int(np.argmin(bl)), bl.shape)
-        worst[m.name] = {
-            "step": int(ws), "layer": int(wl),
-            "routed": routed[m.name][ws, wl].tolist(),
-            "shared": (total[m.name][ws, wl] - routed[m.name][ws, wl]).tolist(),
-            "mean": float(mean_load[ws, wl]), "bound": float(bound_joint[ws, wl]),
-            "balancedness": float(bal(maxes)[ws, wl]),
-        }
-    on_sampled = {}
-    if sampled_steps and len(sampled_steps) < N:
-        for m in modes:
-            maxes = np.max(total[m.name], axis=2)
-            if np.isnan(maxes[sampled_mask]).any():
-                continue
-            on_sampled[m.name] = summary(maxes, sampled_mask, None)
-        on_sampled["bound"] = summary(bound_joint, sampled_mask, None)
-        for m in modes:
-            if m.waterfill == "upstream" and m.name in results:
-                results[m.name]["on_sampled_steps"] = on_sampled
-    all_steps = np.ones(N, dtype=bool)
-    bound = summary(bound_joint, all_steps, None)
-    bound.pop("gap_to_bound_mean")
-    bloc = summary(bound_local, all_steps, None)
-    bloc.pop("gap_to_bound_mean")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        brt = np.where(bound_routed > 0, (routed_total / R) / bound_routed, 1.0).mean(1)
-    broute = {"routed_balancedness_mean": float(brt.mean())}
-    series["bound"] = bal(bound_joint).mean(1)
-    series["bound-local-shared"] = bal(bound_local).mean(1)
-
+        notes.append(f"batches drawn and steps evaluated by {workers} forked worker processes "
+                     "(placements computed in between, in order)")
+    notes.append(f"cost model: {plan.cost_note}; overheads: {plan.overheads.source}")
     config = asdict(cfg)
     config.update(
-        modes=list(cfg.modes),
-        num_logical_experts=E, top_k=k, num_layers=L, num_steps=N, num_physical_experts=P,
-        slots_per_rank=S, window=window, init_placement_used=init, trace=trace.info,
-        sglang_version=sglang_version(), torch_version=torch.__version__,
-        eplb_algorithm_resolved=up.algorithm.name,
+        modes=[m.name for m in plan.modes], batch_sweep=list(cfg.batch_sweep),
+        num_logical_experts=plan.E, top_k=plan.k, num_layers=plan.L, num_steps=plan.N, num_physical_experts=plan.P,
+        slots_per_rank=plan.S, window=plan.window, init_placement_used=plan.init, trace=trace.info,
+        sglang_version=_sglang_version(), torch_version=torch.__version__,
+        eplb_algorithm_resolved=plan.up.algorithm.name, cost_model=plan.cost_note,
+        cost_model_params={"weight_bytes": plan.cost.weight_bytes, "flops_per_token": plan.cost.flops_per_token,
+                           "bandwidth": plan.cost.bandwidth, "peak_flops": plan.cost.peak_flops,
+                           "tile_tokens": plan.cost.tile_tokens},
+        overheads_source=plan.overheads.source,
+        memo={"hits": arr.memo_hits, "misses": arr.memo_misses}, stage_s=stages,
         shared_expert="one per token, same cost as one routed expert slot; runs on the source rank unless a Waterfill mode moves it",
         load_unit="token-slots per rank (routed top-k entries received + shared-expert tokens executed)",
     )
     return ReplayResult(
-        config=config, modes=results, bound=bound, bound_local_shared=bloc, bound_routed=broute,
-        rebalance_steps=rebalance_steps, phases=list(trace.phases), sampled_steps=sampled_steps,
-        notes=notes, skipped=skipped, wall_s=time.perf_counter() - t_start, series=series, worst=worst,
-        arrays={
-            "total": total, "routed": routed, "bound_joint": bound_joint, "bound_local": bound_local,
-            "bound_routed": bound_routed, "routed_total": routed_total,
-            "placements": [st.pl.phy2log for st in states], "state_of_step": state_of_step,
-        },
+        config=config, modes=summary["modes"], bound=summary["bound"], bound_local_shared=summary["bound_local_shared"],
+        bound_routed=summary["bound_routed"], rebalance_steps=timeline.rebalance_steps, phases=list(trace.phases),
+        sampled_steps=plan.sampled_steps, notes=notes + sweep_notes, skipped=plan.skipped,
+        wall_s=time.perf_counter() - t_start, sweep=sweep,
+        server_default={"lplb": server_default("lplb"), "waterfill+lplb": server_default("waterfill+lplb")},
+        series=summary["series"], worst=summary["worst"],
+        arrays=dict(summary["arrays"], placements=[st.pl.phy2log for st in timeline.states],
+                    state_of_step=timeline.state_of_step),
     )
 
 
-def count_experts_layers(topk: torch.Tensor, E: int) -> torch.Tensor:
-    """Per-layer expert counts of ``[L, T, k]`` ids: ``[L, E]`` float64."""
-    return torch.stack([count_experts(topk[layer], E) for layer in range(topk.shape[0])]).to(torch.float64)
+def _sglang_version() -> str:
+    from .upstream import sglang_version
 
-
-# ---------------------------------------------------------------------------------------------
-# One step, all modes (runs in the main process or in a forked worker)
-# ---------------------------------------------------------------------------------------------
-_KEEP_BYTES = 768 << 20  # keep pass-1 batches in memory up to this size, else regenerate them
-
-
-@dataclass
-class _Job:
-    trace: Trace
-    kept: list | None
-    states: list
-    state_of_step: list
-    modes: list
-    cfg: ReplayConfig
-    up: object
-    sampled: set
-    E: int
-    k: int
-    L: int
-    R: int
-    S: int
-
-
-_JOB: _Job | None = None
-
-
-def _eval_step(t: int) -> tuple[int, dict]:
-    job = _JOB
-    assert job is not None
-    torch.set_num_threads(job.cfg.threads)
-    with _shared_solves() as cache:
-        return t, _eval_step_inner(job, t, cache)
-
-
-def _eval_step_inner(job: _Job, t: int, cache: dict) -> dict:
-    E, k, L, R, S, up, cfg = job.E, job.k, job.L, job.R, job.S, job.up, job.cfg
-    state = job.states[job.state_of_step[t]]
-    if job.kept is not None:
-        topk_small, rank_sizes = job.kept[t]
-        topk = topk_small.to(torch.long)
-    else:
-        b = job.trace.batch(t)
-        topk, rank_sizes = b.topk.to(torch.long), b.rank_sizes
-    T = topk.shape[1]
-    sizes = _split_ranks(T, R, rank_sizes)
-    out_modes = {m.name: (np.zeros((L, R)), np.zeros((L, R)), 0.0) for m in job.modes
-                 if m.waterfill != "upstream" or t in job.sampled}
-    bj, bl, br, rt = np.zeros(L), np.zeros(L), np.zeros(L), np.zeros(L)
-    for layer in range(L):
-        ids = topk[layer]
-        parts = list(torch.split(ids, sizes))
-        valid = [(p >= 0).any(1) for p in parts]
-        n_src = torch.tensor([int(v.sum()) for v in valid], dtype=torch.long)
-        c = count_experts(ids, E)
-        lp = state.pl.layer(layer)
-        rt[layer] = float(c.sum())
-
-        # Bounds: the LP optimum on this placement (HiGHS).
-        fpl = lp.with_shared_expert
-        bj[layer] = float(fpl.rank_loads(solve_split(fpl, torch.cat([c, n_src.sum().reshape(1)]), "highs")).max())
-        lpl = state.local.layer(layer)
-        bl[layer] = float(lpl.rank_loads(solve_split(lpl, torch.cat([c, n_src]), "highs")).max())
-        br[layer] = float(lp.rank_loads(solve_split(lp, c, "highs")).max())
-
-        # SGLang's mappings; the per-rank overhead is the mean over ranks.
-        t0 = time.perf_counter()
-        static_phys = [up.to_physical(p, state.up.static_info[r][layer]) for r, p in enumerate(parts)]
-        t_static = (time.perf_counter() - t0) / R
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((cfg.seed * 1_000_003 + t * 131 + layer) % (2**63))
-            t0 = time.perf_counter()
-            dyn_phys = [up.to_physical(p, state.up.dynamic_info[r][layer]) for r, p in enumerate(parts)]
-            t_dyn = (time.perf_counter() - t0) / R
-        g_lp = g_off = None
-
-        for m in job.modes:
-            if m.name not in out_modes:
-                continue
-            shared = None
-            if m.waterfill is None and m.routing in ("static", "dynamic"):
-                phys = static_phys if m.routing == "static" else dyn_phys
-                dt = t_static if m.routing == "static" else t_dyn
-            elif m.waterfill == "upstream":
-                t0 = time.perf_counter()
-                fused = up.waterfill(static_phys, layer, dynamic=m.upstream_dynamic_waterfill)
-                dt = (time.perf_counter() - t0) / R
-                rl = sum(routed_rank_load(f[:, :k], R, S + 1) for f in fused)
-                tl = sum(routed_rank_load(f, R, S + 1) for f in fused)
-                _put(out_modes, m.name, layer, tl, rl, dt)
-                continue
-            else:
-                cache.clear()  # each mode solves for itself; its ranks share the solve
-                if m.routing == "static":  # our Waterfill on top of SGLang's static mapping
-                    if g_off is None:
-                        g_off = torch.stack([local_stats(p, E, R, S, s) for p, s in zip(parts, static_phys)])
-                    kw = dict(lplb="off", waterfill=m.waterfill, gathered=g_off if m.gathered else None)
-                else:
-                    if g_lp is None:
-                        g_lp = torch.stack([local_stats(p, E, R, S) for p in parts])
-                    kw = dict(
-                        lplb="table" if m.routing == "lplb-table" else "per_batch",
-                        split_table=state.table[layer] if m.routing == "lplb-table" else None,
-                        waterfill=m.waterfill, gathered=g_lp, method=cfg.lp_method,
-                    )
-                phys, shared, dt = [], [], 0.0
-                for r, p in enumerate(parts):
-                    t0 = time.perf_counter()
-                    if m.gathered:  # this rank's row of the all-gather
-                        local_stats(p, E, R, S, static_phys[r] if m.routing == "static" else None)
-                    d = balance_layer(
-                        lp, p, source_rank=r, phys_ids=static_phys[r] if m.routing == "static" else None, **kw
-                    )
-                    if r == 0:  # rank 0 solves; the others reuse its (bit-identical) solve
-                        dt = time.perf_counter() - t0
-                    phys.append(d.phys_ids)
-                    shared.append(d.shared_rank)
-            rl = sum(routed_rank_load(p, R, S) for p in phys)
-            if shared is None or shared[0] is None:
-                sl = n_src
-            else:
-                sl = sum(torch.bincount(s[v], minlength=R) for s, v in zip(shared, valid))
-            _put(out_modes, m.name, layer, rl + sl, rl, dt)
-    return {"modes": out_modes, "bound_joint": bj, "bound_local": bl, "bound_routed": br, "routed_total": rt}
-
-
-def _put(out: dict, name: str, layer: int, tl: torch.Tensor, rl: torch.Tensor, dt: float) -> None:
-    total, routed, acc = out[name]
-    total[layer], routed[layer] = tl.numpy(), rl.numpy()
-    out[name] = (total, routed, acc + dt)
+    return sglang_version()

@@ -1,0 +1,112 @@
+"""The *aggregate* stage: per-mode summaries from tokens per fused slot.
+
+Input per mode: ``slots [N, L, R, S + 1]`` (float64, NaN on steps the mode did not run): the
+tokens each copy received and, in the last column, the shared-expert tokens each rank ran.
+Every number below comes from them through the core's ``metrics`` and ``cost`` modules:
+
+* token metrics: rank load = routed + shared token-slots; ``metrics.balancedness`` per (step,
+  layer), averaged over layers, then mean and 5th percentile over steps; ``gap_to_bound``
+  against the joint LP bound and the mode's class bound; the token-based MoE time ratio
+  (summed max loads over static's, ``metrics.time_ratio``);
+* modelled time: ``CostModel.rank_time`` on the fused slots (busiest rank), plus the mode's
+  per-layer overhead (``costs.mode_overhead_us``, zero where a gate is closed), summed over
+  (step, layer) and divided by SGLang static's on the same steps;
+* tile balancedness: ``metrics.balancedness`` of ``metrics.tile_loads``;
+* break-even overhead: the largest per-layer µs, on the layers where the mode balances, at
+  which its summed time would still equal static's: ``(sum static - sum mode) / layers``.
+
+Gated modes take their ungated mode's slots where ``gate.Gate(...).open(N)`` is true for the
+step's batch size N (the largest DP rank's tokens, as the server decides) and static's where
+it is false (time ratio exactly 1 on those steps, no overhead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..cost import CostModel
+from ..gate import Gate, Overheads
+from .costs import mode_overhead_us
+from .modes import ReplayMode
+
+__all__ = ["gate_open", "gated_slots", "rank_loads", "token_summary", "time_summary", "step_overheads"]
+
+
+def gate_open(mode: ReplayMode, tokens_per_rank: np.ndarray, cost: CostModel, ov: Overheads, top_k: int,
+              S: int, R: int, expected_gain: float) -> np.ndarray:
+    """``[N]`` bool: does the mode balance each step (always True without a gate)."""
+    if not mode.gated:
+        return np.ones(len(tokens_per_rank), dtype=bool)
+    g = Gate(mode.balance, cost, ov, top_k=top_k, slots_per_rank=S, num_ranks=R, expected_gain=expected_gain)
+    return np.array([g.open(float(n)) for n in tokens_per_rank], dtype=bool)
+
+
+def gated_slots(ungated: np.ndarray, static: np.ndarray, open_: np.ndarray) -> np.ndarray:
+    """``[N, L, R, S+1]``: the ungated mode's slots on open steps, static's on closed ones."""
+    return np.where(open_[:, None, None, None], ungated, static)
+
+
+def step_overheads(mode: ReplayMode, tokens_per_rank: np.ndarray, open_: np.ndarray, ov: Overheads, R: int) -> np.ndarray:
+    """``[N]`` µs per layer the mode adds on each step (0 where its gate is closed)."""
+    return np.array([mode_overhead_us(ov, mode, float(n), R) if o else 0.0 for n, o in zip(tokens_per_rank, open_)])
+
+
+def rank_loads(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(total, routed) token-slots per rank ``[..., R]`` from ``[..., R, S + 1]``."""
+    return slots.sum(-1), slots[..., :-1].sum(-1)
+
+
+def _step_balancedness(loads: np.ndarray) -> np.ndarray:
+    """Balancedness per step (layer mean) from ``[N, L, R]`` loads: ``[N]``."""
+    return metrics.balancedness(torch.from_numpy(loads)).mean(-1).numpy()
+
+
+def token_summary(slots: np.ndarray, static: np.ndarray, mask: np.ndarray, bound_joint: np.ndarray,
+                  class_bound: np.ndarray | None) -> dict:
+    """The token metrics of one mode on the steps in ``mask`` (``[N]`` bool)."""
+    total, _ = rank_loads(slots[mask])
+    b = _step_balancedness(total)
+    mx = total.max(-1)
+    gap = metrics.gap_to_bound(torch.from_numpy(mx), torch.from_numpy(bound_joint[mask])).numpy()
+    out = {
+        "balancedness_mean": float(b.mean()),
+        "balancedness_p5": float(np.percentile(b, 5)),
+        "gap_to_bound_mean": float(gap.mean()),
+        "moe_time_ratio_vs_static": metrics.time_ratio(torch.from_numpy(mx),
+                                                       torch.from_numpy(rank_loads(static[mask])[0].max(-1))),
+    }
+    if class_bound is not None:
+        cg = metrics.gap_to_bound(torch.from_numpy(mx), torch.from_numpy(class_bound[mask])).numpy()
+        out["gap_to_class_bound_mean"] = float(cg.mean())
+    return out
+
+
+def layer_times(slots: np.ndarray, cost: CostModel) -> np.ndarray:
+    """Busiest rank's modelled µs per (step, layer): ``[..., R, S+1] -> [...]``."""
+    q = torch.from_numpy(slots.reshape(*slots.shape[:-2], -1)).to(torch.long)
+    return cost.layer_time(q, slots.shape[-1]).numpy()
+
+
+def time_summary(slots: np.ndarray, static: np.ndarray, mask: np.ndarray, overhead_us: np.ndarray,
+                 open_: np.ndarray, cost: CostModel) -> dict:
+    """Modelled time (with overhead) vs static, tile balancedness and break-even overhead."""
+    t_mode = layer_times(slots[mask], cost)  # [n, L]
+    t_static = layer_times(static[mask], cost)
+    ovh = np.broadcast_to(overhead_us[mask][:, None], t_mode.shape)
+    tiles = metrics.tile_loads(torch.from_numpy(slots[mask].reshape(*t_mode.shape, -1)).to(torch.long), cost,
+                               slots.shape[-1])
+    balanced = np.broadcast_to(open_[mask][:, None], t_mode.shape)
+    n_bal = int(balanced.sum())
+    gain = float((t_static - t_mode)[balanced].sum())
+    return {
+        "time_vs_static": metrics.time_ratio(torch.from_numpy(t_mode + ovh), torch.from_numpy(t_static)),
+        "time_vs_static_no_overhead": metrics.time_ratio(torch.from_numpy(t_mode), torch.from_numpy(t_static)),
+        "overhead_us_per_layer": float(ovh.mean()) if ovh.size else 0.0,
+        "tile_balancedness": metrics.mean_balancedness(tiles),
+        "break_even_overhead_us": gain / n_bal if n_bal else None,
+        "layer_time_us_mean": float(t_mode.mean()) if t_mode.size else 0.0,
+        "static_layer_time_us_mean": float(t_static.mean()) if t_static.size else 0.0,
+        "balanced_share": n_bal / t_mode.size if t_mode.size else 0.0,
+    }

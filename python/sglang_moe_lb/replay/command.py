@@ -1,0 +1,429 @@
+"""The ``sglang-moe-lb replay`` subcommand: flags, up-front checks, and the run.
+
+Every flag value and output path is checked before any work starts; a user error is one line
+(``sglang-moe-lb replay: error: ...``, exit 2) naming the flag or file. Ctrl-C and SIGTERM
+end the run quietly: one line, exit 130 or 143, worker processes terminated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "ReplayCliError", "BUNDLED_STEPS", "SYNTHETIC_STEPS"]
+
+# Defaults of the no-argument run (the bundled OLMoE data); docs/replay.md documents them.
+BUNDLED_STEPS = 60
+BUNDLED_TOKENS = (512, 4096)
+SYNTHETIC_STEPS = 60
+SYNTHETIC_TOKENS = (4096, 4096)
+SYNTHETIC_DEFAULTS = {"experts": 256, "top_k": 8, "layers": 2, "skew": 1.0, "drift": 0.05}
+BUNDLED_DEFAULTS = {"model": "olmoe", "calibration_domain": "c4", "serving_domains": ["github", "arxiv"]}
+MAX_BATCH_BYTES = 6 << 30  # memory to draw one batch (sample_topk: ~6 float64/int64 [L, T, E] tensors)
+SWEEP_EXAMPLE = "1,16,64,256,1024,4096,16384"
+
+
+class ReplayCliError(Exception):
+    """A user error: bad flag value or input file. Printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse types
+# ---------------------------------------------------------------------------------------------
+def _tokens(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX token counts, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tokens per rank, e.g. {SWEEP_EXAMPLE}; got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"tokens per rank must be >= 1, got {text!r}")
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"a size is given twice in {text!r}")
+    return sizes
+
+
+def _bounded(kind: type, minimum: float, noun: str, maximum: float | None = None):
+    """argparse type: a ``kind`` (int or float) in ``[minimum, maximum]``, with a clear message."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not v >= minimum or (maximum is not None and not v <= maximum):
+            rng = f">= {minimum:g}" if maximum is None else f"in [{minimum:g}, {maximum:g}]"
+            raise argparse.ArgumentTypeError(f"expected {noun} {rng}, got {text}")
+        return v
+
+    return parse
+
+
+_positive = _bounded(int, 1, "an integer")
+_nonneg = _bounded(int, 0, "an integer")
+_nonneg_float = _bounded(float, 0, "a number")
+_share = _bounded(float, 0, "a number", 1)
+
+
+_steps_k = _bounded(int, -1, "an integer")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``replay`` subparser to ``sub`` (an argparse subparsers object)."""
+    from .modes import SGLANG_MODES, describe, default_mode_names, server_default
+    from .modes import parse_mode
+
+    ours = [parse_mode(n) for n in default_mode_names() if n not in SGLANG_MODES]
+    mode_lines = "\n".join(f"  {n:<24}{d}" for n, d in SGLANG_MODES.items())
+    mode_lines += "\n" + "\n".join(f"  {m.name}\n  {'':<24}{describe(m.balance)}" for m in ours)
+    rp = sub.add_parser(
+        "replay",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="what-if: replay expert routing through SGLang's balancing modes and ours",
+        description=(
+            "Replay expert routing through every balancing mode over identical batches, using SGLang's own\n"
+            "EPLB placement, dispatch and Waterfill and this package's server code path (chain.balance_layer).\n"
+            "Prints per mode: balancedness (mean/max rank load), the gap to the per-batch LP bound, the MoE-layer\n"
+            "time relative to SGLang's static dispatch (token-based, and modelled: cost model + overhead), and the\n"
+            "per-batch decision time on this CPU. --batch-sweep repeats the time model at fixed batch sizes.\n\n"
+            "With no DUMP it replays the bundled OLMoE per-domain expert popularity (placement calibrated on one\n"
+            "domain, traffic from others, a domain shift half-way).\n\n"
+            "Modes: SGLang's, and any --moe-lb mode by its name (flag/schedule/sync/objective/candidates[/gate]).\n"
+            f"--moe-lb lplb with default sub-options runs {server_default('lplb')}; waterfill+lplb runs "
+            f"{server_default('waterfill+lplb')}.\nSGLang modes, then our default set:\n" + mode_lines
+        ),
+        epilog=(
+            "examples:\n"
+            "  sglang-moe-lb replay                                   # bundled OLMoE data, default modes\n"
+            "  sglang-moe-lb replay dump_dir/ --ep-size 16 --redundant-experts 32 --json out.json --plot img/\n"
+            f"  sglang-moe-lb replay --batch-sweep {SWEEP_EXAMPLE} --json sweep.json --plot img/\n"
+            "  sglang-moe-lb replay --synthetic --experts 256 --top-k 8 --ep-size 64 --redundant-experts 64 \\\n"
+            "      --upstream-waterfill-steps 0 --steps 20\n"
+            "Schema of --json and every option: docs/replay.md."
+        ),
+    )
+    src = rp.add_argument_group("input")
+    src.add_argument(
+        "inputs", nargs="*", metavar="DUMP",
+        help="SGLang expert-distribution recorder dump(s): a stat .pt (logical_count [steps, layers, experts]), "
+        "or the per-rank .pt files of a per_pass or per_token dump, or a directory of them. "
+        "Default: the bundled OLMoE data.",
+    )
+    src.add_argument("--synthetic", action="store_true", help="use the synthetic generator instead of the bundled data")
+    src.add_argument(
+        "--steps", type=_positive, default=None,
+        help=f"steps (forward passes) to replay; default {BUNDLED_STEPS} bundled, {SYNTHETIC_STEPS} synthetic, "
+        "all for dumps (first N)",
+    )
+    src.add_argument(
+        "--tokens", type=_tokens, default=None, metavar="N|MIN:MAX",
+        help=f"bundled/synthetic: tokens per batch (over all ranks), drawn uniformly per step; default "
+        f"{BUNDLED_TOKENS[0]}:{BUNDLED_TOKENS[1]} bundled, {SYNTHETIC_TOKENS[0]} synthetic",
+    )
+    src.add_argument("--seed", type=int, default=0, help="seed of the token sampling and of SGLang's dynamic dispatch (default 0)")
+    src.add_argument("--model", default=None, help="bundled data: olmoe (64 experts, top-8; default) or mixtral, olmoe-sft, olmoe-dpo")
+    src.add_argument("--calibration-domain", default=None, help="bundled data: domain the initial placement is calibrated on (default c4)")
+    src.add_argument(
+        "--serving-domains", type=_csv, default=None, metavar="D1,D2,...",
+        help="bundled data: served domains in order, switching every steps/len (default github,arxiv)",
+    )
+    src.add_argument("--experts", type=_bounded(int, 2, "an integer"), default=None, help="synthetic: logical experts (default 256)")
+    src.add_argument("--top-k", type=_positive, default=None,
+                     help="synthetic: experts per token (default 8); counts-only dumps: top-k of the model (default 8); "
+                     "per_token dumps: only to widen rows (narrower than the dump's rows is rejected)")
+    src.add_argument("--layers", type=_positive, default=None, help="synthetic: MoE layers (default 2)")
+    src.add_argument("--skew", type=_nonneg_float, default=None, help="synthetic: Zipf exponent of expert popularity, 0 = uniform (default 1.0)")
+    src.add_argument("--drift", type=_nonneg_float, default=None, help="synthetic: per-step random-walk step of log-popularity (default 0.05)")
+    src.add_argument("--shift-at", type=_nonneg, default=None, help="synthetic: step at which the popularity ranking is redrawn (default: half-way)")
+
+    sim = rp.add_argument_group("simulation")
+    sim.add_argument("--ep-size", type=_positive, default=8, help="EP ranks, each also a DP-attention rank owning a share of every batch (default 8)")
+    sim.add_argument("--redundant-experts", type=_nonneg, default=16, help="--ep-num-redundant-experts (default 16)")
+    sim.add_argument("--rebalance-every", type=_nonneg, default=None, help="--eplb-rebalance-num-iterations: steps between EPLB rebalances, 0 = never (default: steps/3)")
+    sim.add_argument("--window", type=_positive, default=None, help="steps of recorded counts a rebalance uses (the recorder buffer; default = --rebalance-every)")
+    sim.add_argument("--eplb-algorithm", default="auto", help="--eplb-algorithm for SGLang's rebalance_experts (default auto; SGLang's names)")
+    sim.add_argument("--num-groups", type=_positive, default=None, help="expert groups of the model, for hierarchical EPLB; must divide the experts (default none)")
+    sim.add_argument("--nnodes", type=_positive, default=1, help="nodes of the EP group; must divide --ep-size (default 1)")
+    sim.add_argument(
+        "--init-placement", default="auto", choices=["auto", "calibration", "recorded", "trivial", "first-window"],
+        help="initial placement: calibration counts (bundled/synthetic), the dump's recorded map, trivial, or EPLB on the "
+        "first window; auto picks the first available in that order",
+    )
+    sim.add_argument(
+        "--modes", type=_csv, default=None, metavar="M1,M2,...|all|default",
+        help="modes to run: names (see above), 'default' (the set above) or 'all' (every SGLang mode and every "
+        "--moe-lb mode, gated or not); must include static",
+    )
+    sim.add_argument(
+        "--upstream-waterfill-steps", type=_steps_k, default=None, metavar="K",
+        help="score SGLang's Waterfill (Triton interpreter on CPU, ~0.1 s per rank and layer) on K evenly spaced steps; "
+        "0 = skip, -1 = every step (default: 4 up to EP 16, skipped above; 1 per size in a --batch-sweep)",
+    )
+    sim.add_argument(
+        "--lp-method", default="fast", choices=["fast", "highs"],
+        help="split solver of our per-batch modes: fast (default: the core's FLOAT_STEPS, what the server's CPU path "
+        "runs) or highs (HiGHS LP; the same integral optimum, but another optimal split, so Waterfill after it may differ)",
+    )
+    sim.add_argument("--workers", type=_positive, default=None, help="worker processes for the per-step evaluation (default: CPU count)")
+    sim.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default 1: the tensors are tiny)")
+
+    cm = rp.add_argument_group("time model (--cost-model options)")
+    cm.add_argument("--batch-sweep", type=_sizes, default=None, metavar="N1,N2,...",
+                    help=f"also replay the routing at these tokens per rank per batch (e.g. {SWEEP_EXAMPLE}) and report "
+                    "modelled time vs SGLang static per mode and size")
+    cm.add_argument("--sweep-steps", type=_positive, default=8, help="steps per --batch-sweep size, evenly spaced (default 8)")
+    cm.add_argument("--cost-model-config", default=None, metavar="PRESET|config.json",
+                    help="model expert shape: a preset (olmoe, deepseek-v3, qwen1.5-moe, mixtral) or an HF config.json "
+                    "(default: olmoe for the bundled data, mixtral for --model mixtral, deepseek-v3 otherwise)")
+    cm.add_argument("--gpu", default="H200", help="GPU of the datasheet table (cost.GPUS: H200, H100, A100, B200, MI300X; default H200)")
+    cm.add_argument("--dtype", default=None, help="expert weight dtype: fp8, bf16, fp16, fp32, int4 (default: the preset's; bf16 for a config file)")
+    cm.add_argument("--calibration", default=None, metavar="FILE", help="measured calibration file (docs/cost-model.md) overriding the datasheet")
+    cm.add_argument("--tile-tokens", type=_positive, default=None, help="grouped-GEMM M-tile in tokens (default: the calibration's, else 128)")
+    cm.add_argument("--overheads", default=None, metavar="FILE", help="per-mode overhead table (default: the shipped H200 measurements)")
+    cm.add_argument("--collective-us", type=_nonneg_float, default=None, help="override the all-gather µs per layer of global-sync modes")
+    cm.add_argument("--expected-gain", type=_share, default=None, help="gated modes: share of the layer time balancing is expected to save (default 0.05)")
+
+    out = rp.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON (schema in docs/replay.md)")
+    out.add_argument("--plot", metavar="DIR", default=None,
+                     help="write replay_balancedness.png, replay_worst_step.png (and replay_sweep.png) into DIR")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return rp
+
+
+# ---------------------------------------------------------------------------------------------
+# Up-front checks
+# ---------------------------------------------------------------------------------------------
+def _first_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file we will write: not a directory, writable, or creatable in a writable directory."""
+    p = Path(path)
+    if p.exists():
+        if p.is_dir():
+            raise ReplayCliError(f"{flag} {path}: is a directory; give a file name")
+        if not os.access(p, os.W_OK):
+            raise ReplayCliError(f"{flag} {path}: not writable")
+        return
+    base = _first_existing(p.parent)
+    if not base.is_dir():
+        raise ReplayCliError(f"{flag} {path}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ReplayCliError(f"{flag} {path}: cannot create it ({base} is not writable)")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """A directory we will write into: an existing writable one, or creatable."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ReplayCliError(f"{flag} {path}: exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ReplayCliError(f"{flag} {path}: not writable")
+        return
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise ReplayCliError(f"{flag} {path}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ReplayCliError(f"{flag} {path}: cannot create it ({base} is not writable)")
+
+
+def check_outputs(args) -> None:
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_dir(args.plot, "--plot")
+        from .report import PLOT_FILES, SWEEP_PLOT
+
+        plots = {(Path(args.plot) / f).absolute() for f in PLOT_FILES + (SWEEP_PLOT,)}
+        if args.json and Path(args.json).absolute() in plots:
+            raise ReplayCliError(f"--json {args.json} is also a --plot output file; give another name")
+
+
+def _source(args) -> str:
+    if args.inputs and args.synthetic:
+        raise ReplayCliError("give either DUMP files or --synthetic, not both")
+    return "dump" if args.inputs else "synthetic" if args.synthetic else "bundled"
+
+
+def check_source_flags(args, source: str) -> None:
+    """Flags of another source would be silently ignored: reject them."""
+    synthetic_only = [f for f in ("experts", "layers", "skew", "drift", "shift_at") if getattr(args, f) is not None]
+    bundled_only = [f for f in ("model", "calibration_domain", "serving_domains") if getattr(args, f) is not None]
+    flag = lambda f: "--" + f.replace("_", "-")  # noqa: E731
+    if source != "synthetic" and synthetic_only:
+        raise ReplayCliError(f"{flag(synthetic_only[0])} applies to --synthetic only")
+    if source != "bundled" and bundled_only:
+        raise ReplayCliError(f"{flag(bundled_only[0])} applies to the bundled data only (no DUMP, no --synthetic)")
+    if source == "dump" and args.tokens is not None:
+        raise ReplayCliError("--tokens applies to the bundled data and --synthetic; a dump has its own batches "
+                             "(use --batch-sweep to replay it at other sizes)")
+    if source == "bundled" and args.top_k is not None:
+        raise ReplayCliError("--top-k: the bundled data has the top-k of its model (use --synthetic to choose it)")
+
+
+def check_batch_memory(L: int, T: int, E: int, flag: str) -> None:
+    need = L * T * E * 8 * 6
+    if need > MAX_BATCH_BYTES:
+        raise ReplayCliError(
+            f"{flag}: one batch of {T} tokens x {L} layers x {E} experts needs ~{need / 2**30:.1f} GiB to draw "
+            f"(limit {MAX_BATCH_BYTES / 2**30:.0f} GiB); use fewer tokens"
+        )
+
+
+def _generator_checks(args, source: str) -> None:
+    """Memory of the generators' batches and popularity walk, before any is drawn."""
+    if source == "bundled":
+        E, L = 64, 3  # every bundled model: 64 experts (checked again on the trace)
+        T = (args.tokens or BUNDLED_TOKENS)[1]
+        check_batch_memory(L, T, E, "--tokens")
+    elif source == "synthetic":
+        E = args.experts or SYNTHETIC_DEFAULTS["experts"]
+        L = args.layers or SYNTHETIC_DEFAULTS["layers"]
+        k = args.top_k or SYNTHETIC_DEFAULTS["top_k"]
+        if k > E:
+            raise ReplayCliError(f"--top-k {k} must be at most --experts {E}")
+        T = (args.tokens or SYNTHETIC_TOKENS)[1]
+        check_batch_memory(L, T, E, "--tokens")
+        steps = args.steps or SYNTHETIC_STEPS
+        walk = steps * L * E * 8 * 3
+        if walk > MAX_BATCH_BYTES:
+            raise ReplayCliError(f"--steps x --layers x --experts: the popularity walk needs ~{walk / 2**30:.1f} GiB "
+                                 f"(limit {MAX_BATCH_BYTES / 2**30:.0f} GiB)")
+        if args.shift_at is not None and args.shift_at >= steps:
+            raise ReplayCliError(f"--shift-at {args.shift_at} is beyond the last step ({steps - 1})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace, config, run
+# ---------------------------------------------------------------------------------------------
+def make_trace(args, source: str):
+    from .dumps import load_recorder
+    from .sources import bundled_trace, synthetic_trace
+
+    notes = []
+    if source == "dump":
+        trace = load_recorder(args.inputs, num_ranks=args.ep_size, top_k=args.top_k, seed=args.seed)
+        if args.steps is not None and args.steps < trace.num_steps:
+            trace = replace(trace, num_steps=args.steps)
+        elif args.steps is not None and args.steps > trace.num_steps:
+            notes.append(f"--steps {args.steps}: the dump has {trace.num_steps} steps with tokens; replaying those")
+        return trace, notes
+    if source == "synthetic":
+        d = SYNTHETIC_DEFAULTS
+        steps = args.steps or SYNTHETIC_STEPS
+        return synthetic_trace(
+            steps=steps, tokens=args.tokens or SYNTHETIC_TOKENS, num_ranks=args.ep_size,
+            experts=args.experts or d["experts"], top_k=args.top_k or d["top_k"], layers=args.layers or d["layers"],
+            skew=d["skew"] if args.skew is None else args.skew, drift=d["drift"] if args.drift is None else args.drift,
+            shift_at=steps // 2 if args.shift_at is None else args.shift_at, seed=args.seed,
+        ), notes
+    d = BUNDLED_DEFAULTS
+    return bundled_trace(
+        steps=args.steps or BUNDLED_STEPS, tokens=args.tokens or BUNDLED_TOKENS, num_ranks=args.ep_size,
+        model=args.model or d["model"], calibration=args.calibration_domain or d["calibration_domain"],
+        serving=args.serving_domains or d["serving_domains"], seed=args.seed,
+    ), notes
+
+
+def make_config(args, num_steps: int | None):
+    from ..gate import DEFAULT_EXPECTED_GAIN
+    from .costs import CostOptions
+    from .simulate import DEFAULT_MODES, ReplayConfig
+
+    every = args.rebalance_every if args.rebalance_every is not None else max(1, (num_steps or BUNDLED_STEPS) // 3)
+    cost = CostOptions(config=args.cost_model_config, gpu=args.gpu, dtype=args.dtype, calibration=args.calibration,
+                       tile_tokens=args.tile_tokens, overheads=args.overheads, collective_us=args.collective_us,
+                       expected_gain=DEFAULT_EXPECTED_GAIN if args.expected_gain is None else args.expected_gain)
+    return ReplayConfig(
+        ep_size=args.ep_size, redundant_experts=args.redundant_experts, rebalance_every=every,
+        window=args.window, eplb_algorithm=args.eplb_algorithm, num_groups=args.num_groups, nnodes=args.nnodes,
+        init_placement=args.init_placement, modes=tuple(args.modes or DEFAULT_MODES),
+        upstream_waterfill_steps=args.upstream_waterfill_steps, lp_method=args.lp_method, seed=args.seed,
+        threads=args.threads, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
+        cost=cost, batch_sweep=tuple(args.batch_sweep or ()), sweep_steps=args.sweep_steps,
+    )
+
+
+def _checked_run(args) -> int:
+    from ..placement import PlacementError
+    from .report import format_sweep, format_table, write_json, write_plots
+    from .simulate import make_plan, run_replay
+    from .sources import TraceFormatError
+
+    t0 = time.perf_counter()
+    try:
+        check_outputs(args)
+        source = _source(args)
+        check_source_flags(args, source)
+        _generator_checks(args, source)
+        make_config(args, None).validate()  # flag values alone, before reading anything
+        trace, notes = make_trace(args, source)
+        cfg = make_config(args, trace.num_steps)
+        for n in cfg.batch_sweep:
+            check_batch_memory(trace.num_layers, n * cfg.ep_size, trace.num_logical, f"--batch-sweep {n}")
+        plan = make_plan(trace, cfg)
+        plan.notes[:0] = notes
+        res = run_replay(trace, cfg, plan)
+    except (TraceFormatError, PlacementError, ReplayCliError, ValueError) as err:
+        raise ReplayCliError(str(err)) from None
+    res.wall_s = time.perf_counter() - t0
+    print(format_table(res))
+    if res.sweep:
+        print()
+        print(format_sweep(res))
+    if args.json:
+        write_json(res, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        for p in write_plots(res, args.plot):
+            print(f"wrote {p}")
+    return 0
+
+
+def run(args) -> int:
+    """The subcommand; returns the exit status (2: user error, 130: Ctrl-C, 143: SIGTERM)."""
+    from .pool import Terminated, signals_as_exceptions
+
+    try:
+        with signals_as_exceptions():
+            return _checked_run(args)
+    except ReplayCliError as err:
+        print(f"sglang-moe-lb replay: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sglang-moe-lb replay: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("sglang-moe-lb replay: terminated", file=sys.stderr)
+        return 143

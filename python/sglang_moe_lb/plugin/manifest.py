@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..mode import BalanceMode
+from ..versions import sglang_version
 
 __all__ = [
     "WRITTEN_FOR",
@@ -221,13 +222,6 @@ class Problem:
         return f"{self.target} ({self.detail})"
 
 
-def sglang_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:
-        return "unknown"
 
 
 def _resolve_owner(path: str):

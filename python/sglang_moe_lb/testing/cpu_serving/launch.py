@@ -18,17 +18,11 @@ import runpy
 import sys
 
 from sglang_moe_lb.testing.cpu_serving import _state
+from sglang_moe_lb.versions import sglang_version as _sglang_version
 
 WRITTEN_FOR_SGLANG = "0.5.23"
 
 
-def _sglang_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:
-        return "unknown"
 
 
 def install_amx_override() -> None:

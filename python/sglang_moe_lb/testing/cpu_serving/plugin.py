@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import sys
+from sglang_moe_lb.versions import sglang_version as _sglang_version
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ def enabled() -> bool:
     return os.environ.get(ENV) == "1"
 
 
-def _sglang_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:
-        return "unknown"
 
 
 def _require(target: str) -> None:

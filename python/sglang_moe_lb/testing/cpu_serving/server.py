@@ -28,7 +28,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
+from sglang_moe_lb.testing.gloo_ranks import free_port
 
 STUBS_DIR = Path(__file__).resolve().parent / "stubs"
 
@@ -75,12 +75,6 @@ _live: "weakref.WeakSet[ServerHandle]" = weakref.WeakSet()
 
 class ServerStartError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _arg_value(args: Sequence[str], flag: str) -> str | None:

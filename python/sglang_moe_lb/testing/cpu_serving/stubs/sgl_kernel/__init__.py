@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+from sglang_moe_lb.versions import sglang_version as _sglang_version
 
 __version__ = "0.0.0+sglang_moe_lb.cpu_test_stub"
 _WRITTEN_FOR_SGLANG = "0.5.23"
@@ -44,13 +45,6 @@ def _log(msg: str) -> None:
         pass
 
 
-def _sglang_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:  # pragma: no cover - sglang not installed
-        return "unknown"
 
 
 def _unsupported(what: str) -> NotImplementedError:

@@ -1,29 +1,37 @@
-"""GPU check and latency benchmark of the moe_lb_kernels hot path (``benchmark/gpu_check.sh`` runs it).
+"""GPU check of the hot-path kernels (v1.1 and v2): the sections of kernel-plan.md's "One GPU run".
 
-What it does, in order, each step guarded by a time budget and recorded even when it fails:
+``benchmark/gpu_check.sh`` runs one process per section (a sticky CUDA error stays in its
+section), then ``--report``. Sections (each with its own time budget, results kept when it
+runs out):
 
-1. environment: card, torch/triton versions, whether sglang's upstream Waterfill kernels import;
-2. exactness at the benchmark shapes: ``LayerBalancer`` on the device against
-   ``moe_lb_kernels.reference.balance_layer_ref`` on the CPU (phys ids, quotas, shared ranks);
-3. CUDA graphs: capture of the per-layer entry, replay on new batches copied into the captured
-   input (outputs checked against the reference), and "no allocation per call";
-4. latency per layer (CUDA events, medians of back-to-back graph replays) for E=256, top-8,
-   redundant 0/32/64, ranks 16/32/64, tokens 256/4096/16384, with a per-kernel breakdown
-   (count / split / dispatch, from graphs of prefixes of the chain), the sweeps the split ran,
-   whether it certified; against the torch paths on the same device (the core's
-   ``joint.balance_layer`` and the fixed-point reference) and upstream's Waterfill kernels;
-5. ``results.json`` (everything) and ``results.md`` (tables + the goal line).
+* ``warm``   compile every kernel specialization the other sections launch, in parallel
+             worker processes (Triton's disk cache then serves the sections);
+* ``floor``  launch floor: CUDA-graph replay of 1 vs 20 empty kernels at grid 1 and 132, and
+             whether a cooperative launch runs and can be captured;
+* ``count``  counting with acq_rel atomics vs relaxed atomics vs per-block rows only;
+* ``v1``     the v1.1 kernels: (polish, stop) in {(8, 1e-9), (0, 1e-9), (0, half a token)} x 4/8
+             split warps at the goal shape (count / split / dispatch breakdown), red=64, decode;
+* ``v2``     the v2 kernels: the goal shape in every family of modes, 8/16 warps, red=64,
+             EP256 with 512 slots, decode sizes (one launch vs two);
+* ``graphs`` CUDA-graph capture + replay in every mode of both sets, with a placement (and split
+             table) update between replays;
+every measured configuration is also checked bit for bit against the CPU reference
+(``reference_layer`` with the set's ``FixedSpec``).
 
-    python benchmark/bench_kernels.py --out OUT [--budget-s 200] [--dry-run]
+    python benchmark/bench_kernels.py --section v2 --out OUT --partial-dir DIR --budget-s 80 [--dry-run]
+    python benchmark/bench_kernels.py --report --out OUT --partial-dir DIR [--dry-run]
 
-``--dry-run`` runs every step on tiny shapes (CPU + ``TRITON_INTERPRET=1`` works) to prove the
-script end to end; its timings mean nothing.
+``--dry-run`` runs the same steps on tiny shapes on the CPU (``TRITON_INTERPRET=1``); its
+timings are CPU wall clock of the interpreter and are never reported as latencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -31,27 +39,24 @@ import sys
 import time
 import traceback
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-for p in (os.path.join(HERE, "..", "python"), os.path.join(HERE, "..", "sgl-kernel", "python")):
-    if os.path.isdir(p) and p not in sys.path:
-        sys.path.insert(0, p)
+for _p in (os.path.join(HERE, "..", "python"), os.path.join(HERE, "..", "sgl-kernel", "python")):
+    if os.path.isdir(_p) and _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from moe_lb_kernels import LayerBalancer  # noqa: E402
-from moe_lb_kernels.reference import DEFAULT_SWEEPS, balance_layer_ref  # noqa: E402
-from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularity  # noqa: E402
-from sglang_moe_lb.joint import balance_layer  # noqa: E402
+import torch  # noqa: E402
 
-GOAL_US = 20.0
-MAX_TOKENS = 16384  # every balancer is built for this many tokens, so all sections share compiled kernels
-TARGET = dict(E=256, red=32, R=32, T=16384)
+SECTIONS = ("warm", "floor", "count", "v1", "v2", "graphs")
+GOAL_US = 10.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Budget:
     def __init__(self, seconds: float):
-        self.t0 = time.time()
-        self.seconds = seconds
+        self.t0, self.seconds = time.time(), seconds
 
     def left(self) -> float:
         return self.seconds - (time.time() - self.t0)
@@ -60,466 +65,674 @@ class Budget:
         return self.left() > need
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+# ------------------------------------------------------------------------------------------------
+# Shapes and configurations (one list: the warm-up compiles exactly what the sections run)
+# ------------------------------------------------------------------------------------------------
+def shapes(dry: bool) -> dict:
+    if dry:
+        return {"goal": (16, 4, 4, 64), "red64": [(16, 8, 4, 32)], "ep": (16, 16, 8, 32),
+                "decode": ((16, 4, 4, 32), (8, 16, 32)), "graph": (12, 4, 4, 24), "K": 2}
+    return {"goal": (256, 32, 32, 16384), "red64": [(256, 64, 16, 4096), (256, 64, 32, 4096), (256, 64, 64, 4096)],
+            "ep": (256, 256, 256, 2048), "decode": ((256, 32, 32, 2048), (128, 512, 2048)),
+            "graph": (64, 16, 8, 256), "K": 8}
 
 
+def v2_configs(dry: bool) -> list[dict]:
+    s = shapes(dry)
+    goal, ep, (dec, dec_T) = s["goal"], s["ep"], s["decode"]
+    out = []
+    for name in ("lplb/per-batch/local/tokens", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles",
+                 "waterfill+lplb/per-batch/local/tokens/all_rank", "lplb/table", "waterfill/all_rank/local",
+                 "waterfill/conservative/local", "waterfill+lplb/per-batch/local/tokens/conservative"):
+        out.append(dict(set="v2", key=f"goal {name}", shape=goal, T=goal[3], mode=name))
+    out.append(dict(set="v2", key="goal lplb/per-batch/local/tokens warps=8", shape=goal, T=goal[3],
+                    mode="lplb/per-batch/local/tokens", options={"num_warps": 8}))
+    out.append(dict(set="v2", key="goal lplb/per-batch/local/tokens cap=16", shape=goal, T=goal[3],
+                    mode="lplb/per-batch/local/tokens", cap=16))
+    for sh in s["red64"]:
+        out.append(dict(set="v2", key=f"red64 R={sh[2]}", shape=sh, T=sh[3], mode="lplb/per-batch/local/tokens"))
+    out.append(dict(set="v2", key="ep256_512", shape=ep, T=ep[3], mode="lplb/per-batch/local/tokens"))
+    out.append(dict(set="v2", key="ep256_512 global", shape=ep, T=ep[3], mode="lplb/per-batch/global/tokens"))
+    for T in dec_T:
+        out.append(dict(set="v2", key=f"decode_{T}", shape=dec, T=T, mode="lplb/per-batch/local/tokens"))
+    out.append(dict(set="v2", key=f"decode_{dec_T[-1]} two-launch", shape=dec, T=dec_T[-1],
+                    mode="lplb/per-batch/local/tokens", options={"single_max": 0}))
+    out.append(dict(set="v2", key=f"decode_{dec_T[-1]} joint", shape=dec, T=dec_T[-1],
+                    mode="waterfill+lplb/per-batch/local/tokens/all_rank"))
+    return out
+
+
+HALF = dict(tol_shift=62, slack_units=1 << 27)  # v1's 2**-28 units: stop at half a token
+
+
+def v1_configs(dry: bool) -> list[dict]:
+    s = shapes(dry)
+    goal, (dec, dec_T) = s["goal"], s["decode"]
+    out = []
+    for polish, stop in ((8, "1e-9"), (0, "1e-9"), (0, "half")):
+        for warps in (4, 8):
+            out.append(dict(set="v1.1", key=f"goal polish={polish} stop={stop} warps={warps}", shape=goal, T=goal[3],
+                            mode="lplb/per-batch/local/tokens", v1=dict(polish=polish, stop=stop, warps=warps)))
+    for sh in s["red64"]:
+        out.append(dict(set="v1.1", key=f"red64 R={sh[2]}", shape=sh, T=sh[3], mode="lplb/per-batch/local/tokens",
+                        v1=dict(polish=8, stop="1e-9", warps=4)))
+    for T in (dec_T[0], dec_T[-1]):
+        out.append(dict(set="v1.1", key=f"decode_{T}", shape=dec, T=T, mode="lplb/per-batch/local/tokens",
+                        v1=dict(polish=8, stop="1e-9", warps=4)))
+    return out
+
+
+def v2_graph_modes() -> list[str]:
+    from sglang_moe_lb import BalanceMode
+
+    modes = [BalanceMode(lplb="table")]
+    for wf in (None, "conservative", "all_rank"):
+        for sync in ("local", "global"):
+            for obj in ("tokens", "tiles"):
+                modes.append(BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, waterfill=wf))
+            if wf is not None:
+                modes.append(BalanceMode(lplb="table", waterfill=wf, waterfill_sync=sync))
+                modes.append(BalanceMode(lplb="off", waterfill=wf, waterfill_sync=sync))
+    return [m.name for m in modes]
+
+
+def graph_configs(dry: bool) -> list[dict]:
+    g = shapes(dry)["graph"]
+    out = [dict(set="v2", key=f"graph {m}", shape=g, T=g[3], mode=m) for m in v2_graph_modes()]
+    out += [dict(set="v1.1", key=f"graph {m}", shape=g, T=g[3], mode=m) for m in v2_graph_modes() if "tiles" not in m]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and running one configuration
+# ------------------------------------------------------------------------------------------------
+def _cost():
+    from sglang_moe_lb.cost import CostModel
+
+    return CostModel(weight_bytes=1.0, flops_per_token=1.0, bandwidth=1.0, peak_flops=1.0, tile_tokens=128)
+
+
+def _spec(cfg):
+    import dataclasses
+
+    from moe_lb_kernels.reference import V1_SPEC, FixedSpec
+    from moe_lb_kernels.v2 import V2_SPEC
+
+    if cfg["set"] == "v2":
+        return dataclasses.replace(V2_SPEC, max_sweeps=cfg["cap"]) if "cap" in cfg else V2_SPEC
+    v = cfg.get("v1")
+    if not v:
+        return V1_SPEC
+    extra = HALF if v["stop"] == "half" else {}
+    fields = {k: getattr(V1_SPEC, k) for k in ("scale_bits", "max_sweeps", "tol_shift", "slack_units", "polish_at_bound")}
+    fields.update(extra)
+    return FixedSpec(f"v1 polish={v['polish']} stop={v['stop']}", polish_sweeps=v["polish"], **fields)
+
+
+class Case:
+    """One configuration on the device: placement, this rank's batch, every rank's rows, a path."""
+
+    def __init__(self, cfg: dict, dev, seed: int = 0):
+        from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularity
+        from sglang_moe_lb import BalanceMode
+        from sglang_moe_lb.chain import local_stats
+
+        self.cfg, self.dev = cfg, dev
+        E, red, R, maxT = cfg["shape"]
+        K = 8 if E >= 64 else 2
+        self.mode = BalanceMode.parse(cfg["mode"])
+        gen = torch.Generator().manual_seed(1000 + seed)
+        self.pop = zipf_popularity(E, gen)
+        self.pl = greedy_placement(self.pop, red, R)
+        self.src = 1 % R  # this rank (source_rank)
+        self.me = self.src if self.mode.collective else 0  # its index in the per-rank lists
+        self.D = R if self.mode.collective else 1
+        ids = batch_topk(self.pop, cfg["T"], K, gen)
+        self.ids = self._others(ids, gen)  # [D] batches, this rank's at src
+        self.phys = [self._static_phys(x) for x in self.ids] if self.mode.lplb == "off" else [None] * len(self.ids)
+        self.gathered = (torch.stack([local_stats(self.pl, x, self.mode, p) for x, p in zip(self.ids, self.phys)])
+                         if self.mode.collective else None)
+        self.table = self._table(gen) if self.mode.lplb == "table" else None
+        self.path = self._build(maxT, K)
+        self.static = {"ids": self.ids[self.me].to(dev)}
+        if self.phys[self.me] is not None:
+            self.static["phys"] = self.phys[self.me].to(dev)
+        if self.gathered is not None:
+            self.static["gathered"] = self.gathered.to(dev)
+        self.res = None
+
+    def _others(self, ids, gen):
+        if not self.mode.collective:
+            return [ids]
+        E = self.pl.num_logical
+        out = []
+        for d in range(self.pl.num_ranks):  # other ranks: the batch with experts and rows permuted
+            if d == 1 % self.pl.num_ranks:
+                out.append(ids)
+            else:
+                perm = torch.randperm(E, generator=gen).to(ids.dtype)
+                out.append(perm[ids.long()][torch.randperm(ids.shape[0], generator=gen)])
+        return out
+
+    def _static_phys(self, ids):
+        first = self.pl.copy_order[0][self.pl.copy_start[0]]
+        return torch.where(ids >= 0, first[ids.clamp(min=0).long()], ids.long()).to(ids.dtype)
+
+    def _table(self, gen):
+        w = torch.rand(self.pl.num_physical, generator=gen, dtype=torch.float64) + 0.1
+        tot = torch.zeros(self.pl.num_logical, dtype=torch.float64).index_add_(0, self.pl.phy2log[0], w)
+        return w / tot[self.pl.phy2log[0]]
+
+    def _build(self, maxT, K):
+        cfg = self.cfg
+        if cfg["set"] == "v2":
+            from moe_lb_kernels.v2 import make_layer_path
+
+            return make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K, source_rank=self.src, device=self.dev,
+                                   cost=_cost(), split_table=self.table, spec=_spec(cfg), **cfg.get("options", {}))
+        if cfg.get("v1"):
+            from moe_lb_kernels import LayerBalancer
+
+            v = cfg["v1"]
+            return LayerBalancer(self.pl, maxT, K, self.mode, self.dev, source_rank=self.src, polish_sweeps=v["polish"],
+                                 plan_warps=v["warps"])
+        from moe_lb_kernels import seam
+
+        return seam.kernel_set("v1.1").make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K,
+                                                       source_rank=self.src, device=self.dev, split_table=self.table)
+
+    def call(self):
+        """One layer as the plugin runs it (global sync: stats, then the call with the rows)."""
+        st, v = self.static, self.cfg.get("v1")
+        with _v1_stop(v):
+            if v:  # a bare LayerBalancer: its own output buffer
+                self.res = self.path(st["ids"])
+                return
+            if self.mode.collective:
+                self.path.stats(st["ids"], st.get("phys"))
+            self.res = self.path(st["ids"], gathered=st.get("gathered"), phys_ids=st.get("phys"))
+
+    def check(self) -> dict:
+        """The device's outputs (of the last call or replay) against the CPU reference."""
+        from moe_lb_kernels.reference import reference_layer
+
+        sync(self.dev)
+        ref = reference_layer(self.pl, self.ids[self.me], self.mode, spec=_spec(self.cfg), source_rank=self.src,
+                              split_table=self.table, gathered=self.gathered, phys_ids=self.phys[self.me], cost=_cost())
+        r = self.res
+        T = self.ids[self.me].shape[0]
+        out = {"phys_ids": bool(torch.equal(r.phys_ids[:T].cpu().long(), ref.phys_ids.long()))}
+        if ref.quotas is not None:
+            out["quotas"] = bool(torch.equal(r.quotas.cpu().long(), ref.quotas.long()))
+        if ref.shared_rank is not None:
+            out["shared_rank"] = bool(torch.equal(r.shared_rank[:T].cpu().long(), ref.shared_rank.long()))
+        if self.mode.per_batch and not self.cfg.get("v1"):
+            out["certified"] = bool(bool(r.certified) == bool(ref.certified))
+        out["ok"] = all(out.values())
+        return out
+
+    def flags(self) -> dict:
+        f = (self.path.flags if hasattr(self.path, "flags") else self.path.balancer.flags).tolist()
+        return {"certified": bool(f[0]), "sweeps": f[1], "polish_sweeps": f[2], "polish_kept": bool(f[3])}
+
+
+class _v1_stop:
+    """Run v1's split with the half-token stop (its tolerance is a module constant read per launch)."""
+
+    def __init__(self, v):
+        self.on = bool(v) and v.get("stop") == "half"
+
+    def __enter__(self):
+        if self.on:
+            import moe_lb_kernels.balancer as b
+
+            self.saved = (b.TOL_SHIFT, b.SLACK_UNITS)
+            b.TOL_SHIFT, b.SLACK_UNITS = HALF["tol_shift"], HALF["slack_units"]
+
+    def __exit__(self, *exc):
+        if self.on:
+            import moe_lb_kernels.balancer as b
+
+            b.TOL_SHIFT, b.SLACK_UNITS = self.saved
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
 def sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
 
-def median_us(fn, dev, reps: int, inner: int) -> float:
-    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls, in microseconds."""
+def capture(fn, dev):
+    """A CUDA graph of ``fn`` (warmed up twice on a side stream first); None on the CPU."""
+    if dev.type != "cuda":
+        return None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def time_us(fn, dev, reps: int = 15, inner: int = 40) -> dict:
+    """Median µs per call: graph replays back to back on CUDA; eager wall clock on the CPU."""
+    g = capture(fn, dev)
     times = []
     for _ in range(reps):
-        if dev.type == "cuda":
+        if g is not None:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(inner):
-                fn()
+                g.replay()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) * 1000.0 / inner)
         else:
             t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t) * 1e6 / inner)
-    return statistics.median(times)
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+    return {"us": round(statistics.median(times), 2), "spread_us": round(max(times) - min(times), 2),
+            "graph": g is not None}
 
 
-def wall_ms(fn, dev, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+def _warm_one(args):
+    cfg, dry = args
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = time.time()
+    try:
+        c = Case(cfg, dev)
+        c.call()
         sync(dev)
-        t = time.perf_counter()
-        fn()
+        return cfg["key"], cfg["set"], round(time.time() - t, 1), None
+    except Exception as err:  # noqa: BLE001
+        return cfg["key"], cfg["set"], round(time.time() - t, 1), f"{type(err).__name__}: {err}"
+
+
+def section_warm(dev, dry, budget, out, jobs) -> None:
+    cfgs = v2_configs(dry) + v1_configs(dry) + graph_configs(dry)
+    if dry:
+        cfgs = cfgs[:3]  # the dry run proves the mechanism; the interpreter compiles nothing
+    log(f"warm-up: {len(cfgs)} configurations in {jobs} processes")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(jobs) as pool:
+        it = pool.imap_unordered(_warm_one, [(c, dry) for c in cfgs])
+        for _ in cfgs:
+            left = budget.left()
+            if left <= 0:
+                out["warm"].append({"skipped": "time budget"})
+                pool.terminate()
+                break
+            try:
+                key, kset, secs, err = it.next(timeout=left)
+            except mp.TimeoutError:
+                out["warm"].append({"skipped": "time budget"})
+                pool.terminate()
+                break
+            out["warm"].append({"key": key, "set": kset, "seconds": secs, "error": err})
+            if err:
+                log(f"  {kset} {key}: {err}")
+
+
+def section_floor(dev, dry, budget, out) -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(x_ptr, N: tl.constexpr):
+        if N < 0:
+            tl.store(x_ptr, 0)
+
+    x = torch.zeros(1, device=dev)
+    for grid in (1, 132):
+        for n in (1, 20):
+            if not budget.ok(3):
+                return
+
+            def fn(grid=grid, n=n):
+                for _ in range(n):
+                    _empty[(grid,)](x, N=1)
+
+            r = time_us(fn, dev)
+            out["floor"].append({"grid": grid, "kernels": n, **r})
+            log(f"  floor grid={grid} kernels={n}: {r}")
+    rec = {"cooperative_eager": None, "cooperative_capture": None}
+    try:
+        _empty[(132,)](x, N=1, launch_cooperative_grid=True)
         sync(dev)
-        ts.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(ts)
+        rec["cooperative_eager"] = True
+        if dev.type == "cuda":
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                _empty[(132,)](x, N=1, launch_cooperative_grid=True)
+            g.replay()
+            sync(dev)
+            rec["cooperative_capture"] = True
+    except Exception as err:  # noqa: BLE001
+        rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    out["floor"].append(rec)
+    log(f"  cooperative: {rec}")
 
 
+def section_count(dev, dry, budget, out) -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _cnt(ids_ptr, T, acc_ptr, rows_ptr, K: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
+             E: tl.constexpr, MODE: tl.constexpr):
+        pid = tl.program_id(0)
+        t = pid * BT + tl.arange(0, BT)
+        k = tl.arange(0, KB)
+        m = (t < T)[:, None] & (k < K)[None, :]
+        x = tl.load(ids_ptr + t[:, None] * K + k[None, :], mask=m, other=-1)
+        h = tl.histogram(tl.reshape(tl.where(m & (x >= 0), x, EB - 1), [BT * KB]), EB)
+        b = tl.arange(0, EB)
+        if MODE == 0:
+            tl.atomic_add(acc_ptr + b, h, mask=(b < E) & (h > 0))  # Triton's default: acq_rel
+        elif MODE == 1:
+            tl.atomic_add(acc_ptr + b, h, mask=(b < E) & (h > 0), sem="relaxed")
+        else:
+            tl.store(rows_ptr + pid * EB + b, h)
+
+    E, _, _, T = shapes(dry)["goal"]
+    K = 8 if E >= 64 else 2
+    EB = 1 << E.bit_length()
+    ids = torch.randint(0, E, (T, K), dtype=torch.int32, device=dev)
+    for BT in (64, 128):
+        nb = -(-T // BT)
+        acc = torch.zeros(EB, dtype=torch.int32, device=dev)
+        rows = torch.zeros(nb, EB, dtype=torch.int32, device=dev)
+        for mode, name in ((0, "acq_rel atomics"), (1, "relaxed atomics"), (2, "per-block rows only")):
+            if not budget.ok(3):
+                return
+            r = time_us(lambda: _cnt[(nb,)](ids, T, acc, rows, K=K, KB=K, BT=BT, EB=EB, E=E, MODE=mode), dev)
+            out["count"].append({"variant": name, "BT": BT, "blocks": nb, **r})
+            log(f"  count {name} BT={BT}: {r}")
+
+
+def _measure(cfg, dev, budget, out_list, breakdown: bool = False) -> None:
+    rec = {"set": cfg["set"], "key": cfg["key"], "E": cfg["shape"][0], "red": cfg["shape"][1], "R": cfg["shape"][2],
+           "T": cfg["T"], "mode": cfg["mode"], **cfg.get("options", {}), **(cfg.get("v1") or {})}
+    try:
+        c = Case(cfg, dev)
+        rec.update(time_us(c.call, dev))
+        rec.update(c.flags() if c.mode.per_batch else {})
+        rec["exact"] = c.check()
+        if breakdown:
+            rec.update(_breakdown(c, dev))
+        p = c.path
+        if hasattr(p, "launches_per_call"):
+            try:
+                rec["launches"] = p.launches_per_call(cfg["T"])
+            except TypeError:
+                rec["launches"] = p.launches_per_call()
+    except Exception as err:  # noqa: BLE001
+        rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
+    log(f"  {rec}")
+    out_list.append(rec)
+
+
+def _breakdown(c, dev) -> dict:
+    """count / split / dispatch µs from graphs of the first 1, 2, 3 kernels (v1) or K1 / K1+K2 (v2)."""
+    ids = c.static["ids"]
+    if c.cfg["set"] == "v2":
+        p = c.path
+        out = p._out(ids)
+        shared = p.shared_rank_buf[: ids.shape[0]]
+        a = time_us(lambda: p._count(ids, None), dev)["us"]
+        ab = time_us(lambda: (p._count(ids, None), p._main(ids, None, out, shared, False)), dev)["us"]
+        return {"count_us": a, "solve_dispatch_us": round(ab - a, 2)}
+    fns = c.path._prefix_calls(ids, c.res.phys_ids)
+    with _v1_stop(c.cfg.get("v1")):
+        t = [time_us(f, dev)["us"] for f in fns]
+    return {"count_us": t[0], "split_us": round(t[1] - t[0], 2), "dispatch_us": round(t[2] - t[1], 2)}
+
+
+def section_v1(dev, dry, budget, out) -> None:
+    for cfg in v1_configs(dry):
+        if not budget.ok(8):
+            out["v1"].append({"key": cfg["key"], "skipped": "time budget"})
+            continue
+        _measure(cfg, dev, budget, out["v1"], breakdown=cfg["key"].startswith("goal"))
+
+
+def section_v2(dev, dry, budget, out) -> None:
+    for cfg in v2_configs(dry):
+        if not budget.ok(8):
+            out["v2"].append({"key": cfg["key"], "skipped": "time budget"})
+            continue
+        _measure(cfg, dev, budget, out["v2"], breakdown=cfg["key"] == "goal lplb/per-batch/local/tokens")
+
+
+def _rebalanced(c: "Case", seed: int):
+    from moe_lb_kernels.workload import greedy_placement, zipf_popularity
+
+    E, red, R, _ = c.cfg["shape"]
+    for s in range(seed, seed + 8):
+        pl = greedy_placement(zipf_popularity(E, torch.Generator().manual_seed(5000 + s)), red, R)
+        try:
+            c.path.update_placement(pl)
+            return pl
+        except ValueError:
+            continue
+    raise RuntimeError("no rebalanced placement fits the path's capacities")
+
+
+def section_graphs(dev, dry, budget, out) -> None:
+    """Capture once; replay on a new batch; update placement (+ table); replay again."""
+    from moe_lb_kernels.workload import batch_topk
+    from sglang_moe_lb.chain import local_stats
+
+    for cfg in graph_configs(dry):
+        if not budget.ok(5):
+            out["graphs"].append({"set": cfg["set"], "mode": cfg["mode"], "skipped": "time budget"})
+            continue
+        rec = {"set": cfg["set"], "mode": cfg["mode"]}
+        try:
+            c = Case(cfg, dev)
+            g = capture(c.call, dev)
+            rec["captured"] = g is not None
+            run = g.replay if g is not None else c.call
+            gen = torch.Generator().manual_seed(77)
+            for step in ("new batch", "new placement"):
+                if step == "new placement":
+                    c.pl = _rebalanced(c, 1)
+                    if c.table is not None:
+                        c.table = c._table(gen)
+                        c.path.set_split_table(c.table)
+                K = c.ids[c.me].shape[1]
+                fresh = c._others(batch_topk(c.pop, cfg["T"], K, gen), gen)
+                c.ids = fresh
+                c.phys = [c._static_phys(x) for x in fresh] if c.mode.lplb == "off" else [None] * len(fresh)
+                c.static["ids"].copy_(fresh[c.me])
+                if c.phys[c.me] is not None:
+                    c.static["phys"].copy_(c.phys[c.me])
+                if c.mode.collective:
+                    c.gathered = torch.stack([local_stats(c.pl, x, c.mode, p) for x, p in zip(c.ids, c.phys)])
+                    c.static["gathered"].copy_(c.gathered)
+                run()  # the graph's outputs are views of the path's buffers: c.res sees the replay
+                rec[step] = c.check()
+            rec["ok"] = all(rec[s]["ok"] for s in ("new batch", "new placement"))
+        except Exception as err:  # noqa: BLE001
+            rec.update(ok=False, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1200:])
+        log(f"  graph {rec['set']} {rec['mode']}: ok={rec.get('ok')} {rec.get('error', '')}")
+        out["graphs"].append(rec)
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment and report
 # ------------------------------------------------------------------------------------------------
 def env_report(dev) -> dict:
     import triton
 
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "device": str(dev),
-        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
-        "default_sweeps": DEFAULT_SWEEPS,
-    }
+    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "device": str(dev), "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         info.update(card=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                     memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
-        info["card"] = f"CPU ({platform.processor() or platform.machine()})"
-    try:
-        from sglang.kernels.ops.moe import deepep_waterfill_kernels  # noqa: F401
-
-        import sglang
-
-        info["sglang"] = getattr(sglang, "__version__", "?")
-    except Exception as err:  # noqa: BLE001
-        info["sglang"] = f"absent ({type(err).__name__})"
+        info["card"] = f"CPU ({platform.machine()})"
+    for name in ("highspy", "sglang", "xdist"):
+        try:
+            mod = __import__(name)
+            info[name] = getattr(mod, "__version__", "present")
+        except Exception as err:  # noqa: BLE001
+            info[name] = f"absent ({type(err).__name__})"
     return info
 
 
-def make_case(E, red, R, T, seed, dev, K=8):
-    gen = torch.Generator().manual_seed(seed)
-    pop = zipf_popularity(E, gen)
-    pl = greedy_placement(pop, red, R)
-    batches = [batch_topk(pop, T, K, gen) for _ in range(3)]
-    return pl, pop, batches
+def _lat(rows, key):
+    r = next((x for x in rows if x.get("key") == key and "us" in x), None)
+    return r
 
 
-def check_against_reference(bal, pl, ids_cpu, dev, mode, cand, src, phys_cpu=None) -> dict:
-    lplb = "off" if mode == "waterfill" else "per_batch"
-    wf = None if mode == "lplb" else cand
-    out = bal(ids_cpu.to(dev), phys_ids=None if phys_cpu is None else phys_cpu.to(dev))
-    sync(dev)
-    ref, cert = balance_layer_ref(pl, ids_cpu.long(), source_rank=src, lplb=lplb, waterfill=wf,
-                                  phys_ids=None if phys_cpu is None else phys_cpu.long())
-    T = ids_cpu.shape[0]
-    res = {"phys_ids": bool(torch.equal(out.phys_ids[:T].cpu().long(), ref.phys_ids.long()))}
-    if ref.quotas is not None and out.quotas is not None:
-        res["quotas"] = bool(torch.equal(out.quotas.cpu(), ref.quotas))
-    if wf is not None:
-        res["shared_rank"] = bool(torch.equal(out.shared_rank[:T].cpu(), ref.shared_rank))
-    if mode != "waterfill" and not bal.static_only:
-        res["certified_flag"] = bool(int(bal.flags[0]) == int(cert))
-    res["ok"] = all(v for v in res.values())
-    return res
+def report(out_dir, parts, dry) -> int:
+    from moe_lb_kernels import seam
+
+    res = {s: [] for s in SECTIONS}
+    env = {}
+    for s in SECTIONS:
+        path = os.path.join(parts, f"{s}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                d = json.load(f)
+            res[s] = d.get(s, [])
+            env = env or d.get("env", {})
+    res["env"] = env
+    on_gpu = (not dry) and str(env.get("device", "")).startswith("cuda")
+    v2 = res["v2"]
+    lat = {}
+    for name, key in (("goal", "goal lplb/per-batch/local/tokens"), ("ep256_512", "ep256_512"),
+                      ("decode_128", "decode_128"), ("decode_2048", "decode_2048")):
+        r = _lat(v2, key)
+        lat[name] = r["us"] if (on_gpu and r and r.get("exact", {}).get("ok")) else None
+    graphs_v2 = [g for g in res["graphs"] if g.get("set") == "v2"]
+    all_modes = on_gpu and len(graphs_v2) == len(v2_graph_modes()) and all(g.get("ok") and g.get("captured")
+                                                                          for g in graphs_v2)
+    latest = {"device": env.get("card", "?") if on_gpu else "dry-run", "date": datetime.date.today().isoformat(),
+              "kernels_version": "v2", "graph_capture_all_modes": bool(all_modes), "latency_us": lat,
+              "default_kernels": seam.DEFAULT_SET, "dry_run": not on_gpu,
+              "v1_graph_capture_all_modes": bool(on_gpu and all(g.get("ok") and g.get("captured")
+                                                                for g in res["graphs"] if g.get("set") == "v1.1")),
+              "exact_all": all(r.get("exact", {}).get("ok", False) for r in v2 + res["v1"] if "us" in r),
+              "goal_us": GOAL_US}
+    with open(os.path.join(out_dir, "latest.json"), "w") as f:
+        json.dump(latest, f, indent=1)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"latest": latest, **res}, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(_markdown(res, latest, on_gpu))
+    failures = [r for r in v2 + res["v1"] if "us" in r and not r.get("exact", {}).get("ok")]
+    failures += [g for g in res["graphs"] if not g.get("ok") and "skipped" not in g]
+    print(json.dumps(latest))
+    return 1 if failures else 0
 
 
-def static_phys(pl, ids):
-    """Upstream's static logical -> physical map (first copy)."""
-    first = pl.copy_order[0][pl.copy_start[0]]
-    return torch.where(ids >= 0, first[ids.clamp(min=0).long()], ids.long()).to(ids.dtype)
+def _markdown(res, latest, on_gpu) -> str:
+    env = res["env"]
+    L = [f"# Hot-path kernels GPU check — {env.get('card', '?')}", "",
+         f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda', '-')}; "
+         f"{'dry run: CPU interpreter, timings are interpreter wall clock and mean nothing' if not on_gpu else 'graph replay'}",
+         "", f"latest.json: `{json.dumps(latest['latency_us'])}`, graph capture in all v2 modes: "
+         f"{latest['graph_capture_all_modes']}", ""]
 
+    def table(rows, cols, title):
+        L.extend([f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)])
+        for r in rows:
+            cells = []
+            for c in cols:
+                v = r.get(c, "–")
+                if c == "exact":
+                    v = "skipped" if "skipped" in r else ("yes" if r.get("exact", {}).get("ok") else f"NO {r.get('exact') or r.get('error', '')}")
+                cells.append(str(v))
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
 
-# ------------------------------------------------------------------------------------------------
-def run_checks(dev, shapes, budget, out) -> None:
-    log("exactness at benchmark shapes (device vs CPU reference)")
-    modes = [("lplb", "all_rank"), ("waterfill+lplb", "all_rank"), ("waterfill+lplb", "conservative"),
-             ("waterfill", "all_rank"), ("waterfill", "conservative")]
-    for i, (E, red, R, T) in enumerate(shapes):
-        for mode, cand in modes if i == 0 else modes[:1]:
-            if not budget.ok(30):
-                out["checks"].append({"skipped": "time budget", "E": E, "red": red, "R": R, "T": T})
-                return
-            rec = {"E": E, "red": red, "R": R, "T": T, "mode": mode, "candidates": cand}
-            try:
-                pl, _, batches = make_case(E, red, R, T, 100 + i, dev)
-                src = 1 % R
-                bal = LayerBalancer(pl, max(T, MAX_TOKENS if dev.type == "cuda" else T), 8, mode, dev,
-                                    candidates=cand, source_rank=src)
-                phys = static_phys(pl, batches[0]) if mode == "waterfill" else None
-                rec.update(check_against_reference(bal, pl, batches[0], dev, mode, cand, src, phys))
-                if mode == "lplb" and not bal.static_only:
-                    rec["sweeps"], rec["polish_sweeps"] = int(bal.flags[1]), int(bal.flags[2])
-            except Exception as err:  # noqa: BLE001
-                rec.update(ok=False, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
-            log(f"  {rec}")
-            out["checks"].append(rec)
-
-
-def run_graph_checks(dev, shape, budget, out) -> None:
-    log("CUDA graph capture / replay of the per-layer entry")
-    if dev.type != "cuda":
-        out["graph"].append({"skipped": "no CUDA device (dry run): capture not possible"})
-        log("  skipped (no CUDA)")
-        return
-    E, red, R, T = shape
-    for mode, cand, dynamic in (("lplb", "all_rank", False), ("waterfill+lplb", "all_rank", False),
-                                ("waterfill+lplb", "conservative", False), ("lplb", "all_rank", True)):
-        if not budget.ok(20):
-            out["graph"].append({"skipped": "time budget", "mode": mode})
-            return
-        rec = {"mode": mode, "candidates": cand, "dynamic": dynamic, "E": E, "red": red, "R": R, "T": T}
-        try:
-            pl, _, batches = make_case(E, red, R, T, 7, dev)
-            src = 1 % R
-            bal = LayerBalancer(pl, max(T, MAX_TOKENS), 8, mode, dev, candidates=cand, source_rank=src, dynamic=dynamic)
-            ids_buf = batches[0].to(dev).clone()
-            out_buf = torch.empty_like(ids_buf)
-            shared_buf = torch.empty(T, dtype=torch.int64, device=dev)
-            gathered = torch.zeros(R, E + R + 1, dtype=torch.int64, device=dev)
-
-            def step():
-                if dynamic:
-                    return bal(ids_buf, out_buf, out_shared_rank=shared_buf, gathered=gathered)
-                return bal(ids_buf, out_buf, out_shared_rank=shared_buf)
-
-            def fill(ids_cpu):
-                ids_buf.copy_(ids_cpu.to(dev))
-                if dynamic:  # this rank's row plus other ranks' rows (fake but consistent)
-                    row = bal.local_stats(ids_buf).clone()
-                    gathered.copy_(row.reshape(1, -1).repeat(R, 1))
-
-            for _ in range(3):  # compile + warm up outside the capture
-                fill(batches[0])
-                step()
-            fill(batches[0])
-            sync(dev)
-            stats0 = torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0)
-            step()
-            sync(dev)
-            rec["no_alloc_per_call"] = torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0) == stats0
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
-            rec["captured"] = True
-            ok = True
-            for b in batches[1:] + batches[:1]:
-                fill(b)
-                g.replay()
-                sync(dev)
-                lplb = "per_batch"
-                wf = None if mode == "lplb" else cand
-                ref, _ = balance_layer_ref(pl, b.long(), source_rank=src, lplb=lplb, waterfill=wf,
-                                           gathered=gathered.cpu() if dynamic else None)
-                ok &= bool(torch.equal(out_buf.cpu().long(), ref.phys_ids.long()))
-                ok &= bool(torch.equal(bal.quotas.cpu(), ref.quotas))
-                if wf is not None:
-                    ok &= bool(torch.equal(shared_buf.cpu(), ref.shared_rank))
-            rec["replay_matches_reference"] = ok
-            rec["ok"] = ok and rec["no_alloc_per_call"]
-        except Exception as err:  # noqa: BLE001
-            rec.update(ok=False, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
-        log(f"  {rec}")
-        out["graph"].append(rec)
-
-
-# ------------------------------------------------------------------------------------------------
-def graph_time(dev, fn, reps, inner) -> float:
-    """Per-call µs of ``fn`` captured in a CUDA graph and replayed back to back (eager on CPU)."""
-    if dev.type != "cuda":
-        return median_us(fn, dev, reps, inner)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return median_us(g.replay, dev, reps, inner)
-
-
-def hard_batch(pl, pop, T, gen, dev, tries: int = 6):
-    """Of a few drifted batches, the one whose split needs the most sweeps (CPU reference)."""
-    from moe_lb_kernels.reference import split_fixed
-
-    best, best_sw = None, -1
-    for _ in range(tries):
-        ids = batch_topk(pop, T, 8, gen)
-        c = torch.bincount(ids.reshape(-1).long(), minlength=pop.numel())
-        _, cert, sw = split_fixed(pl, c, 64)
-        sw = sw if cert else 65
-        if sw > best_sw:
-            best, best_sw = ids, sw
-    return best.to(dev)
-
-
-def bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=False, torch_ref=True) -> None:
-    pl, pop, _ = make_case(E, red, R, max(Ts), 11, dev)
-    Tmax = max(Ts)
-    bal = LayerBalancer(pl, Tmax, 8, "lplb", dev)
-    gen = torch.Generator().manual_seed(5)
-    for T in Ts:
-        if not budget.ok(15):
-            out["timings"].append({"E": E, "red": red, "R": R, "T": T, "skipped": "time budget"})
+    table(res["v2"], ["key", "T", "us", "spread_us", "count_us", "solve_dispatch_us", "launches", "sweeps",
+                      "polish_sweeps", "certified", "exact"], "v2 latency per layer (µs)")
+    table(res["v1"], ["key", "T", "us", "count_us", "split_us", "dispatch_us", "sweeps", "polish_sweeps", "certified",
+                      "exact"], "v1.1 latency per layer (µs; variants of polish and stop, split warps)")
+    table(res["floor"], ["grid", "kernels", "us", "cooperative_eager", "cooperative_capture", "error"], "Launch floor")
+    table(res["count"], ["variant", "BT", "blocks", "us"], "Counting atomics")
+    L.extend(["## CUDA graphs (capture, replay on a new batch, placement/table update, replay)", "",
+              "| set | mode | captured | new batch | new placement |", "|---|---|---|---|---|"])
+    for g in res["graphs"]:
+        if "skipped" in g:
+            L.append(f"| {g['set']} | {g['mode']} | skipped | | |")
             continue
-        rec = {"E": E, "red": red, "R": R, "T": T, "mode": "lplb", "replicated_experts": int((pl.num_copies > 1).sum()),
-               "max_copies": int(pl.num_copies.max()), "colours": len(pl.replica_blocks.colours)}
-        try:
-            ids = batch_topk(pop, T, 8, gen).to(dev)
-            outb = torch.empty_like(ids)
-            for _ in range(2):
-                bal(ids, outb)
-            sync(dev)
-            rec["eager_us"] = median_us(lambda: bal(ids, outb), dev, reps, inner)
-            rec["graph_us"] = graph_time(dev, lambda: bal(ids, outb), reps, inner)
-            if not bal.static_only:
-                rec["sweeps"], rec["polish_sweeps"], rec["certified"] = (int(bal.flags[1]), int(bal.flags[2]),
-                                                                        bool(bal.flags[0]))
-                # breakdown: graphs of the chain's prefixes (A, A+B, A+B+C)
-                parts = bal._prefix_calls(ids, outb)
-                ts = [graph_time(dev, f, reps, inner) for f in parts]
-                rec["count_us"], rec["split_us"], rec["dispatch_us"] = ts[0], ts[1] - ts[0], ts[2] - ts[1]
-                if warps_sweep and T == max(Ts) and budget.ok(45):
-                    rec["plan_warps_us"] = {}
-                    for w in (1, 2, 4, 8):
-                        bw = LayerBalancer(pl, Tmax, 8, "lplb", dev, plan_warps=w)
-                        bw(ids, outb)
-                        rec["plan_warps_us"][w] = graph_time(dev, lambda: bw(ids, outb), reps, inner)
-                    # cost of the sweeps themselves: same call with the certificate's early exit
-                    # disabled by a cap of 1 / 4 / 16 / 64 sweeps on a batch that needs many
-                    rec["by_sweep_cap"] = {}
-                    hard = hard_batch(pl, pop, T, gen, dev)
-                    for cap in (1, 4, 16, 64):
-                        bc = LayerBalancer(pl, Tmax, 8, "lplb", dev, max_sweeps=cap)
-                        bc(hard, outb)
-                        t_us = graph_time(dev, lambda: bc(hard, outb), reps, inner)
-                        rec["by_sweep_cap"][cap] = {"graph_us": t_us, "sweeps": int(bc.flags[1]),
-                                                    "certified": bool(bc.flags[0])}
-            else:
-                # no replicas: the static map; compare with a plain torch gather of the same map
-                first = pl.copy_order[0][pl.copy_start[0]].to(dev)
-                rec["torch_gather_us"] = graph_time(dev, lambda: first[ids.long()], reps, inner)
-            if torch_ref and budget.ok(40):
-                pl_dev = pl.to(dev)
-                rec["torch_core_ms"] = wall_ms(lambda: balance_layer(pl_dev, ids), dev, 3)
-                rec["torch_fixedpoint_ref_ms"] = wall_ms(lambda: balance_layer_ref(pl_dev, ids), dev, 2)
-        except Exception as err:  # noqa: BLE001
-            rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
-        log(f"  {rec}")
-        out["timings"].append(rec)
+        ok = lambda s: "–" if s not in g else ("yes" if g[s]["ok"] else f"NO {g[s]}")  # noqa: E731
+        L.append(f"| {g['set']} | {g['mode']} | {g.get('captured')} | {ok('new batch')} | {ok('new placement')} |"
+                 + (f" {g['error']}" if "error" in g else ""))
+    return "\n".join(L) + "\n"
 
 
-def bench_waterfill(dev, E, red, R, T, reps, inner, budget, out) -> None:
-    pl, pop, batches = make_case(E, red, R, T, 13, dev)
-    ids = batches[0].to(dev)
-    w = torch.rand(T, 8, device=dev, dtype=torch.float32)
-    fi = torch.empty(T, 9, dtype=ids.dtype, device=dev)
-    fw = torch.empty(T, 9, dtype=torch.float32, device=dev)
-    phys = static_phys(pl, batches[0]).to(dev)
-    for mode, cand in (("waterfill+lplb", "all_rank"), ("waterfill+lplb", "conservative"),
-                       ("waterfill", "all_rank"), ("waterfill", "conservative")):
-        if not budget.ok(15):
-            out["timings"].append({"mode": mode, "candidates": cand, "skipped": "time budget"})
-            continue
-        rec = {"E": E, "red": red, "R": R, "T": T, "mode": mode, "candidates": cand, "fused_output": True}
-        try:
-            bal = LayerBalancer(pl, max(T, MAX_TOKENS if dev.type == "cuda" else T), 8, mode, dev,
-                                candidates=cand, source_rank=1)
-            p_in = phys if mode == "waterfill" else None
-            outb = torch.empty_like(ids) if mode != "waterfill" else None
+def sweep_study(seeds: int, spec_name: str, md_path: str | None) -> None:
+    """CPU study of a kernel set's split (no GPU): sweeps to certify, and what each cap costs.
 
-            def call():
-                bal(ids, outb, phys_ids=p_in, topk_weights=w, out_fused_ids=fi, out_fused_weights=fw)
-
-            call()
-            sync(dev)
-            rec["graph_us"] = graph_time(dev, call, reps, inner)
-            rec["launches"] = bal.launches_per_call()
-        except Exception as err:  # noqa: BLE001
-            rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
-        log(f"  {rec}")
-        out["timings"].append(rec)
-    # upstream's static Waterfill (count + fused expand), if sglang is importable
-    rec = {"E": E, "red": red, "R": R, "T": T, "mode": "upstream waterfill (static, all ranks)"}
-    try:
-        from sglang.kernels.ops.moe.deepep_waterfill_kernels import (
-            _count_routed_per_rank_kernel,
-            materialize_waterfill_dispatch_fused,
-        )
-
-        P = pl.num_physical
-        buf = torch.zeros(R, dtype=torch.int64, device=dev)
-
-        def upstream():
-            buf.zero_()
-            _count_routed_per_rank_kernel[((T + 255) // 256,)](phys, buf, T, 8, P // R, R, BLOCK_SIZE=256)
-            materialize_waterfill_dispatch_fused(phys, w, buf, P, R, 1, 1.0, allow_all_ranks=True, target_total=0)
-
-        upstream()
-        sync(dev)
-        rec["eager_us"] = median_us(upstream, dev, reps, inner)
-        rec["note"] = "eager (allocates its outputs per call, so no graph)"
-    except Exception as err:  # noqa: BLE001
-        rec["skipped"] = f"upstream kernels unavailable: {type(err).__name__}: {str(err)[:200]}"
-    log(f"  {rec}")
-    out["timings"].append(rec)
-
-
-# ------------------------------------------------------------------------------------------------
-def fmt(v, nd=1):
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def write_md(out, path) -> None:
-    env = out["env"]
-    lines = [f"# moe_lb_kernels GPU check — {env.get('card')}", ""]
-    lines.append(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda', '–')}, "
-                 f"sglang: {env.get('sglang')}; split sweep cap {env.get('default_sweeps')}; "
-                 f"dry run: {out.get('dry_run')}")
-    lines.append("")
-    goal = out.get("goal")
-    if goal:
-        lines += [f"**Goal** (count + split + dispatch, E={TARGET['E']}, red={TARGET['red']}, R={TARGET['R']}, "
-                  f"T={TARGET['T']}, graph replay): {fmt(goal.get('us'))} µs vs ≤ {GOAL_US} µs → "
-                  f"**{goal.get('verdict')}**", ""]
-    lines += ["## Exactness on the device (vs CPU reference)", "",
-              "| E | red | R | T | mode | candidates | ok | detail |", "|---|---|---|---|---|---|---|---|"]
-    for c in out["checks"]:
-        detail = {k: v for k, v in c.items() if k not in ("E", "red", "R", "T", "mode", "candidates", "ok", "trace")}
-        lines.append(f"| {c.get('E')} | {c.get('red')} | {c.get('R')} | {c.get('T')} | {c.get('mode')} | "
-                     f"{c.get('candidates')} | {fmt(c.get('ok'))} | {detail} |")
-    lines += ["", "## CUDA graphs", "", "| mode | candidates | dynamic | captured | replay == reference | no alloc per call |",
-              "|---|---|---|---|---|---|"]
-    for g in out["graph"]:
-        lines.append(f"| {g.get('mode')} | {g.get('candidates')} | {fmt(g.get('dynamic'))} | {fmt(g.get('captured'))} | "
-                     f"{fmt(g.get('replay_matches_reference'))} | {fmt(g.get('no_alloc_per_call'))} |"
-                     + (f" {g.get('error') or g.get('skipped')}" if g.get("error") or g.get("skipped") else ""))
-    lines += ["", "## Latency per layer, LPLB (µs; medians of back-to-back CUDA-graph replays)", "",
-              "| E | red | R | T | rep. experts | max copies | colours | graph µs | count | split | dispatch | "
-              "sweeps | polish | certified | eager µs | torch core ms | torch ref ms | static gather µs |",
-              "|" + "---|" * 18]
-    for t in out["timings"]:
-        if t.get("mode") != "lplb":
-            continue
-        lines.append(
-            f"| {t.get('E')} | {t.get('red')} | {t.get('R')} | {t.get('T')} | {fmt(t.get('replicated_experts'))} | "
-            f"{fmt(t.get('max_copies'))} | {fmt(t.get('colours'))} | {fmt(t.get('graph_us'))} | {fmt(t.get('count_us'))} | "
-            f"{fmt(t.get('split_us'))} | {fmt(t.get('dispatch_us'))} | {fmt(t.get('sweeps'))} | "
-            f"{fmt(t.get('polish_sweeps'))} | {fmt(t.get('certified'))} | {fmt(t.get('eager_us'))} | "
-            f"{fmt(t.get('torch_core_ms'), 2)} | {fmt(t.get('torch_fixedpoint_ref_ms'), 2)} | "
-            f"{fmt(t.get('torch_gather_us'))} |" + (f" {t.get('error') or t.get('skipped')}" if t.get("error") or t.get("skipped") else ""))
-    pw = [t for t in out["timings"] if t.get("plan_warps_us")]
-    if pw:
-        lines += ["", "Split kernel warps (graph µs of the whole call, E=256 red=32 R=32): "
-                  + "; ".join(f"T={t['T']}: " + ", ".join(f"{k} warps {fmt(v)}" for k, v in t["plan_warps_us"].items())
-                              for t in pw)]
-        lines += ["", "Sweep cap on the hardest of 6 drifted batches (graph µs of the whole call / sweeps run / "
-                  "certified): " + "; ".join(
-                      f"T={t['T']}: " + ", ".join(f"cap {k}: {fmt(v['graph_us'])} / {v['sweeps']} / {fmt(v['certified'])}"
-                                                  for k, v in t.get("by_sweep_cap", {}).items()) for t in pw)]
-    lines += ["", "## Waterfill (µs per layer, fused [T, 9] output)", "",
-              "| E | red | R | T | mode | candidates | graph µs | launches | upstream eager µs | note |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for t in out["timings"]:
-        if t.get("mode") == "lplb":
-            continue
-        lines.append(f"| {t.get('E')} | {t.get('red')} | {t.get('R')} | {t.get('T')} | {t.get('mode')} | "
-                     f"{t.get('candidates', '–')} | {fmt(t.get('graph_us'))} | {fmt(t.get('launches'))} | "
-                     f"{fmt(t.get('eager_us'))} | {t.get('note') or t.get('error') or t.get('skipped') or ''} |")
-    if out.get("errors"):
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}` (full trace in results.json)" for e in out["errors"]]
-    lines += ["", "Columns: *graph µs* = one per-layer call inside a CUDA graph, replayed back to back "
-              "(kernel time + in-graph launch gaps); *count/split/dispatch* = differences of graphs holding "
-              "the first 1/2/3 kernels; *sweeps* = split sweeps run (stops at the first certified sweep, "
-              f"cap {DEFAULT_SWEEPS}); *polish* = integer polish sweeps; *torch core* = the core's "
-              "`joint.balance_layer` (float split, HiGHS fallback) on the same device, wall clock with syncs; "
-              "*torch ref* = the fixed-point torch reference the kernels match; *static gather* = "
-              "`log2phys[ids]` in torch (what no-replica placements need)."]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def sweep_study(seeds: int, md_path: str | None) -> None:
-    """How many split sweeps certify, and what a cap costs (CPU, torch reference, HiGHS as truth).
-
-    Corpus: EPLB-like greedy placements (E=256, R 16/32/64, redundant 32/64, Zipf 0.8/1.1
-    popularity) and drifted batches of 256/4096/16384 tokens x top-8.
+    Corpus: EPLB-like greedy placements (E=256, (R, redundant) in (16,32) (32,32) (16,64) (32,64)
+    (64,64), Zipf 0.8/1.1), drifted batches of 256/4096/16384 tokens x top-8; truth: HiGHS.
+    Quotas are the set's full split-round-polish (``FixedPointSteps``) at each cap.
     """
-    from moe_lb_kernels.reference import SCALE_BITS, quotas_ref, split_fixed
-    from sglang_moe_lb import solve_split
+    import dataclasses
 
-    caps = [1, 2, 3, 4, 6, 8, 12, 16, 32]
-    need, rows = [], []
-    stats = {c: {"cert": 0, "gap": [], "qworse": 0} for c in caps}
-    n = 0
+    from moe_lb_kernels.reference import V1_SPEC, FixedPointSteps, split_fixed
+    from moe_lb_kernels.v2 import V2_SPEC
+    from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularity
+    from sglang_moe_lb import solve_split
+    from sglang_moe_lb.quota_dispatch import integer_lower_bound
+
+    base = {"v1": V1_SPEC, "v2": V2_SPEC}[spec_name]
+    caps = [1, 2, 3, 4, 6, 8, 16, 32]
+    need, n = [], 0
+    stats = {c: {"cert": 0, "gap": [], "over_bound": 0, "over_ceil_lp": 0} for c in caps}
     for seed in range(seeds):
         for R, red in ((16, 32), (32, 32), (16, 64), (32, 64), (64, 64)):
             for s_exp in (0.8, 1.1):
-                gen = torch.Generator().manual_seed(1000 * seed + R + red)
+                gen = torch.Generator().manual_seed(1000 * seed + R + red + int(10 * s_exp))
                 pop = zipf_popularity(256, gen, s_exp)
                 pl = greedy_placement(pop, red, R)
                 for T in (256, 4096, 16384):
-                    ids = batch_topk(pop, T, 8, gen)
-                    c = torch.bincount(ids.reshape(-1).long(), minlength=256)
+                    c = torch.bincount(batch_topk(pop, T, 8, gen).reshape(-1).long(), minlength=256)
                     lp = float(pl.rank_loads(solve_split(pl, c, "highs")).max())
-                    _, cert, sw = split_fixed(pl, c, 64)
-                    need.append(sw if cert else 65)
-                    q_best, _, _ = quotas_ref(pl, c, 64)
-                    best_int = int(pl.rank_loads(q_best).max())
+                    _, cert, sw = split_fixed(pl, c, dataclasses.replace(base, max_sweeps=64))
+                    need.append(int(sw) if bool(cert) else 65)
                     n += 1
                     for cap in caps:
-                        q, qf, ok = quotas_ref(pl, c, cap)
-                        m = float(pl.rank_loads(qf).max()) / 2**SCALE_BITS
+                        spec = dataclasses.replace(base, max_sweeps=cap)
+                        qf, ok, _ = split_fixed(pl, c, spec)
+                        q, _ = FixedPointSteps(spec).split_round(pl, c[None])
+                        load = pl.rank_loads(q[0])
                         st = stats[cap]
-                        st["cert"] += ok
-                        st["gap"].append((m - lp) / max(lp, 1.0))
-                        st["qworse"] += int(pl.rank_loads(q).max()) > best_int
-    lines = [f"Corpus: {n} batches (E=256, top-8; R/red 16/32, 32/32, 16/64, 32/64, 64/64; Zipf 0.8 and 1.1; "
-             f"T 256/4096/16384; {seeds} seeds). Truth: HiGHS.", "",
-             "Sweeps needed to certify: " + ", ".join(f"{k}: {v}" for k, v in sorted(
-                 {k: need.count(k) for k in set(need)}.items())) + " (65 = not within 64)", "",
-             "| sweep cap | certified | split max load vs HiGHS: median / p99 / max relative excess | "
-             "integer max load above the 64-sweep result |", "|---|---|---|---|"]
+                        st["cert"] += bool(ok)
+                        st["gap"].append((float(pl.rank_loads(qf).max()) / 2 ** spec.scale_bits - lp) / max(lp, 1.0))
+                        st["over_bound"] += int(load.max()) > int(integer_lower_bound(pl, c[None], load[None])[0])
+                        st["over_ceil_lp"] += int(load.max()) - math.ceil(lp - 1e-9)
+    lines = [f"Spec {base.name} (cap varied). Corpus: {n} batches (E=256, top-8; R/red 16/32, 32/32, 16/64, 32/64, "
+             f"64/64; Zipf 0.8 and 1.1; T 256/4096/16384; {seeds} seed(s)). Truth: HiGHS.", "",
+             "Sweeps needed to certify: " + ", ".join(f"{k}: {need.count(k)}" for k in sorted(set(need)))
+             + " (65 = not within 64)", "",
+             "| sweep cap | certified | split max vs HiGHS, relative excess: median / p99 / max | integer max "
+             "above its prefix bound | integer max - ceil(LP), summed |", "|---|---|---|---|---|"]
     for cap in caps:
         st = stats[cap]
         g = sorted(st["gap"])
         p99 = g[min(len(g) - 1, int(0.99 * len(g)))]
         lines.append(f"| {cap} | {st['cert']}/{n} | {statistics.median(g):.1e} / {p99:.1e} / {g[-1]:.1e} | "
-                     f"{st['qworse']}/{n} |")
+                     f"{st['over_bound']}/{n} | {st['over_ceil_lp']} |")
     text = "\n".join(lines)
     print(text)
     if md_path:
@@ -527,116 +740,46 @@ def sweep_study(seeds: int, md_path: str | None) -> None:
             f.write(text + "\n")
 
 
-SECTIONS = ("checks", "graph", "lplb", "waterfill")
-
-
-def run_section(name: str, dev, args, out: dict) -> None:
-    budget = Budget(args.budget_s)
-    if args.dry_run:
-        E = 16
-        check_shapes = [(E, 4, 4, 24)]
-        graph_shape = (E, 4, 4, 24)
-        lplb_cfgs = [(E, 4, 4, [8, 24]), (E, 0, 4, [8])]
-        wf_cfg = (E, 4, 4, 24)
-        reps, inner = 2, 1
-    else:
-        check_shapes = [(256, 32, 32, 4096), (256, 64, 64, 4096), (256, 32, 16, 256), (256, 64, 16, 16384)]
-        graph_shape = (256, 32, 32, 4096)
-        lplb_cfgs = [(256, 32, 32, [256, 4096, 16384])] + [
-            (256, red, R, [256, 4096, 16384])
-            for red, R in ((32, 16), (64, 16), (64, 32), (64, 64), (0, 16), (0, 32), (0, 64))
-        ]
-        wf_cfg = (256, 32, 32, 4096)
-        reps, inner = 7, 20
-    if name == "checks":
-        run_checks(dev, check_shapes, budget, out)
-    elif name == "graph":
-        run_graph_checks(dev, graph_shape, budget, out)
-    elif name == "lplb":
-        for i, (E, red, R, Ts) in enumerate(lplb_cfgs):
-            bench_lplb(dev, E, red, R, Ts, reps, inner, budget, out, warps_sweep=(i == 0),
-                       torch_ref=(i == 0 or args.dry_run))
-    elif name == "waterfill":
-        bench_waterfill(dev, *wf_cfg, reps, inner, budget, out)
-    else:
-        raise ValueError(f"unknown section {name!r}")
-
-
-def report(out: dict, args) -> int:
-    tgt = [t for t in out["timings"] if t.get("mode") == "lplb" and (t.get("E"), t.get("red"), t.get("R"), t.get("T"))
-           == (TARGET["E"], TARGET["red"], TARGET["R"], TARGET["T"]) and "graph_us" in t]
-    if tgt:
-        us = tgt[0]["graph_us"]
-        out["goal"] = {"us": us, "verdict": "PASS" if us <= GOAL_US else "MISS"}
-    elif out.get("dry_run"):
-        out["goal"] = {"us": None, "verdict": "not measured (dry run)"}
-    else:
-        out["goal"] = {"us": None, "verdict": "not measured (section failed or out of time; see bench.log)"}
-    ran = {sec for sec in out.get("sections_done", [])}
-    missing = [sec for sec in SECTIONS if sec not in ran]
-    if missing:
-        out.setdefault("errors", []).append(f"sections without results: {missing}")
-    ok = (all(c.get("ok", True) for c in out["checks"]) and all(g.get("ok", True) for g in out["graph"])
-          and not missing)
-    out["all_checks_ok"] = ok
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    write_md(out, os.path.join(args.out, "results.md"))
-    log(f"report: checks ok={ok}, goal={out.get('goal')}, missing sections={missing}")
-    return 0 if ok else 1
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--budget-s", type=float, default=200.0, help="time budget of this process")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, any device (TRITON_INTERPRET=1 on CPU)")
-    ap.add_argument("--section", choices=SECTIONS, action="append",
-                    help="run only these sections (repeatable); default: all, in one process")
-    ap.add_argument("--partial-dir", default=None,
-                    help="write each section's results to DIR/<section>.json (to run sections in separate processes)")
-    ap.add_argument("--report", action="store_true", help="merge DIR/*.json (--partial-dir) into results.json/.md")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--section", choices=SECTIONS)
+    ap.add_argument("--partial-dir")
     ap.add_argument("--sweep-study", type=int, metavar="SEEDS", default=0,
-                    help="CPU only: measure sweeps-to-certify on a corpus (needs highspy) and exit")
+                    help="CPU study of the split's sweeps and caps against HiGHS (no GPU); writes OUT/sweep_study.md")
+    ap.add_argument("--spec", choices=("v1", "v2"), default="v2", help="kernel set of --sweep-study")
+    ap.add_argument("--budget-s", type=float, default=60.0)
+    ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
     if args.sweep_study:
-        sweep_study(args.sweep_study, os.path.join(args.out, "sweep_study.md") if args.out else None)
+        sweep_study(args.sweep_study, args.spec, os.path.join(args.out, "sweep_study.md") if args.out else None)
         return 0
+    if not args.out or not args.partial_dir:
+        ap.error("--out and --partial-dir are required for a section or --report")
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    os.makedirs(args.partial_dir, exist_ok=True)
     if args.report:
-        out = {"env": env_report(dev), "dry_run": args.dry_run, "checks": [], "graph": [], "timings": [],
-               "sections_done": []}
-        for sec in SECTIONS:
-            path = os.path.join(args.partial_dir, f"{sec}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    part = json.load(f)
-                for key in ("checks", "graph", "timings", "errors"):
-                    out.setdefault(key, []).extend(part.get(key, []))
-                out["sections_done"] += part.get("sections_done", [])
-        return report(out, args)
-    out = {"env": env_report(dev), "dry_run": args.dry_run, "checks": [], "graph": [], "timings": [],
-           "sections_done": []}
-    log(f"env: {out['env']}")
-    sections = args.section or list(SECTIONS)
-    for name in sections:
-        log(f"== {name} (budget {args.budget_s:.0f} s)")
-        try:
-            run_section(name, dev, args, out)
-            out["sections_done"].append(name)
-        except Exception as err:  # noqa: BLE001
-            out.setdefault("errors", []).append(f"{name}: {type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}")
-            log(f"  section {name} failed: {err}")
-        if args.partial_dir:
-            os.makedirs(args.partial_dir, exist_ok=True)
-            with open(os.path.join(args.partial_dir, f"{name}.json"), "w") as f:
-                json.dump({k: out.get(k, []) if k != "sections_done" else [name] * (name in out["sections_done"])
-                           for k in ("checks", "graph", "timings", "errors", "sections_done")}, f, default=str)
-            out.update(checks=[], graph=[], timings=[], errors=[])
-    if args.partial_dir:
-        return 0
-    return report(out, args)
+        return report(args.out, args.partial_dir, args.dry_run)
+    if args.section is None:
+        ap.error("--section or --report is required")
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    out = {s: [] for s in SECTIONS}
+    out["env"] = env_report(dev)
+    budget = Budget(args.budget_s)
+    log(f"section {args.section} on {dev} (budget {args.budget_s:.0f}s)")
+    try:
+        if args.section == "warm":
+            section_warm(dev, args.dry_run, budget, out, args.jobs)
+        else:
+            globals()[f"section_{args.section}"](dev, args.dry_run, budget, out)
+    finally:
+        with open(os.path.join(args.partial_dir, f"{args.section}.json"), "w") as f:
+            json.dump(out, f)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Ahead-of-time compile of recorded launches for sm_90 with a resource report, no GPU needed.
+
+``compile_specs(specs)`` runs ``python -m moe_lb_kernels.v2.aot JOB.json`` (a fresh process
+without ``TRITON_INTERPRET``; optionally another Triton first on ``PYTHONPATH``) and returns,
+per spec: ``ok``/``error``, ``regs``, ``stack`` and ``local`` bytes (cuobjdump resource usage),
+``spill_ops`` (``LDL``/``STL`` instructions in the SASS: local-memory traffic, i.e. spills),
+``sass`` (static instruction count: the latency model of shared/notes/kernel-plan.md),
+``shared`` bytes, ``seconds`` to compile and the ``triton`` version. Specs are split over
+``jobs`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+__all__ = ["compile_specs", "record_specs"]
+
+
+def record_specs(fn) -> list[dict]:
+    """Run ``fn()`` with the v2 launches recorded instead of executed; distinct specs in order."""
+    from .. import _launch
+    from . import seam
+
+    rec: list[dict] = []
+
+    def fake(kernel, grid, *args, **kwargs):
+        rec.append(_launch.spec_of(kernel, args, kwargs))
+
+    real, seam.launch = seam.launch, fake
+    try:
+        fn()
+    finally:
+        seam.launch = real
+    seen: dict[str, dict] = {}
+    for s in rec:
+        key = repr((s["name"], sorted(s["signature"].items()), sorted(s["constexprs"].items()), sorted(s["options"].items())))
+        seen.setdefault(key, s)
+    return list(seen.values())
+
+
+def compile_specs(specs: list[dict], arch: int = 90, pythonpath: str | None = None, jobs: int = 1,
+                  timeout: float = 1800.0) -> list[dict]:
+    jobs = max(1, min(jobs, len(specs)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [p for p in (pythonpath, here, env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    with tempfile.TemporaryDirectory() as d:
+        procs = []
+        for j in range(jobs):
+            path = os.path.join(d, f"job{j}.json")
+            with open(path, "w") as f:
+                json.dump({"arch": arch, "specs": specs[j::jobs]}, f)
+            procs.append((path, subprocess.Popen([sys.executable, "-m", "moe_lb_kernels.v2.aot", path], env=env,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        parts = []
+        for path, p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"AOT compile process failed:\n{out[-3000:]}\n{err[-3000:]}")
+            with open(path + ".out") as f:
+                parts.append(json.load(f))
+    results = [None] * len(specs)
+    for j, part in enumerate(parts):
+        for i, r in enumerate(part):
+            results[j + i * jobs] = r
+    return results
+
+
+def _resources(cubin: bytes) -> dict:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out: dict = {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cf:
+        cf.write(cubin)
+        cf.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", cf.name], capture_output=True, text=True).stdout
+        for key in ("REG", "STACK", "SHARED", "LOCAL"):
+            m = re.search(rf"\b{key}:(\d+)", usage)
+            if m:
+                out[key.lower() if key != "SHARED" else "shared_static"] = int(m.group(1))
+        sass = subprocess.run([tool, "--dump-sass", cf.name], capture_output=True, text=True).stdout
+    ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", sass)
+    out["regs"] = out.pop("reg", None)
+    out["sass"] = len(ins)
+    out["spill_ops"] = sum(1 for i in ins if i.startswith(("LDL", "STL")))
+    return out
+
+
+def _main(path: str) -> None:
+    import triton
+
+    from ..aot import aot_compile_spec
+
+    with open(path) as f:
+        job = json.load(f)
+    results = []
+    for spec in job["specs"]:
+        res = {"name": spec["name"], "constexprs": spec["constexprs"], "options": spec["options"], "ok": False,
+               "triton": triton.__version__}
+        t0 = time.time()
+        try:
+            ck = aot_compile_spec(spec, job["arch"])
+            res["ok"] = bool(ck.asm.get("cubin"))
+            res["shared"] = int(getattr(ck.metadata, "shared", 0))
+            res.update(_resources(ck.asm["cubin"]))
+        except Exception as err:  # noqa: BLE001 - reported per spec
+            res["error"] = f"{type(err).__name__}: {str(err)[-2000:]}"
+        res["seconds"] = round(time.time() - t0, 1)
+        results.append(res)
+    with open(path + ".out", "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

@@ -8,7 +8,7 @@ same random-ids prompts (same seed) against it, stop it, and tabulate. On a tiny
 CPU the numbers measure the serving path and the balancer's overhead, not the benefit
 of balancing GPU experts.
 
-    python benchmark/bench_serving_ab.py                       # off, lplb, lplb-per-batch (+ waterfill rows: skipped)
+    python benchmark/bench_serving_ab.py                       # off, lplb, lplb-table, lplb-per-batch (+ waterfill rows: skipped)
     python benchmark/bench_serving_ab.py --modes off,lplb --num-prompts 64 --output-len 32
 
 Waterfill modes cannot run on the CPU server: the plugin refuses them without
@@ -33,12 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-# mode -> server flags. "lplb" is the default rebalance-only schedule (split tables solved by
-# HiGHS in every EPLB rebalance); "lplb-per-batch" solves every batch.
+# mode -> server flags. "lplb" and the Waterfill rows are the server defaults
+# (mode.SERVER_DEFAULTS: per-batch, local sync, tile objective, gated); "lplb-table" applies
+# split tables solved by HiGHS in every EPLB rebalance; "lplb-per-batch" is the ungated exact
+# split of the global counts of every batch.
 MODE_FLAGS = {
     "off": [],
     "lplb": ["--moe-lb", "lplb"],
-    "lplb-per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch"],
+    "lplb-table": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off"],
+    "lplb-per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-lplb-sync", "global",
+                       "--moe-lb-objective", "tokens", "--moe-lb-gate", "off"],
     "waterfill": ["--moe-lb", "waterfill"],
     "waterfill+lplb": ["--moe-lb", "waterfill+lplb"],
 }

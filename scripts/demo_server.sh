@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full loop on this CPU, with the real SGLang 0.5.23 server (TEST AND DEMO harness, not a
 # deployment; see docs/cpu-demo.md):
-#   1. serve the tiny DeepSeek-V3 (dummy weights) with --moe-lb lplb, EP=2, EPLB, recorder on
+#   1. serve the tiny DeepSeek-V3 (dummy weights) with --moe-lb lplb (table schedule), EP=2, EPLB, recorder on
 #   2. warm-up traffic until SGLang's EPLB has rebalanced; show the LPLB split tables our plugin
 #      solved with HiGHS in that rebalance (its log line)
 #   3. reset the expert-distribution recorder and drive the server with sglang.bench_serving
@@ -11,7 +11,8 @@
 #
 # Usage: bash scripts/demo_server.sh [OUT_DIR]        (default OUT_DIR: out/demo)
 # Knobs (environment): DEMO_PROMPTS (32), DEMO_INPUT_LEN (64), DEMO_OUTPUT_LEN (16),
-#   DEMO_MOE_LB ("--moe-lb lplb"; e.g. "--moe-lb lplb --moe-lb-lplb-schedule per-batch", or "" for off)
+#   DEMO_MOE_LB ("--moe-lb lplb --moe-lb-lplb-schedule table --moe-lb-gate off"; e.g. "--moe-lb lplb" for the
+#               server defaults, or "" for off)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +21,9 @@ out=$(mkdir -p "${1:-$root/out/demo}" && cd "${1:-$root/out/demo}" && pwd)
 prompts=${DEMO_PROMPTS:-32}
 input_len=${DEMO_INPUT_LEN:-64}
 output_len=${DEMO_OUTPUT_LEN:-16}
-moe_lb=${DEMO_MOE_LB---moe-lb lplb}
+# The table schedule: the demo shows the EPLB cycle (HiGHS tables at every rebalance). The
+# server default (per-batch, gated) keeps a model this small on SGLang's static dispatch.
+moe_lb=${DEMO_MOE_LB---moe-lb lplb --moe-lb-lplb-schedule table --moe-lb-gate off}
 
 t_start=$(date +%s)
 say() { printf '[demo %4ss] %s\n' "$(($(date +%s) - t_start))" "$*"; }

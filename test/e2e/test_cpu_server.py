@@ -37,6 +37,8 @@ import torch
 
 from sglang_moe_lb.testing.cpu_serving.ep_moe import SLOT_LOG_ENV, moe_forward_native_ep
 from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
+from sglang_moe_lb import BalanceMode
+from sglang_moe_lb.plugin.options import mode_flags
 from sglang_moe_lb.testing.cpu_serving.server import (
     EP2_EPLB_ARGS,
     EPLB_REBALANCE_RE,
@@ -45,10 +47,14 @@ from sglang_moe_lb.testing.cpu_serving.server import (
     omp_bind,
 )
 
+# Every sub-option spelled out (plugin.options.mode_flags), so a change of the server defaults
+# does not change what these servers test.
 MODE_FLAGS = {
     "off": [],
-    "lplb": ["--moe-lb", "lplb"],  # split tables, solved by HiGHS in every EPLB rebalance
-    "lplb-per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch"],  # exact split per batch
+    # split tables, solved by HiGHS in every EPLB rebalance
+    "lplb": mode_flags(BalanceMode(lplb="table")),
+    # the exact split of every batch, global counts, ungated (the slot log checks the optimum)
+    "lplb-per-batch": mode_flags(BalanceMode(lplb="per-batch", lplb_sync="global", objective="tokens")),
 }
 # "off" runs first: it is the reference of test_outputs_equal_off (a module-scoped
 # parametrized fixture runs in param order).

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from sglang_moe_lb import BalanceMode
+from sglang_moe_lb.plugin.options import mode_flags
 from sglang_moe_lb.testing.gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.e2e  # ~1 min: two spawned ranks import SGLang and run 6 modes
@@ -44,15 +45,14 @@ R = 2
 BATCHES = [[40, 6], [24, 24], [0, 30], [33, 0]]
 COMMON = ["--tp", "2", "--attn-dp-size", "2", "--moe-a2a-backend", "deepep",
           "--ep-num-redundant-experts", "2", "--enable-eplb", "--dtype", "float32"]
+# Every sub-option spelled out (plugin.options.mode_flags): the server defaults may change.
 MODES = {
     "off": ["--enable-waterfill"],  # SGLang's fused layout; the worker keeps the shared expert home
-    "waterfill/conservative/local": ["--moe-lb", "waterfill"],
-    "waterfill/conservative/global": ["--moe-lb", "waterfill", "--moe-lb-waterfill-sync", "global"],
-    "waterfill/all_rank/local": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank"],
-    "waterfill/all_rank/global": ["--moe-lb", "waterfill", "--moe-lb-waterfill-candidates", "all_rank",
-                                  "--moe-lb-waterfill-sync", "global"],
-    "waterfill+lplb/per-batch/global/tokens/all_rank": ["--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule",
-                                                        "per-batch", "--moe-lb-waterfill-candidates", "all_rank"],
+    **{name: mode_flags(BalanceMode.parse(name)) for name in (
+        "waterfill/conservative/local", "waterfill/conservative/global",
+        "waterfill/all_rank/local", "waterfill/all_rank/global",
+        "waterfill+lplb/per-batch/global/tokens/all_rank",
+    )},
 }
 TIMEOUT_S = 300
 

@@ -152,7 +152,8 @@ def test_ignored_sub_option_warns(plugin, capsys):
     parse("--moe-lb", "lplb", "--moe-lb-waterfill-sync", "global", *EP4, *REDUNDANT)
     parse("--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-waterfill-sync", "local",
           *DEEPEP4, *REDUNDANT)
-    parse("--moe-lb", "lplb", "--moe-lb-objective", "tiles", "--moe-lb-gpu", "H100", *EP4, *REDUNDANT)
+    parse("--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off", "--moe-lb-objective", "tiles",
+          "--moe-lb-gpu", "H100", *EP4, *REDUNDANT)
     parse("--moe-lb-lplb-sync", "local", *EP4)
     log = capsys.readouterr().err
     assert "--moe-lb-waterfill-sync is ignored with --moe-lb lplb: it only applies to Waterfill" in log
@@ -226,7 +227,8 @@ def _make_path(*a, **k):
     raise AssertionError("not built at start-up")
 
 
-CUDA_LPLB = ["--moe-lb", "lplb", "--device", "cuda", *EP4, *REDUNDANT]
+CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off", "--device", "cuda",
+             *EP4, *REDUNDANT]
 
 
 @pytest.mark.parametrize("seam, needle", [
@@ -265,7 +267,7 @@ def test_cuda_graphs_accepted_when_the_kernels_promise_safety(plugin, monkeypatc
                supports=lambda m: (True, ""))
     sa = parse(*CUDA_LPLB, "--cuda-graph-backend-prefill", "breakable")
     sa.resolve_once()
-    assert sa._moe_lb.mode == BalanceMode.from_flag("lplb")
+    assert sa._moe_lb.mode == BalanceMode(lplb="table")
 
 
 def test_redundant_expert_counts_are_checked(plugin, capsys):

@@ -18,7 +18,7 @@ from plugin_helpers import E, window
 from sglang_moe_lb import Placement, fractions_to_split
 from sglang_moe_lb.lp_split import even_fractions, scenario_split
 
-FLAGS = ["--moe-lb", "lplb", "--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4", "--enable-eplb",
+FLAGS = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4", "--enable-eplb",
          "--eplb-rebalance-num-iterations", "2"]
 MOE_LAYERS = (1, 2, 3)
 

@@ -123,17 +123,9 @@ def v1_configs(dry: bool) -> list[dict]:
 
 
 def v2_graph_modes() -> list[str]:
-    from sglang_moe_lb import BalanceMode
+    from sglang_moe_lb.mode import every_mode
 
-    modes = [BalanceMode(lplb="table")]
-    for wf in (None, "conservative", "all_rank"):
-        for sync in ("local", "global"):
-            for obj in ("tokens", "tiles"):
-                modes.append(BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, waterfill=wf))
-            if wf is not None:
-                modes.append(BalanceMode(lplb="table", waterfill=wf, waterfill_sync=sync))
-                modes.append(BalanceMode(lplb="off", waterfill=wf, waterfill_sync=sync))
-    return [m.name for m in modes]
+    return [m.name for m in every_mode(gates=(False,))]
 
 
 def graph_configs(dry: bool) -> list[dict]:

@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import median_time
 
 from sglang_moe_lb import CostModel, balanced_quotas
 from sglang_moe_lb.testing.workloads import greedy_placement, zipf_counts, zipf_popularity
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:

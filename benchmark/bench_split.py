@@ -13,10 +13,9 @@ least-loaded rank with a free slot); batch counts are Zipf-skewed and redrawn pe
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_time as timeit
 
 from sglang_moe_lb import Placement, integer_quotas, scenario_split, solve_split
 from sglang_moe_lb.testing.workloads import greedy_placement as _greedy
@@ -31,16 +30,6 @@ def zipf_counts(E: int, tokens: int, topk: int, gen: torch.Generator, s: float =
     w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
     w = w[torch.randperm(E, generator=gen)]
     return torch.distributions.Multinomial(tokens * topk, probs=w).sample().to(torch.long)
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up (caches, lazy structures)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:

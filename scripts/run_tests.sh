@@ -5,6 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup_env.sh"
 cd "$root"
+# Lint first (ruff.toml): unused names, undefined names, import order.
+"$root/.venv/bin/ruff" check --quiet "$root"
 # Triton kernels run on the CPU through the interpreter; it must be set before triton is imported.
 export TRITON_INTERPRET=1
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}

@@ -237,7 +237,7 @@ def _highs_layer(phy2log: np.ndarray, replicated: np.ndarray, fixed: np.ndarray,
     """
     import highspy
 
-    P, R = phy2log.shape[0], fixed.shape[0]
+    R = fixed.shape[0]
     x = np.where(replicated, 0.0, c[phy2log])
     var_slots = np.nonzero(replicated)[0]
     if var_slots.size == 0:
@@ -401,7 +401,6 @@ def _scenario_layer(phy2log: np.ndarray, replicated: np.ndarray, w: np.ndarray, 
     """Scenario LP for one layer. ``w [T, E]``; returns fractions ``[P]``."""
     import highspy
 
-    P = phy2log.shape[0]
     T = w.shape[0]
     frac = np.where(replicated, 0.0, 1.0)
     var_slots = np.nonzero(replicated)[0]

@@ -49,6 +49,7 @@ __all__ = [
     "OBJECTIVES",
     "CANDIDATES",
     "SERVER_DEFAULTS",
+    "every_mode",
 ]
 
 Schedule = Literal["off", "table", "per-batch"]
@@ -261,3 +262,20 @@ class BalanceMode:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def every_mode(*, gates: tuple[bool, ...] = (False, True)) -> list[BalanceMode]:
+    """Every distinct active mode (46 with both gate settings), in a fixed order."""
+    from itertools import product
+
+    out: dict[BalanceMode, None] = {}
+    for gate in gates:
+        out[BalanceMode(lplb="table", gate=gate)] = None
+        for sync, obj in product(SYNCS, OBJECTIVES):
+            out[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, gate=gate)] = None
+        for cand, sync in product(CANDIDATES, SYNCS):
+            out[BalanceMode(waterfill=cand, waterfill_sync=sync, gate=gate)] = None
+            out[BalanceMode(lplb="table", waterfill=cand, waterfill_sync=sync, gate=gate)] = None
+        for cand, sync, obj in product(CANDIDATES, SYNCS, OBJECTIVES):
+            out[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, waterfill=cand, gate=gate)] = None
+    return list(out)

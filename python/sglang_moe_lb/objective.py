@@ -277,7 +277,7 @@ def consolidate_tiles(pl: Placement, n: torch.Tensor, units: torch.Tensor) -> to
     blocks = pl.replica_blocks
     if not blocks.colours:
         return n
-    L, P, R = pl.num_layers, pl.num_physical, pl.num_ranks
+    L, P = pl.num_layers, pl.num_physical
     zero = n.new_zeros(1)
     n_ext = torch.cat([n.reshape(-1), zero])
     load = pl.rank_loads(n)
@@ -287,7 +287,6 @@ def consolidate_tiles(pl: Placement, n: torch.Tensor, units: torch.Tensor) -> to
         layer, expert, slot, rank, same_f, _, inv_mult, first_f = colour
         same = same_f.to(torch.long)
         first = first_f.bool()
-        C = slot.shape[1]
         own_rank = (same * n_ext[slot][:, None, :]).sum(-1)
         base = load_ext[rank] - own_rank
         room = torch.where(first, top[layer][:, None] - base, 0)

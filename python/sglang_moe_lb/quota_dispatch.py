@@ -207,7 +207,7 @@ def integer_lower_bound(pl: Placement, counts: torch.Tensor, rank_load: torch.Te
 
 def _polish_sweeps(pl: Placement, q: torch.Tensor, c: torch.Tensor, max_sweeps: int, early_exit: bool) -> torch.Tensor:
     blocks = pl.replica_blocks
-    L, P, R = pl.num_layers, pl.num_physical, pl.num_ranks
+    L, P = pl.num_layers, pl.num_physical
     zero = q.new_zeros(1)
     q_ext = torch.cat([q.reshape(-1), zero])
     load_ext = torch.cat([pl.rank_loads(q).reshape(-1), zero])

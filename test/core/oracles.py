@@ -21,7 +21,7 @@ def lp_min_max(phy2log: list[int], num_ranks: int, counts: list[int]) -> float:
     inf = highspy.kHighsInf
     for _ in range(P):
         h.addVar(0.0, inf)
-    m = h.addVar(0.0, inf)
+    h.addVar(0.0, inf)
     h.changeColCost(P, 1.0)
     for e in range(len(counts)):
         cols = [p for p in range(P) if phy2log[p] == e]

@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 
 from core.oracles import lp_min_max
 from core.strategies import counts_for, placements
-from sglang_moe_lb import Placement, even_split, lower_bound, scenario_split, solve_split
-from sglang_moe_lb import lp_split
+from sglang_moe_lb import Placement, even_split, lower_bound, lp_split, scenario_split, solve_split
 
 
 def _conserved(pl, x, c):

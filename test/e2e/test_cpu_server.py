@@ -35,10 +35,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_moe_lb.testing.cpu_serving.ep_moe import SLOT_LOG_ENV, moe_forward_native_ep
-from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
 from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.plugin.options import mode_flags
+from sglang_moe_lb.testing.cpu_serving.ep_moe import SLOT_LOG_ENV, moe_forward_native_ep
+from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
 from sglang_moe_lb.testing.cpu_serving.server import (
     EP2_EPLB_ARGS,
     EPLB_REBALANCE_RE,

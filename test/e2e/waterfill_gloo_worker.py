@@ -38,11 +38,11 @@ def _window(E: int, layers: int):
 
 
 def _run(rank, world, port, jobs, out_dir, batches):
+    import sglang.srt.runtime_context as runtime_context
     import torch
     from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
     from sglang.srt.layers.moe.utils import initialize_moe_config
     from sglang.srt.plugins.hook_registry import HookRegistry
-    import sglang.srt.runtime_context as runtime_context
 
     import sglang_moe_lb.plugin.comm as comm
     from sglang_moe_lb.plugin import hooks, register

@@ -60,16 +60,9 @@ def upstream_phys(pl: Placement, ids: torch.Tensor, rng: random.Random) -> torch
 
 def v1_modes() -> list:
     """Every mode the v1 kernels run (``BalanceMode``; the token objective, gate off): 15."""
-    from sglang_moe_lb import BalanceMode
+    from sglang_moe_lb.mode import every_mode
 
-    modes = [BalanceMode(lplb="table")]
-    for wf in (None, "conservative", "all_rank"):
-        for sync in ("local", "global"):
-            modes.append(BalanceMode(lplb="per-batch", lplb_sync=sync, objective="tokens", waterfill=wf))
-            if wf is not None:
-                modes.append(BalanceMode(lplb="table", waterfill=wf, waterfill_sync=sync))
-                modes.append(BalanceMode(lplb="off", waterfill=wf, waterfill_sync=sync))
-    return modes
+    return [m for m in every_mode(gates=(False,)) if m.objective != "tiles"]
 
 
 def random_table(rng: random.Random, pl: Placement) -> torch.Tensor:

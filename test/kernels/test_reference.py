@@ -12,6 +12,7 @@ pytest.importorskip("highspy")  # the core's oracle; absent on bare GPU boxes (t
 
 from core.oracles import lp_min_max  # noqa: E402
 from core.strategies import counts_for, placements  # noqa: E402
+
 from moe_lb_kernels.reference import (  # noqa: E402
     SCALE_BITS,
     V1_SPEC,

@@ -8,6 +8,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+
 from sglang_moe_lb.testing.gloo_ranks import free_port  # noqa: F401,E402 (re-exported for tests)
 from sglang_moe_lb.testing.windows import skewed_window  # noqa: E402
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from plugin_helpers import E, K, TINY, make_topk
+from plugin_helpers import TINY, E, K, make_topk
 
 from sglang_moe_lb import BalanceMode, Placement, fractions_to_split, integer_quotas, solve_split
 from sglang_moe_lb.chain import balance_layer

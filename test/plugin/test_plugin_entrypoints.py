@@ -62,9 +62,8 @@ def engine(plugin, monkeypatch):
 
 
 def test_engine_keywords_work_like_the_flags(engine):
-    from sglang.srt.server_args import prepare_server_args
-
     from plugin_helpers import base_argv
+    from sglang.srt.server_args import prepare_server_args
 
     sa = engine(**EP4, moe_lb="lplb", moe_lb_lplb_schedule="per-batch", moe_lb_lplb_sync="local",
                 moe_lb_objective="tiles", moe_lb_gate="on", moe_lb_tile_tokens=64)

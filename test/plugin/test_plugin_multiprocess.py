@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from plugin_helpers import E, K, TINY, base_argv
+from plugin_helpers import TINY, E, K, base_argv
 
 from sglang_moe_lb import BalanceMode, Placement, fuse_topk, integer_quotas, routed_rank_load, solve_split
 from sglang_moe_lb.chain import balance_layer, local_stats
@@ -69,10 +69,10 @@ def _gate_overheads(path) -> str:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run every mode on R spawned ranks once; return {mode: [rank results]}."""
+    import plugin_mp_worker
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import prepare_server_args
 
-    import plugin_mp_worker
     from sglang_moe_lb.plugin import hooks, register
 
     out = tmp_path_factory.mktemp("mp")

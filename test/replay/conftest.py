@@ -51,8 +51,8 @@ def recorder_dumps(tmp_path_factory):
     from sglang_moe_lb.replay.upstream import ensure_triton_interpreter
 
     ensure_triton_interpreter()
-    import torch.distributed as dist
     import sglang.srt.eplb.expert_distribution as ed
+    import torch.distributed as dist
     from sglang.srt.eplb import expert_location as el
     from sglang.srt.runtime_context import SpawnRanks, create_context, use_context
     from sglang.srt.server_args import ServerArgs

@@ -95,8 +95,7 @@ _steps_k = _bounded(int, -1, "an integer")
 # ---------------------------------------------------------------------------------------------
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``replay`` subparser to ``sub`` (an argparse subparsers object)."""
-    from .modes import SGLANG_MODES, describe, default_mode_names, server_default
-    from .modes import parse_mode
+    from .modes import SGLANG_MODES, default_mode_names, describe, parse_mode, server_default
 
     ours = [parse_mode(n) for n in default_mode_names() if n not in SGLANG_MODES]
     mode_lines = "\n".join(f"  {n:<24}{d}" for n, d in SGLANG_MODES.items())

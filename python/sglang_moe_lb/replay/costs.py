@@ -25,10 +25,10 @@ Defaults: the bundled data use the preset of its model (``olmoe``; ``mixtral`` f
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from ..cost import GPUS, CostModel, CostModelError, DTYPE_BYTES
+from ..cost import DTYPE_BYTES, GPUS, CostModel, CostModelError
 from ..gate import DEFAULT_EXPECTED_GAIN, Overheads
 from .modes import ReplayMode
 

@@ -38,8 +38,8 @@ from ..placement import Placement
 from .bounds import layer_bounds
 from .memo import MemoSteps
 from .modes import ReplayMode
-from .sources import Batch
 from .read import count_layers
+from .sources import Batch
 from .timeline import PlacementState, Timeline
 
 __all__ = ["EvalContext", "StepResult", "evaluate_step", "split_sizes", "fused_slots"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
-from ..mode import CANDIDATES, OBJECTIVES, SYNCS, BalanceMode, ModeError
+from ..mode import CANDIDATES, OBJECTIVES, SYNCS, BalanceMode, ModeError, every_mode
 
 __all__ = [
     "ReplayMode",
@@ -132,17 +132,7 @@ def server_default(flag: str = "lplb") -> str:
 
 def all_mode_names() -> list[str]:
     """Every SGLang mode and every distinct active ``BalanceMode`` (gated and not)."""
-    names: dict[str, None] = dict.fromkeys(SGLANG_MODES)
-    for gate in (False, True):
-        names[BalanceMode(lplb="table", gate=gate).name] = None
-        for sync, obj in product(SYNCS, OBJECTIVES):
-            names[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, gate=gate).name] = None
-        for cand, sync in product(CANDIDATES, SYNCS):
-            names[BalanceMode(waterfill=cand, waterfill_sync=sync, gate=gate).name] = None
-            names[BalanceMode(lplb="table", waterfill=cand, waterfill_sync=sync, gate=gate).name] = None
-        for cand, sync, obj in product(CANDIDATES, SYNCS, OBJECTIVES):
-            names[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, waterfill=cand, gate=gate).name] = None
-    return list(names)
+    return list(SGLANG_MODES) + [m.name for m in every_mode()]
 
 
 def default_mode_names() -> list[str]:

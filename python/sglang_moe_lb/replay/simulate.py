@@ -31,9 +31,9 @@ from .costs import CostOptions, build_cost_model, build_overheads, check_overhea
 from .evaluate import EvalContext, evaluate_step
 from .modes import ReplayMode, default_mode_names, parse_modes, server_default
 from .pool import cpu_count, run_jobs
+from .read import Read, read_trace
 from .sources import Trace
 from .sweep import evenly_spaced, sized_trace
-from .read import Read, read_trace
 from .timeline import Timeline, build_timeline, resolve_init
 
 __all__ = ["ReplayConfig", "ReplayResult", "Plan", "make_plan", "run_replay", "DEFAULT_MODES", "INIT_PLACEMENTS"]

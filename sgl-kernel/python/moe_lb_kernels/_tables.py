@@ -131,7 +131,7 @@ class LayerTables:
         if not self.fits(pl):
             raise ValueError("placement does not fit this LayerTables' capacities; build new tables")
         experts, copies, colours = _replicated_rows(pl)
-        E, R, S, NEB, CB, GB, RB = self.E, self.R, self.S, self.NEB, self.CB, self.GB, self.RB
+        E, S, NEB, CB, GB, RB = self.E, self.S, self.NEB, self.CB, self.GB, self.RB
         p2l = pl.phy2log[0].cpu()
         P = p2l.numel()
         log2phys0 = torch.full((E,), -1, dtype=torch.int32)

@@ -121,7 +121,7 @@ class LayerBalancer:
         self.plan_warps = plan_warps
         self.tables = LayerTables.build(pl, max_rows=max_rows, max_copies=max_copies, max_colours=max_colours)
         tb = self.tables
-        E, R, P = tb.E, tb.R, pl.num_physical
+        E, P = tb.E, pl.num_physical
         self.lplb = mode.lplb != "off"
         self.wf = {None: 0, "conservative": 1, "all_rank": 2}[mode.waterfill]
         self.table_mode = table

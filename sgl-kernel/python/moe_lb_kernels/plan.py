@@ -495,7 +495,6 @@ def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int
 
     from ._launch import launch
     from ._tables import LayerTables, next_pow2
-    from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT
 
     tb = LayerTables.build(pl)
     dev = pl.device

@@ -33,7 +33,7 @@ def install_amx_override() -> None:
         raise SystemExit(
             "sglang_moe_lb CPU launcher: sglang.srt.runtime_context.override_platform not found "
             f"(written for sglang=={WRITTEN_FOR_SGLANG}, found sglang=={_sglang_version()}): {e}"
-        )
+        ) from None
     override_platform(has_amx=True).install()
 
 

@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import sys
+
 from sglang_moe_lb.versions import sglang_version as _sglang_version
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def _require(target: str) -> None:
         )
         print(msg, file=sys.stderr, flush=True)
         # SystemExit passes through load_plugins' `except Exception`, so the server stops here.
-        raise SystemExit(msg)
+        raise SystemExit(msg) from None
 
 
 def register() -> None:

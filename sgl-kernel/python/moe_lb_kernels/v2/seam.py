@@ -1,4 +1,4 @@
-"""The v2 kernel set behind the plugin's layer-path contract (/tmp/seam_contract.md).
+"""The v2 kernel set behind the plugin's layer-path contract (``sglang_moe_lb.plugin.hot_path.LayerPath``).
 
 ``make_layer_path(pl, mode, max_tokens=, topk=, source_rank=, device=, cost=, split_table=)``
 builds a ``LayerPathV2``: every buffer is allocated here, once; ``update_placement`` and

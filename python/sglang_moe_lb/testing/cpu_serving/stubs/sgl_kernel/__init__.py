@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from sglang_moe_lb.versions import sglang_version as _sglang_version
 
 __version__ = "0.0.0+sglang_moe_lb.cpu_test_stub"

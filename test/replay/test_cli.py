@@ -204,9 +204,16 @@ def _alive(pid: int) -> bool:
 def test_signals_exit_quietly_without_leftover_workers(sig, code, word):
     """Ctrl-C reaches the whole process group, SIGTERM only the parent: both end in one line."""
     env = dict(os.environ, TRITON_INTERPRET="1")
+
+    def interactive_signals():
+        # As from an interactive shell: an ignored SIGINT (e.g. inherited by a background job,
+        # or from whatever ran earlier in this test process) would stay ignored across exec.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     p = subprocess.Popen([sys.executable, "-m", "sglang_moe_lb", "replay", "--no-progress", "--workers", "2",
                           "--upstream-waterfill-steps", "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env, start_new_session=True)
+                         text=True, env=env, start_new_session=True, preexec_fn=interactive_signals)
     try:
         workers: set[int] = set()
         deadline = time.monotonic() + 90

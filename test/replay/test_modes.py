@@ -34,6 +34,7 @@ def test_server_default_comes_from_mode_server_defaults(monkeypatch):
     monkeypatch.setitem(SERVER_DEFAULTS, "schedule", "per-batch")
     monkeypatch.setitem(SERVER_DEFAULTS, "lplb_sync", "local")
     monkeypatch.setitem(SERVER_DEFAULTS, "objective", "tiles")
+    monkeypatch.setitem(SERVER_DEFAULTS, "gate", False)
     assert server_default("lplb") == "lplb/per-batch/local/tiles"
     assert server_default("waterfill+lplb").startswith("waterfill+lplb/per-batch/local/tiles/")
     assert server_default("lplb") in default_mode_names()  # the default set follows the defaults

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 # mode -> server flags. "lplb" and the Waterfill rows are the server defaults
-# (mode.SERVER_DEFAULTS: per-batch, local sync, tile objective, gated); "lplb-table" applies
+# (mode.SERVER_DEFAULTS: per-batch, local sync, token objective, gated); "lplb-table" applies
 # split tables solved by HiGHS in every EPLB rebalance; "lplb-per-batch" is the ungated exact
 # split of the global counts of every batch.
 MODE_FLAGS = {

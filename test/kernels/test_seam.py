@@ -137,6 +137,15 @@ def test_tile_objective_is_refused():
     assert not seam.supports(BalanceMode())[0]  # off: nothing to balance
 
 
+def test_the_server_defaults_run_on_the_default_kernels():
+    """What ``--moe-lb FLAG`` runs without sub-options must run on the default set, else a GPU
+    server with the default flags would fall back to the core path and refuse CUDA graphs."""
+    assert seam.DEFAULT_SET == seam.KERNELS_VERSION
+    for flag in ("lplb", "waterfill", "waterfill+lplb"):
+        mode = BalanceMode.from_flag(flag)
+        assert seam.supports(mode) == (True, ""), mode.name
+
+
 def test_version_attributes_and_registry(monkeypatch):
     assert seam.KERNELS_VERSION == seam.DEFAULT_SET == "v1.1"
     assert seam.CUDA_GRAPH_SAFE is True

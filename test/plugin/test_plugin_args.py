@@ -261,6 +261,25 @@ def test_cuda_graphs_refused_with_the_reason(plugin, capsys, monkeypatch, seam, 
         assert sa._moe_lb.mode.flag == "lplb"
 
 
+def test_cuda_graphs_refused_for_tiles_name_the_token_objective(plugin, capsys, monkeypatch):
+    """Kernels that run the token objective only: the error names the flag that keeps graphs on."""
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+               supports=lambda m: (m.objective != "tiles", "token objective only"))
+    tiles = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-objective", "tiles",
+             "--moe-lb-gate", "off", "--device", "cuda", *EP4, *REDUNDANT]
+    err = expect_exit(capsys, *tiles, resolve=True)
+    assert "(kernels v9) does not run lplb/per-batch/local/tiles: token objective only" in err
+    assert "or use the token objective, which these kernels run under graphs (--moe-lb-objective tokens)" in err
+    sa = parse(*[("tokens" if f == "tiles" else f) for f in tiles])
+    sa.resolve_once()
+    assert sa._moe_lb.mode == BalanceMode.parse("lplb/per-batch/local/tokens")
+    # A seam that cannot run tokens either: no such hint.
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+               supports=lambda m: (False, "nothing"))
+    err = expect_exit(capsys, *tiles, resolve=True)
+    assert "does not run lplb/per-batch/local/tiles: nothing" in err and "--moe-lb-objective tokens" not in err
+
+
 def test_cuda_graphs_accepted_when_the_kernels_promise_safety(plugin, monkeypatch):
     """Issue 10 (d): graphs on (decode and prefill) start when the seam promises graph safety."""
     _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,

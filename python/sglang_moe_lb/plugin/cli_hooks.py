@@ -21,6 +21,7 @@ from ``sglang.Engine`` it raises ``MoeLbConfigError`` (a ``ValueError``) instead
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -161,7 +162,11 @@ def resolved_view(server_args) -> dict:
         "a2a_backend": getattr(v, "moe_a2a_backend", None) or "none",
     }
     if view["device"] == "cuda" and view["graph_phases"]:
-        view["graph_safe"] = hot_path.graph_safety(server_args._moe_lb.mode)  # imports the kernel seam: GPU only
+        mode = server_args._moe_lb.mode
+        view["graph_safe"] = hot_path.graph_safety(mode)  # imports the kernel seam: GPU only
+        if not view["graph_safe"][0] and mode.objective == "tiles":
+            # the error can then name the one flag that keeps graphs on
+            view["graph_safe_with_tokens"] = hot_path.graph_safety(dataclasses.replace(mode, objective="tokens"))[0]
     opts: MoeLbOptions = server_args._moe_lb
     try:
         from sglang.srt.arg_groups.overrides import model_config_of

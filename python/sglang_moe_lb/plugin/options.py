@@ -171,7 +171,9 @@ OPTIONS: tuple[Option, ...] = (
            f"(default: {_D['lplb_sync']}).", _needs_per_batch, _choice(modes.SYNCS)),
     Option("--moe-lb-objective", "objective", modes.OBJECTIVES,
            "Per-batch LPLB: minimise the busiest rank's 'tokens', or its grouped-GEMM 'tiles' "
-           f"(uses the cost model's tile; default: {_D['objective']}).", _needs_per_batch, _choice(modes.OBJECTIVES)),
+           "(uses the cost model's tile; on CUDA the default kernels run 'tokens' only, the v2 set "
+           f"(SGLANG_MOE_LB_KERNELS=v2, not yet GPU-verified) both; default: {_D['objective']}).",
+           _needs_per_batch, _choice(modes.OBJECTIVES)),
     Option("--moe-lb-waterfill-candidates", "candidates", modes.CANDIDATES,
            "Waterfill: ranks that may run a token's shared expert. 'conservative': only ranks the token "
            "already visits, plus its own rank (no extra traffic); 'all_rank': any EP rank "
@@ -260,7 +262,7 @@ ERRORS = {
     ),
     "cuda_graph": (
         "--moe-lb {mode} with CUDA graphs in the {phases} phase: {reason}. Turn those graphs off "
-        "({flags}), or install sglang-moe-lb-kernels with a CUDA-graph-safe implementation."
+        "({flags}){alt}, or install sglang-moe-lb-kernels with a CUDA-graph-safe implementation."
     ),
     "fusion_off_at_load": (
         "--moe-lb {mode}: the model was built without the fused shared-expert slot (SGLang turned "
@@ -542,6 +544,7 @@ def check_resolved(opts: MoeLbOptions, view: dict) -> tuple[MoeLbOptions, list[s
     Args:
         view: ``ep_size``, ``device``, ``graph_phases`` (phases with CUDA graphs on, e.g.
             ``["decode"]``), ``graph_safe`` (``(bool, reason)`` from ``hot_path.graph_safety``),
+            ``graph_safe_with_tokens`` (tile-objective modes: whether the token objective would be),
             ``arch``, ``shared_experts`` (int or None when unknown), ``shared_detail``,
             ``fusion_supported`` (bool or None), ``num_experts`` (routed experts or None),
             ``redundant`` (int), ``attn_dp_size`` (int), ``a2a_backend`` (str),
@@ -578,7 +581,9 @@ def check_resolved(opts: MoeLbOptions, view: dict) -> tuple[MoeLbOptions, list[s
             flags = " and ".join(f"--cuda-graph-backend-{p} disabled" for p in phases)
             if len(phases) == 2:
                 flags += ", or --disable-cuda-graph"
-            raise _err("cuda_graph", mode=mode.flag, phases=" and ".join(phases), reason=reason, flags=flags)
+            alt = (", or use the token objective, which these kernels run under graphs (--moe-lb-objective tokens)"
+                   if view.get("graph_safe_with_tokens") else "")
+            raise _err("cuda_graph", mode=mode.flag, phases=" and ".join(phases), reason=reason, flags=flags, alt=alt)
     if mode.gate and mode.collective and int(view.get("attn_dp_size", 1) or 1) <= 1 \
             and (view.get("a2a_backend") or "none") != "none":
         warnings.append(WARNINGS["gate_not_shared"].format(mode=mode.name))

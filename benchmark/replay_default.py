@@ -76,27 +76,28 @@ def markdown_table(js: dict) -> str:
     return "\n".join(rows)
 
 
-def sweep_table(js: dict) -> str:
-    """Modelled time with overhead vs static per mode (rows) and tokens per rank (columns)."""
+def _grid(js: dict, names: list[str], cell, label=lambda n: f"`{n}`") -> list[str]:
+    """One markdown row per mode name, one column per sweep size; ``cell(entry or None)``."""
     sizes = [row["tokens_per_rank"] for row in js["sweep"]]
-    names = list(dict.fromkeys(n for row in js["sweep"] for n in row["modes"]))
     rows = ["| mode | " + " | ".join(str(n) for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for n in names:
-        cells = [f"{row['modes'][n]['time_vs_static']:.3f}" if n in row["modes"] else "-" for row in js["sweep"]]
-        star = " (server default)" if n in js["server_default"].values() else ""
-        rows.append(f"| `{n}`{star} | " + " | ".join(cells) + " |")
-    rows.append("")
-    rows.append("Break-even overhead (µs per layer at which the mode would only match static):")
-    rows.append("")
-    rows.append("| mode | " + " | ".join(str(n) for n in sizes) + " |")
-    rows.append("|---|" + "---:|" * len(sizes))
-    for n in names:
-        cells = []
-        for row in js["sweep"]:
-            v = row["modes"].get(n, {}).get("break_even_overhead_us")
-            cells.append("-" if v is None else f"{v:.1f}")
-        rows.append(f"| `{n}` | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(f"| {label(n)} | " + " | ".join(cell(row["modes"].get(n)) for row in js["sweep"]) + " |")
+    return rows
+
+
+def sweep_table(js: dict) -> str:
+    """Modelled time with overhead vs static per mode (rows) and tokens per rank (columns)."""
+    names = list(dict.fromkeys(n for row in js["sweep"] for n in row["modes"]))
+    defaults = set(js["server_default"].values())
+    time = _grid(js, names, lambda m: "-" if m is None else f"{m['time_vs_static']:.3f}",
+                 label=lambda n: f"`{n}`" + (" (server default)" if n in defaults else ""))
+
+    def even(m):
+        v = None if m is None else m.get("break_even_overhead_us")
+        return "-" if v is None else f"{v:.1f}"
+
+    return "\n".join(time + ["", "Break-even overhead (µs per layer at which the mode would only match static):", ""]
+                     + _grid(js, names, even))
 
 
 def reading(js: dict) -> str:

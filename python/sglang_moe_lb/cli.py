@@ -18,10 +18,6 @@ import sys
 __all__ = ["main", "build_parser"]
 
 
-class CliError(Exception):
-    """A user error: bad flag value or input file. Printed without a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglang-moe-lb",
@@ -70,16 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "replay":
-            rc = _replay(args)
-        elif args.command == "doctor":
-            rc = _doctor(args)
-        else:
-            parser.error(f"unknown command {args.command!r}")
-    except CliError as err:
-        print(f"sglang-moe-lb {args.command}: error: {err}", file=sys.stderr)
-        rc = 2
+    if args.command == "replay":
+        rc = _replay(args)
+    elif args.command == "doctor":
+        rc = _doctor(args)
+    else:
+        parser.error(f"unknown command {args.command!r}")
     if argv is None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -222,8 +222,6 @@ class Problem:
         return f"{self.target} ({self.detail})"
 
 
-
-
 def _resolve_owner(path: str):
     """Resolve a dotted module/class path; raises ``ImportError``/``AttributeError``."""
     return pkgutil.resolve_name(path)

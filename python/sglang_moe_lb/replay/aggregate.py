@@ -31,7 +31,8 @@ from ..gate import Gate, Overheads
 from .costs import mode_overhead_us
 from .modes import ReplayMode
 
-__all__ = ["gate_open", "gated_slots", "rank_loads", "token_summary", "time_summary", "step_overheads"]
+__all__ = ["gate_open", "gated_slots", "rank_loads", "mean_over_max", "step_balancedness", "token_summary",
+           "time_summary", "step_overheads"]
 
 
 def gate_open(mode: ReplayMode, tokens_per_rank: np.ndarray, cost: CostModel, ov: Overheads, top_k: int,
@@ -58,16 +59,23 @@ def rank_loads(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slots.sum(-1), slots[..., :-1].sum(-1)
 
 
-def _step_balancedness(loads: np.ndarray) -> np.ndarray:
+def step_balancedness(loads: np.ndarray) -> np.ndarray:
     """Balancedness per step (layer mean) from ``[N, L, R]`` loads: ``[N]``."""
     return metrics.balancedness(torch.from_numpy(loads)).mean(-1).numpy()
+
+
+def mean_over_max(mean: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """``metrics.balancedness`` from a mean load and a max load given apart (e.g. an LP bound's
+    max), elementwise; 1.0 where the max is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(top > 0, mean / top, 1.0)
 
 
 def token_summary(slots: np.ndarray, static: np.ndarray, mask: np.ndarray, bound_joint: np.ndarray,
                   class_bound: np.ndarray | None) -> dict:
     """The token metrics of one mode on the steps in ``mask`` (``[N]`` bool)."""
     total, _ = rank_loads(slots[mask])
-    b = _step_balancedness(total)
+    b = step_balancedness(total)
     mx = total.max(-1)
     gap = metrics.gap_to_bound(torch.from_numpy(mx), torch.from_numpy(bound_joint[mask])).numpy()
     out = {

@@ -27,7 +27,9 @@ from ..placement import Placement
 
 __all__ = ["SubsetBound", "layer_bounds", "MAX_SUBSET_WORK"]
 
-MAX_SUBSET_WORK = 1 << 24  # 2^R x E entries of the containment matrix
+# Entries (2^R x L x E) of the containment matrix: float64, plus an int64 temporary of the same
+# size while it is built, i.e. <= ~1 GiB per placement (the timeline holds one per rebalance).
+MAX_SUBSET_WORK = 1 << 26
 
 
 class SubsetBound:
@@ -37,7 +39,7 @@ class SubsetBound:
     def __init__(self, pl: Placement):
         self.pl = pl
         R, E, L = pl.num_ranks, pl.num_logical, pl.num_layers
-        self.enabled = (1 << R) * E <= MAX_SUBSET_WORK
+        self.enabled = (1 << R) * L * E <= MAX_SUBSET_WORK
         if not self.enabled:
             return
         rank = pl.slot_rank.reshape(-1).to(torch.long).expand(L, -1)

@@ -234,7 +234,11 @@ def check_output_file(path: str, flag: str) -> None:
         if not os.access(p, os.W_OK):
             raise ReplayCliError(f"{flag} {path}: not writable")
         return
-    base = _first_existing(p.parent)
+    _check_creatable(_first_existing(p.parent), path, flag)
+
+
+def _check_creatable(base: Path, path: str, flag: str) -> None:
+    """``path`` does not exist yet: its first existing ancestor ``base`` must let us create it."""
     if not base.is_dir():
         raise ReplayCliError(f"{flag} {path}: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -250,11 +254,7 @@ def check_output_dir(path: str, flag: str) -> None:
         if not os.access(p, os.W_OK | os.X_OK):
             raise ReplayCliError(f"{flag} {path}: not writable")
         return
-    base = _first_existing(p)
-    if not base.is_dir():
-        raise ReplayCliError(f"{flag} {path}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ReplayCliError(f"{flag} {path}: cannot create it ({base} is not writable)")
+    _check_creatable(_first_existing(p), path, flag)
 
 
 def check_outputs(args) -> None:

@@ -25,7 +25,7 @@ decided from the batch size (``aggregate.gate_open``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,7 +55,6 @@ class EvalContext:
     cost: CostModel
     steps: SplitSteps
     E: int
-    k: int
     L: int
     R: int
     S: int
@@ -77,7 +76,6 @@ class StepResult:
     tokens: np.ndarray
     memo_hits: int = 0
     memo_misses: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def split_sizes(T: int, R: int, sizes: list[int] | None) -> list[int]:

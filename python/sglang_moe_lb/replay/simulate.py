@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import metrics
 from ..mode import ModeError
 from ..objective import FloatSteps
 from . import aggregate as agg
@@ -70,7 +71,6 @@ class ReplayConfig:
     batch_sweep: tuple[int, ...] = ()
     sweep_steps: int = 8
     memo: bool = True  # share each split problem's solve between ranks and modes (MemoSteps)
-    bounds: bool = True
 
     def validate(self) -> None:
         """Flag values alone; raises ``ValueError`` naming the flag."""
@@ -293,7 +293,7 @@ def make_plan(trace: Trace, cfg: ReplayConfig) -> Plan:
 # ---------------------------------------------------------------------------------------------
 def _context(plan: Plan, timeline: Timeline, upstream_steps, with_bounds: bool) -> EvalContext:
     return EvalContext(plan.eval_modes, plan.up, timeline, plan.cost, FloatSteps(plan.cfg.lp_method),
-                       plan.E, plan.k, plan.L, plan.R, plan.S, seed=plan.cfg.seed, memo=plan.cfg.memo,
+                       plan.E, plan.L, plan.R, plan.S, seed=plan.cfg.seed, memo=plan.cfg.memo,
                        upstream_steps=frozenset(upstream_steps), with_bounds=with_bounds)
 
 
@@ -333,7 +333,7 @@ def _workers(cfg: ReplayConfig, jobs: int) -> int:
 
 def evaluate_all(plan: Plan, trace: Trace, read: Read, timeline: Timeline) -> StepArrays:
     """Every mode on every step (sampled steps first, so the slow upstream ones are shared out)."""
-    ctx = _context(plan, timeline, plan.sampled_steps, plan.cfg.bounds)
+    ctx = _context(plan, timeline, plan.sampled_steps, with_bounds=True)
     out = StepArrays.empty(plan.eval_modes, plan.N, plan.L, plan.R, plan.S)
     order = sorted(range(plan.N), key=lambda t: (t not in ctx.upstream_steps, t))
 
@@ -353,10 +353,17 @@ def evaluate_all(plan: Plan, trace: Trace, read: Read, timeline: Timeline) -> St
 def _mode_slots(plan: Plan, arr: StepArrays, tokens_per_rank: np.ndarray) -> tuple[dict, dict, dict]:
     """(slots, gate-open mask, overhead µs per step) of every asked mode; gated ones derived."""
     c = plan.cfg.cost
-    static = arr.slots["static"].astype(np.float64)
+    f64: dict[str, np.ndarray] = {}  # one float64 copy per evaluated (ungated) mode
+
+    def as_f64(name: str) -> np.ndarray:
+        if name not in f64:
+            f64[name] = arr.slots[name].astype(np.float64)
+        return f64[name]
+
+    static = as_f64("static")
     slots, open_, ovh = {}, {}, {}
     for m in plan.modes:
-        base = arr.slots[m.ungated.name].astype(np.float64)
+        base = as_f64(m.ungated.name)
         o = agg.gate_open(m, tokens_per_rank, plan.cost, plan.overheads, plan.k, plan.S, plan.R, c.expected_gain)
         slots[m.name] = agg.gated_slots(base, static, o) if m.gated else base
         open_[m.name] = o
@@ -365,10 +372,10 @@ def _mode_slots(plan: Plan, arr: StepArrays, tokens_per_rank: np.ndarray) -> tup
 
 
 def _bound_summary(bound: np.ndarray, mean_load: np.ndarray, static_max: np.ndarray, mask: np.ndarray) -> dict:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = np.where(bound > 0, mean_load / bound, 1.0)[mask].mean(1)
+    b = agg.mean_over_max(mean_load, bound)[mask].mean(1)
     return {"balancedness_mean": float(b.mean()), "balancedness_p5": float(np.percentile(b, 5)),
-            "moe_time_ratio_vs_static": float(bound[mask].sum() / static_max[mask].sum())}
+            "moe_time_ratio_vs_static": metrics.time_ratio(torch.from_numpy(bound[mask]),
+                                                           torch.from_numpy(static_max[mask]))}
 
 
 def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict) -> dict:
@@ -382,7 +389,7 @@ def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict)
             continue
         res = agg.token_summary(s, static, mask, bj, bj if m.moves_shared else bl)
         _, routed = agg.rank_loads(s[mask])
-        rb = agg._step_balancedness(routed)
+        rb = agg.step_balancedness(routed)
         base_cpu = arr.cpu[m.ungated.name][mask]
         closed = ~open_[m.name][mask] if m.gated else np.zeros(int(mask.sum()), dtype=bool)
         cpu = np.where(closed, arr.cpu["static"][mask], base_cpu)
@@ -420,9 +427,8 @@ def _series_and_worst(plan: Plan, slots: dict, mean_load: np.ndarray, bj: np.nda
         worst[m.name] = {"step": int(ws), "layer": int(wl), "routed": routed[ws, wl].tolist(),
                          "shared": (total[ws, wl] - routed[ws, wl]).tolist(), "mean": float(mean_load[ws, wl]),
                          "bound": float(bj[ws, wl]), "balancedness": float(bal[ws, wl])}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        series["bound"] = np.where(bj > 0, mean_load / bj, 1.0).mean(1)
-        series["bound-local-shared"] = np.where(bl > 0, mean_load / bl, 1.0).mean(1)
+    series["bound"] = agg.mean_over_max(mean_load, bj).mean(1)
+    series["bound-local-shared"] = agg.mean_over_max(mean_load, bl).mean(1)
     return series, worst
 
 
@@ -446,15 +452,13 @@ def aggregate_run(plan: Plan, arr: StepArrays) -> dict:
     """Summaries, bounds, per-step series and worst steps of the main replay."""
     tokens_per_rank = arr.tokens.max(1).astype(np.float64)
     slots, open_, ovh = _mode_slots(plan, arr, tokens_per_rank)
-    static_total, _ = agg.rank_loads(slots["static"])
+    static_total, static_routed = agg.rank_loads(slots["static"])
     mean_load = static_total.sum(-1) / plan.R
     static_max = static_total.max(-1)
     modes = _summaries(plan, arr, slots, open_, ovh)
     all_steps = np.ones(plan.N, dtype=bool)
     bj, bl, br = arr.bounds["joint"], arr.bounds["local"], arr.bounds["routed"]
-    routed_total = agg.rank_loads(slots["static"])[1].sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        brt = np.where(br > 0, (routed_total / plan.R) / br, 1.0).mean(1)
+    brt = agg.mean_over_max(static_routed.sum(-1) / plan.R, br).mean(1)
     if plan.sampled_steps and len(plan.sampled_steps) < plan.N:
         on = _on_sampled(plan, slots, arr, mean_load, static_max)
         for m in plan.modes:
@@ -469,8 +473,7 @@ def aggregate_run(plan: Plan, arr: StepArrays) -> dict:
         "series": series, "worst": worst,
         "arrays": {"slots": slots, "total": {k: v.sum(-1) for k, v in slots.items()},
                    "routed": {k: v[..., :-1].sum(-1) for k, v in slots.items()},
-                   "bound_joint": bj, "bound_local": bl, "bound_routed": br, "tokens": arr.tokens,
-                   "routed_total": routed_total},
+                   "bound_joint": bj, "bound_local": bl, "bound_routed": br, "tokens": arr.tokens},
     }
 
 
@@ -525,8 +528,9 @@ def _sweep_row(plan: Plan, n: int, arr: StepArrays, steps: list[int]) -> dict:
         t = agg.time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], plan.cost)
         total, _ = agg.rank_loads(s[mask])
         static_total, _ = agg.rank_loads(slots["static"][mask])
-        t.update(balancedness_mean=float(agg._step_balancedness(total).mean()),
-                 moe_time_ratio_vs_static=float(total.max(-1).sum() / static_total.max(-1).sum()),
+        t.update(balancedness_mean=float(agg.step_balancedness(total).mean()),
+                 moe_time_ratio_vs_static=metrics.time_ratio(torch.from_numpy(total.max(-1)),
+                                                             torch.from_numpy(static_total.max(-1))),
                  steps_scored=int(mask.sum()))
         if m.gated:
             t["gate_open"] = bool(open_[m.name][mask].all())

@@ -23,8 +23,6 @@ from sglang_moe_lb.versions import sglang_version as _sglang_version
 WRITTEN_FOR_SGLANG = "0.5.23"
 
 
-
-
 def install_amx_override() -> None:
     """Make ``get_platform().has_amx`` answer True in this process."""
     try:

@@ -46,8 +46,6 @@ def enabled() -> bool:
     return os.environ.get(ENV) == "1"
 
 
-
-
 def _require(target: str) -> None:
     module_name, attr = target.rsplit(".", 1)
     try:

@@ -46,8 +46,6 @@ def _log(msg: str) -> None:
         pass
 
 
-
-
 def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"sglang_moe_lb CPU test stub of sgl_kernel: {what} is not supported "

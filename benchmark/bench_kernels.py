@@ -455,7 +455,7 @@ def section_count(dev, dry, budget, out) -> None:
             log(f"  count {name} BT={BT}: {r}")
 
 
-def _measure(cfg, dev, budget, out_list, breakdown: bool = False) -> None:
+def _measure(cfg, dev, out_list, breakdown: bool = False) -> None:
     rec = {"set": cfg["set"], "key": cfg["key"], "E": cfg["shape"][0], "red": cfg["shape"][1], "R": cfg["shape"][2],
            "T": cfg["T"], "mode": cfg["mode"], **cfg.get("options", {}), **(cfg.get("v1") or {})}
     try:
@@ -466,11 +466,8 @@ def _measure(cfg, dev, budget, out_list, breakdown: bool = False) -> None:
         if breakdown:
             rec.update(_breakdown(c, dev))
         p = c.path
-        if hasattr(p, "launches_per_call"):
-            try:
-                rec["launches"] = p.launches_per_call(cfg["T"])
-            except TypeError:
-                rec["launches"] = p.launches_per_call()
+        if hasattr(p, "launches_per_call"):  # v2 paths
+            rec["launches"] = p.launches_per_call(cfg["T"])
     except Exception as err:  # noqa: BLE001
         rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
     log(f"  {rec}")
@@ -498,7 +495,7 @@ def section_v1(dev, dry, budget, out) -> None:
         if not budget.ok(8):
             out["v1"].append({"key": cfg["key"], "skipped": "time budget"})
             continue
-        _measure(cfg, dev, budget, out["v1"], breakdown=cfg["key"].startswith("goal"))
+        _measure(cfg, dev, out["v1"], breakdown=cfg["key"].startswith("goal"))
 
 
 def section_v2(dev, dry, budget, out) -> None:
@@ -506,7 +503,7 @@ def section_v2(dev, dry, budget, out) -> None:
         if not budget.ok(8):
             out["v2"].append({"key": cfg["key"], "skipped": "time budget"})
             continue
-        _measure(cfg, dev, budget, out["v2"], breakdown=cfg["key"] == "goal lplb/per-batch/local/tokens")
+        _measure(cfg, dev, out["v2"], breakdown=cfg["key"] == "goal lplb/per-batch/local/tokens")
 
 
 def _rebalanced(c: "Case", seed: int):

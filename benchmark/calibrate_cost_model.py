@@ -5,7 +5,7 @@ The model (``sglang_moe_lb.cost``): a rank's grouped GEMM takes
 (``ceil(tokens / tile)`` per copy). This times ``A`` distinct experts of the DeepSeek-V3 shape
 (hidden 7168, intermediate 2048: gate+up ``[7168 -> 4096]``, SiLU-and-mul, down ``[2048 -> 7168]``)
 with ``n`` tokens each, for ``n`` in 1..4096 and ``A`` in 1..16, as one CUDA graph of per-expert
-matmuls (``torch._grouped_mm`` when the build has it), in bf16 and, where the device and torch
+matmuls (per-expert calls, not a grouped-GEMM kernel), in bf16 and, where the device and torch
 support it, fp8 (``torch._scaled_mm``, per-tensor scales). Distinct weights per expert, random
 data, graph replay medians.
 

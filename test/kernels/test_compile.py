@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import moe_lb_kernels.balancer as balancer_mod
-from moe_lb_kernels import _launch, seam
+from moe_lb_kernels import seam
+from moe_lb_kernels.aot import compile_specs, record_specs, spec_key
 from moe_lb_kernels.v2 import make_layer_path as v2_path
-from moe_lb_kernels.v2.aot import compile_specs, record_specs
+from moe_lb_kernels.v2 import seam as v2_seam
 from moe_lb_kernels.workload import greedy_placement, zipf_popularity
 from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.cost import CostModel
@@ -93,37 +94,21 @@ def _drive(make, shape, name):
         path(ids, phys_ids=phys)
 
 
+def _specs(configs, make_path, module):
+    """(shape, mode name, spec) of every distinct launch the configs make, first config kept."""
+    seen = {}
+    for shape, name in configs:
+        for s in record_specs(lambda: _drive(make_path, shape, name), (module,)):
+            seen.setdefault(spec_key(s), (shape, name, s))
+    return list(seen.values())
+
+
 def _v1_specs(configs):
-    rec = []
-
-    def fake(kernel, grid, *args, **kwargs):
-        rec.append(_launch.spec_of(kernel, args, kwargs))
-
-    out = []
-    real, balancer_mod.launch = balancer_mod.launch, fake
-    try:
-        for shape, name in configs:
-            rec.clear()
-            _drive(seam.kernel_set("v1.1").make_layer_path, shape, name)
-            out += [(shape, name, s) for s in rec]
-    finally:
-        balancer_mod.launch = real
-    return _distinct(out)
+    return _specs(configs, seam.kernel_set("v1.1").make_layer_path, balancer_mod)
 
 
 def _v2_specs(configs):
-    out = []
-    for shape, name in configs:
-        out += [(shape, name, s) for s in record_specs(lambda: _drive(v2_path, shape, name))]
-    return _distinct(out)
-
-
-def _distinct(items):
-    seen = {}
-    for shape, name, s in items:
-        key = repr((s["name"], sorted(s["signature"].items()), sorted(s["constexprs"].items()), sorted(s["options"].items())))
-        seen.setdefault(key, (shape, name, s))
-    return list(seen.values())
+    return _specs(configs, v2_path, v2_seam)
 
 
 def _check(items, results, label):

@@ -72,9 +72,10 @@ def _is_sync(func, args) -> bool:
 class TorchOps(TorchDispatchMode):
     """Records allocations and host syncs of the code run inside it (kernel launches excluded)."""
 
-    def __init__(self, raise_on_sync: bool = True):
+    def __init__(self, raise_on_sync: bool = True, launch_modules: tuple = (balancer_mod,)):
         super().__init__()
         self.raise_on_sync = raise_on_sync
+        self.launch_modules = launch_modules  # modules whose ``launch`` is counted and paused in
         self.allocs: list[str] = []
         self.syncs: list[str] = []
         self.launches = 0
@@ -113,26 +114,25 @@ class TorchOps(TorchDispatchMode):
 
             self._patches.append((name, orig))
             setattr(torch.Tensor, name, patched)
-        orig_launch = balancer_mod.launch
+        for mod in self.launch_modules:
+            def launch(*a, _orig=mod.launch, **k):
+                checker.launches += 1
+                checker._paused += 1
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    checker._paused -= 1
 
-        def launch(*a, **k):
-            checker.launches += 1
-            checker._paused += 1
-            try:
-                return orig_launch(*a, **k)
-            finally:
-                checker._paused -= 1
-
-        self._patches.append(("launch", orig_launch))
-        balancer_mod.launch = launch
+            self._patches.append((mod, mod.launch))
+            mod.launch = launch
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name, orig in reversed(self._patches):
-            if name == "launch":
-                balancer_mod.launch = orig
+        for what, orig in reversed(self._patches):
+            if isinstance(what, str):
+                setattr(torch.Tensor, what, orig)
             else:
-                setattr(torch.Tensor, name, orig)
+                what.launch = orig
         self._patches.clear()
         return super().__exit__(*exc)
 

@@ -134,7 +134,7 @@ def test_v2_repeated_calls_and_placement_update():
     mode = BalanceMode.parse("waterfill+lplb/table/all_rank/local")
     pl = Placement(torch.tensor([0, 1, 2, 0, 3, 1, 0, 4]), 4, 5)
     path = make_layer_path(pl, mode, max_tokens=40, topk=2, source_rank=1, device=DEVICE, block=16, single_max=0)
-    ptrs = [t.data_ptr() for t in path.tables.tensors()] + [path.split_table.data_ptr()]
+    ptrs = [t.data_ptr() for t in path.tables.solve_args()] + [path.split_table.data_ptr()]
     for step in range(3):
         if step == 2:
             pl = Placement(torch.tensor([0, 1, 2, 3, 4, 4, 0, 4]), 4, 5)
@@ -146,7 +146,7 @@ def test_v2_repeated_calls_and_placement_update():
         ids = random_ids(rng, 33, 2, 5)
         ref = reference_layer(pl, ids, mode, spec=V2_SPEC, source_rank=1, split_table=table)
         _same(path(_d(ids)), ref, mode, f"step {step}")
-    assert ptrs == [t.data_ptr() for t in path.tables.tensors()] + [path.split_table.data_ptr()]
+    assert ptrs == [t.data_ptr() for t in path.tables.solve_args()] + [path.split_table.data_ptr()]
 
 
 def test_v2_bad_inputs_are_clear_errors():

@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+import moe_lb_kernels.balancer as balancer_mod
 import moe_lb_kernels.v2.seam as v2seam
 from moe_lb_kernels import seam
 from moe_lb_kernels.reference import reference_layer
@@ -31,28 +32,9 @@ MODES = every_mode(gates=(False,))  # every mode v2 runs: 21
 COST = CostModel(weight_bytes=1.0, flops_per_token=1.0, bandwidth=1.0, peak_flops=1.0, tile_tokens=12)
 
 
-class V2Ops(TorchOps):
+def V2Ops() -> TorchOps:
     """``TorchOps`` that also pauses inside the v2 launches (and counts them)."""
-
-    def __enter__(self):
-        orig = v2seam.launch
-        checker = self
-
-        def launch(*a, **k):
-            checker.launches += 1
-            checker._paused += 1
-            try:
-                return orig(*a, **k)
-            finally:
-                checker._paused -= 1
-
-        self._v2_orig = orig
-        v2seam.launch = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        v2seam.launch = self._v2_orig
-        return super().__exit__(*exc)
+    return TorchOps(launch_modules=(v2seam, balancer_mod))
 
 
 def _setup(mode, seed):

@@ -1,15 +1,12 @@
 """Kernel launches go through ``launch`` so tests can record them and compile each
-specialization ahead of time for a GPU target on a machine without a GPU (``aot_compile``).
+specialization ahead of time for a GPU target on a machine without a GPU (``aot.record_specs``, ``aot.compile_specs``).
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 
 import torch
-
-_recorder: list | None = None
 
 _PTR = {
     torch.int32: "*i32", torch.int64: "*i64", torch.int16: "*i16", torch.int8: "*i8", torch.uint8: "*u8",
@@ -19,20 +16,8 @@ _PTR = {
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    if _recorder is not None:
-        _recorder.append((kernel, args, dict(kwargs)))
+    """Every kernel launch goes through here (``aot.record_specs`` swaps it out per module)."""
     kernel[grid](*args, **kwargs)
-
-
-@contextmanager
-def record_launches():
-    """Collect ``(kernel, args, kwargs)`` of every launch inside the block."""
-    global _recorder
-    prev, _recorder = _recorder, []
-    try:
-        yield _recorder
-    finally:
-        _recorder = prev
 
 
 def signature_of(kernel, args, kwargs) -> tuple[dict, dict, dict]:

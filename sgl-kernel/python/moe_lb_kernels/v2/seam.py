@@ -32,6 +32,7 @@ from sglang_moe_lb.objective import TABLE_SCALE_BITS
 from sglang_moe_lb.placement import Placement
 
 from .._launch import launch
+from .._tables import _replicated_rows
 from ..reference import FixedSpec
 from .kernels import _count_kernel, _greduce_kernel, _main_kernel, _round_kernel
 from .spec import MAX_TOTAL, V2_SPEC
@@ -157,6 +158,24 @@ class LayerPathV2:
         if split_table is not None:
             self.set_split_table(split_table)
         self._zero = torch.zeros(1, **i32)
+        # The main kernel's buffers and constants never change after this (rebalances write into
+        # the same tensors), so a call only adds its ids, sizes and SINGLE.
+        spec = self.spec
+        self._main_args = (
+            *tb.solve_args(), self.split_table,
+            self.totals, self.rephist, self.vcount, self.gtot, self.gpre, self.toksrc,
+            self.quotas, self.shared_quotas, self.routed_load, self.flags, self.counter_buf, self._cert,
+            self.caps, self.pick, self.todo, self.hists[0],
+            self.source_rank, spec.max_sweeps, spec.polish_sweeps, self.tile)
+        self._main_const = dict(
+            K=self.topk, KB=self.KB, BT=self.BT, CT=self.CT, E=tb.E, R=tb.R, S=tb.S, P=tb.P,
+            NEB=tb.NEB, CB=tb.CB, RB=tb.RB, HB=self.HB, SB=tb.SB, PB=tb.PB, RB1=self.RB1,
+            CBITS=_log2(tb.CB), RBITS=_log2(tb.RB), LOGNEB=_log2(tb.NEB),
+            NBMAX=self.NBMAX, CHB=self.CHB, TS=self.TS, CTS=self.CTS, UB=self.UB,
+            LPLB=self.lplb, TILES=self.lplb == 2 and self.tile > 1, JOINT=self.joint, WF=self.wf,
+            GLOBAL=self.glob,
+            SCALE_B=spec.scale_bits, TOL_SHIFT_C=spec.tol_shift, SLACK=spec.slack_units, TABLE_BITS=TABLE_SCALE_BITS,
+            num_warps=self.num_warps)
 
     # -- updates between calls (host-to-device copies into the same buffers) ------------------------
     def _even_table(self) -> None:
@@ -196,7 +215,7 @@ class LayerPathV2:
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every device tensor the path owns, by name (for the graph-safety checks)."""
         own = {name: t for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
-        own.update({f"tables.{i}": t for i, t in enumerate(self.tables.tensors())})
+        own.update({f"tables.{i}": t for i, t in enumerate(self.tables.solve_args())})
         own.update({f"phys.{d}": t for d, t in self._phys.items()})
         return own
 
@@ -241,8 +260,9 @@ class LayerPathV2:
         tb = self.tables
         src = topk_ids if self.lplb else phys_ids
         T = src.shape[0]
-        launch(_count_kernel, (self._nb(T),),
-               src, T, self._nb(T), self.acc, self.done, self.totals, tb.rep_expert, tb.rep_colour,
+        nb = self._nb(T)
+        launch(_count_kernel, (nb,),
+               src, T, nb, self.acc, self.done, self.totals, tb.rep_expert, tb.rep_colour,
                self.rephist, self.vcount,
                K=self.topk, KB=self.KB, BT=self.BT, W=self.W, HB=self.HB, S=tb.S, NEB=tb.NEB,
                ROUTED=not self.lplb, REP=bool(self.lplb))
@@ -255,24 +275,12 @@ class LayerPathV2:
                W=self.W, BC=BC, DB=DB)
 
     def _main(self, topk_ids, phys_ids, out, shared, single: bool) -> None:
-        tb, spec = self.tables, self.spec
         T = topk_ids.shape[0]
+        nb = self._nb(T)
         phys_in = phys_ids if phys_ids is not None else topk_ids
-        launch(_main_kernel, (self._nb(T),),
-               topk_ids, phys_in, out if out is not None else self._zero, shared, T, self._nb(T),
-               *tb.solve_args(), self.split_table,
-               self.totals, self.rephist, self.vcount, self.gtot, self.gpre, self.toksrc,
-               self.quotas, self.shared_quotas, self.routed_load, self.flags, self.counter_buf, self._cert,
-               self.caps, self.pick, self.todo, self.hists[0],
-               self.source_rank, spec.max_sweeps, spec.polish_sweeps, self.tile,
-               K=self.topk, KB=self.KB, BT=self.BT, CT=self.CT, E=tb.E, R=tb.R, S=tb.S, P=tb.P,
-               NEB=tb.NEB, CB=tb.CB, RB=tb.RB, HB=self.HB, SB=tb.SB, PB=tb.PB, RB1=self.RB1,
-               CBITS=_log2(tb.CB), RBITS=_log2(tb.RB), LOGNEB=_log2(tb.NEB),
-               NBMAX=self.NBMAX, CHB=self.CHB, TS=self.TS, CTS=self.CTS, UB=self.UB,
-               LPLB=self.lplb, TILES=self.lplb == 2 and self.tile > 1, JOINT=self.joint, WF=self.wf,
-               GLOBAL=self.glob, SINGLE=single,
-               SCALE_B=spec.scale_bits, TOL_SHIFT_C=spec.tol_shift, SLACK=spec.slack_units, TABLE_BITS=TABLE_SCALE_BITS,
-               num_warps=self.num_warps)
+        launch(_main_kernel, (nb,),
+               topk_ids, phys_in, out if out is not None else self._zero, shared, T, nb, *self._main_args,
+               SINGLE=single, **self._main_const)
 
     def _rounds(self, phys, shared) -> None:
         T = phys.shape[0]
@@ -333,10 +341,11 @@ def default_capacities(pl: Placement) -> dict:
     or the build's, whichever is more. Copies
     keep the build's power of two. A placement beyond these is refused by ``update_placement``
     (the caller rebuilds the path)."""
-    tb = V2Tables.build(pl)
+    experts, copies, _ = _replicated_rows(pl)
+    CB = next_pow2(max([len(c) for c in copies] + [2]))  # as V2Tables.build
     rows = max(1, min(pl.num_logical, pl.num_physical - pl.num_logical))
-    if next_pow2(rows) * tb.CB > TILE_BUDGET:
-        rows = max(tb.NEB, TILE_BUDGET // tb.CB)
+    if next_pow2(rows) * CB > TILE_BUDGET:
+        rows = max(next_pow2(max(len(experts), 1)), TILE_BUDGET // CB)
     return {"max_rows": rows, "max_colours": rows}
 
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from ..reference import FixedSpec
 
-__all__ = ["V2_SPEC", "MAX_TOTAL", "HALF_TOKEN"]
+__all__ = ["V2_SPEC", "MAX_TOTAL"]
 
 V2_SPEC = FixedSpec("v2", scale_bits=8, max_sweeps=8, tol_shift=62, slack_units=128, polish_sweeps=2,
                     polish_at_bound=False)
-HALF_TOKEN = 1 << (V2_SPEC.scale_bits - 1)
 # The split's sums (a rank's load, a water level's numerator) stay below the layer's total in
 # units; int32 holds them while total << scale_bits < 2**31.
 MAX_TOTAL = (1 << (31 - V2_SPEC.scale_bits)) - 1

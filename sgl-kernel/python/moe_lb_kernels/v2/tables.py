@@ -20,24 +20,10 @@ import torch
 
 from sglang_moe_lb import Placement
 
+from .._tables import _replicated_rows as _rows
+from .._tables import next_pow2
+
 __all__ = ["V2Tables", "next_pow2"]
-
-
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _rows(pl: Placement) -> tuple[list[int], list[list[int]], list[int]]:
-    """(replicated experts, their copy slots, their colour) of a single-layer placement."""
-    copies: dict[int, list[int]] = {}
-    for slot, e in enumerate(pl.phy2log[0].tolist()):
-        copies.setdefault(e, []).append(slot)
-    experts = sorted(e for e, s in copies.items() if len(s) >= 2)
-    colour_of: dict[int, int] = {}
-    for g, col in enumerate(pl.replica_blocks.colours):
-        for e in col[1].tolist():
-            colour_of[int(e)] = g
-    return experts, [copies[e] for e in experts], [colour_of[e] for e in experts]
 
 
 _TILE_FIELDS = ("rep_slot", "rep_rank", "rep_fr", "rep_next", "rep_mult", "rep_dup")
@@ -165,5 +151,3 @@ class V2Tables:
                 self.rep_slot, self.rep_rank, self.rep_fr, self.rep_next, self.rep_mult, self.rep_dup,
                 self.colour_src, self.meta)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return list(self.solve_args())

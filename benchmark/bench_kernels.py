@@ -1,24 +1,28 @@
-"""GPU check of the hot-path kernels (v1.1 and v2): the sections of kernel-plan.md's "One GPU run".
+"""GPU check of the hot-path kernels (v1.1) and of the plan's gather.
 
 ``benchmark/gpu_check.sh`` runs one process per section (a sticky CUDA error stays in its
 section), then ``--report``. Sections (each with its own time budget, results kept when it
 runs out):
 
-* ``warm``   compile every kernel specialization the other sections launch, in parallel
-             worker processes (Triton's disk cache then serves the sections);
-* ``floor``  launch floor: CUDA-graph replay of 1 vs 20 empty kernels at grid 1 and 132, and
-             whether a cooperative launch runs and can be captured;
-* ``count``  counting with acq_rel atomics vs relaxed atomics vs per-block rows only;
-* ``v1``     the v1.1 kernels: (polish, stop) in {(8, 1e-9), (0, 1e-9), (0, half a token)} x 4/8
-             split warps at the goal shape (count / split / dispatch breakdown), red=64, decode;
-* ``v2``     the v2 kernels: the goal shape in every family of modes, 8/16 warps, red=64,
-             EP256 with 512 slots, decode sizes (one launch vs two);
-* ``graphs`` CUDA-graph capture + replay in every mode of both sets, with a placement (and split
-             table) update between replays;
-every measured configuration is also checked bit for bit against the CPU reference
-(``reference_layer`` with the set's ``FixedSpec``).
+* ``warm``    compile every kernel specialization the other sections launch, in parallel
+              worker processes (Triton's disk cache then serves the sections);
+* ``latency`` the layer path (``seam.make_layer_path``) at the goal shape and decode sizes
+              (latest.json's latencies), the joint mode at the goal shape, and variants of the
+              bare ``LayerBalancer``: (polish, stop) in {(8, 1e-9), (0, 1e-9), (0, half a token)}
+              x 4/8 split warps at the goal shape (count / split / dispatch breakdown), red=64;
+* ``graphs``  CUDA-graph capture + replay in every mode the kernels run, with a placement update
+              between replays;
+* ``gather``  the plan's overhead: SGLang's static gather ``map1d[topk_ids]`` vs the plan's
+              ``plan.apply_plan`` (``map2d[topk_ids, offsets[:T]]``), each in a CUDA graph, at
+              T in ``GATHER_T`` tokens, E=256, top-8, W=16 hash slots;
+* ``floor``   launch floor: CUDA-graph replay of 1 vs 20 empty kernels at grid 1 and 132, and
+              whether a cooperative launch runs and can be captured;
+* ``count``   counting with acq_rel atomics vs relaxed atomics vs per-block rows only;
+every measured kernel configuration is also checked bit for bit against the CPU reference
+(``reference_layer`` with its ``FixedSpec``). The report also renders the small-m calibration
+(``calibrate_cost_model.py --small-m``) when ``OUT/calibration.json`` holds it.
 
-    python benchmark/bench_kernels.py --section v2 --out OUT --partial-dir DIR --budget-s 80 [--dry-run]
+    python benchmark/bench_kernels.py --section latency --out OUT --partial-dir DIR --budget-s 80 [--dry-run]
     python benchmark/bench_kernels.py --report --out OUT --partial-dir DIR [--dry-run]
 
 ``--dry-run`` runs the same steps on tiny shapes on the CPU (``TRITON_INTERPRET=1``); its
@@ -46,7 +50,10 @@ for _p in (os.path.join(HERE, "..", "python"), os.path.join(HERE, "..", "sgl-ker
 
 import torch  # noqa: E402
 
-SECTIONS = ("warm", "floor", "count", "v1", "v2", "graphs")
+SECTIONS = ("warm", "floor", "count", "latency", "graphs", "gather")
+LOCAL = "lplb/per-batch/local/tokens"
+GATHER_T = (1, 8, 64, 256, 1024, 4096)  # tokens per rank of the plan-gather timing
+GATHER_SHAPE = dict(E=256, k=8, W=16, red=32, R=32)
 GOAL_US = 10.0
 
 
@@ -70,88 +77,51 @@ class Budget:
 # ------------------------------------------------------------------------------------------------
 def shapes(dry: bool) -> dict:
     if dry:
-        return {"goal": (16, 4, 4, 64), "red64": [(16, 8, 4, 32)], "ep": (16, 16, 8, 32),
+        return {"goal": (16, 4, 4, 64), "red64": [(16, 8, 4, 32)],
                 "decode": ((16, 4, 4, 32), (8, 16, 32)), "graph": (12, 4, 4, 24), "K": 2}
     return {"goal": (256, 32, 32, 16384), "red64": [(256, 64, 16, 4096), (256, 64, 32, 4096), (256, 64, 64, 4096)],
-            "ep": (256, 256, 256, 2048), "decode": ((256, 32, 32, 2048), (128, 512, 2048)),
-            "graph": (64, 16, 8, 256), "K": 8}
-
-
-def v2_configs(dry: bool) -> list[dict]:
-    s = shapes(dry)
-    goal, ep, (dec, dec_T) = s["goal"], s["ep"], s["decode"]
-    out = []
-    for name in ("lplb/per-batch/local/tokens", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles",
-                 "waterfill+lplb/per-batch/local/tokens/all_rank", "lplb/table", "waterfill/all_rank/local",
-                 "waterfill/conservative/local", "waterfill+lplb/per-batch/local/tokens/conservative"):
-        out.append(dict(set="v2", key=f"goal {name}", shape=goal, T=goal[3], mode=name))
-    out.append(dict(set="v2", key="goal lplb/per-batch/local/tokens warps=8", shape=goal, T=goal[3],
-                    mode="lplb/per-batch/local/tokens", options={"num_warps": 8}))
-    out.append(dict(set="v2", key="goal lplb/per-batch/local/tokens cap=16", shape=goal, T=goal[3],
-                    mode="lplb/per-batch/local/tokens", cap=16))
-    for sh in s["red64"]:
-        out.append(dict(set="v2", key=f"red64 R={sh[2]}", shape=sh, T=sh[3], mode="lplb/per-batch/local/tokens"))
-    out.append(dict(set="v2", key="ep256_512", shape=ep, T=ep[3], mode="lplb/per-batch/local/tokens"))
-    out.append(dict(set="v2", key="ep256_512 global", shape=ep, T=ep[3], mode="lplb/per-batch/global/tokens"))
-    for T in dec_T:
-        out.append(dict(set="v2", key=f"decode_{T}", shape=dec, T=T, mode="lplb/per-batch/local/tokens"))
-    out.append(dict(set="v2", key=f"decode_{dec_T[-1]} two-launch", shape=dec, T=dec_T[-1],
-                    mode="lplb/per-batch/local/tokens", options={"single_max": 0}))
-    out.append(dict(set="v2", key=f"decode_{dec_T[-1]} joint", shape=dec, T=dec_T[-1],
-                    mode="waterfill+lplb/per-batch/local/tokens/all_rank"))
-    return out
+            "decode": ((256, 32, 32, 2048), (128, 512, 2048)), "graph": (64, 16, 8, 256), "K": 8}
 
 
 HALF = dict(tol_shift=62, slack_units=1 << 27)  # v1's 2**-28 units: stop at half a token
 
 
-def v1_configs(dry: bool) -> list[dict]:
+def latency_configs(dry: bool) -> list[dict]:
+    """The layer path as shipped (keys ``goal``, ``decode_T``: latest.json), then variants of the
+    bare ``LayerBalancer`` (``v1``: polish sweeps, stop rule, split warps)."""
     s = shapes(dry)
     goal, (dec, dec_T) = s["goal"], s["decode"]
-    out = []
+    out = [dict(key="goal", shape=goal, T=goal[3], mode=LOCAL)]
+    out += [dict(key=f"decode_{T}", shape=dec, T=T, mode=LOCAL) for T in dec_T]
+    out.append(dict(key="goal joint all_rank", shape=goal, T=goal[3], mode="waterfill+lplb/per-batch/local/tokens/all_rank"))
     for polish, stop in ((8, "1e-9"), (0, "1e-9"), (0, "half")):
         for warps in (4, 8):
-            out.append(dict(set="v1.1", key=f"goal polish={polish} stop={stop} warps={warps}", shape=goal, T=goal[3],
-                            mode="lplb/per-batch/local/tokens", v1=dict(polish=polish, stop=stop, warps=warps)))
+            out.append(dict(key=f"goal polish={polish} stop={stop} warps={warps}", shape=goal, T=goal[3], mode=LOCAL,
+                            v1=dict(polish=polish, stop=stop, warps=warps)))
     for sh in s["red64"]:
-        out.append(dict(set="v1.1", key=f"red64 R={sh[2]}", shape=sh, T=sh[3], mode="lplb/per-batch/local/tokens",
-                        v1=dict(polish=8, stop="1e-9", warps=4)))
-    for T in (dec_T[0], dec_T[-1]):
-        out.append(dict(set="v1.1", key=f"decode_{T}", shape=dec, T=T, mode="lplb/per-batch/local/tokens",
-                        v1=dict(polish=8, stop="1e-9", warps=4)))
+        out.append(dict(key=f"red64 R={sh[2]}", shape=sh, T=sh[3], mode=LOCAL, v1=dict(polish=8, stop="1e-9", warps=4)))
     return out
 
 
-def v2_graph_modes() -> list[str]:
+def kernel_modes() -> list[str]:
+    """Every ungated mode the kernels run (``seam.supports``)."""
+    from moe_lb_kernels import seam
     from sglang_moe_lb.mode import every_mode
 
-    return [m.name for m in every_mode(gates=(False,))]
+    return [m.name for m in every_mode(gates=(False,)) if seam.supports(m)[0]]
 
 
 def graph_configs(dry: bool) -> list[dict]:
     g = shapes(dry)["graph"]
-    out = [dict(set="v2", key=f"graph {m}", shape=g, T=g[3], mode=m) for m in v2_graph_modes()]
-    out += [dict(set="v1.1", key=f"graph {m}", shape=g, T=g[3], mode=m) for m in v2_graph_modes() if "tiles" not in m]
-    return out
+    return [dict(key=f"graph {m}", shape=g, T=g[3], mode=m) for m in kernel_modes()]
 
 
 # ------------------------------------------------------------------------------------------------
 # Building and running one configuration
 # ------------------------------------------------------------------------------------------------
-def _cost():
-    from sglang_moe_lb.cost import CostModel
-
-    return CostModel(weight_bytes=1.0, flops_per_token=1.0, bandwidth=1.0, peak_flops=1.0, tile_tokens=128)
-
-
 def _spec(cfg):
-    import dataclasses
-
     from moe_lb_kernels.reference import V1_SPEC, FixedSpec
-    from moe_lb_kernels.v2 import V2_SPEC
 
-    if cfg["set"] == "v2":
-        return dataclasses.replace(V2_SPEC, max_sweeps=cfg["cap"]) if "cap" in cfg else V2_SPEC
     v = cfg.get("v1")
     if not v:
         return V1_SPEC
@@ -165,9 +135,9 @@ class Case:
     """One configuration on the device: placement, this rank's batch, every rank's rows, a path."""
 
     def __init__(self, cfg: dict, dev, seed: int = 0):
-        from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularity
         from sglang_moe_lb import BalanceMode
         from sglang_moe_lb.chain import local_stats
+        from sglang_moe_lb.testing.workloads import batch_topk, greedy_placement, zipf_popularity
 
         self.cfg, self.dev = cfg, dev
         E, red, R, maxT = cfg["shape"]
@@ -184,7 +154,6 @@ class Case:
         self.phys = [self._static_phys(x) for x in self.ids] if self.mode.lplb == "off" else [None] * len(self.ids)
         self.gathered = (torch.stack([local_stats(self.pl, x, self.mode, p) for x, p in zip(self.ids, self.phys)])
                          if self.mode.collective else None)
-        self.table = self._table(gen) if self.mode.lplb == "table" else None
         self.path = self._build(maxT, K)
         self.static = {"ids": self.ids[self.me].to(dev)}
         if self.phys[self.me] is not None:
@@ -210,18 +179,8 @@ class Case:
         first = self.pl.copy_order[0][self.pl.copy_start[0]]
         return torch.where(ids >= 0, first[ids.clamp(min=0).long()], ids.long()).to(ids.dtype)
 
-    def _table(self, gen):
-        w = torch.rand(self.pl.num_physical, generator=gen, dtype=torch.float64) + 0.1
-        tot = torch.zeros(self.pl.num_logical, dtype=torch.float64).index_add_(0, self.pl.phy2log[0], w)
-        return w / tot[self.pl.phy2log[0]]
-
     def _build(self, maxT, K):
         cfg = self.cfg
-        if cfg["set"] == "v2":
-            from moe_lb_kernels.v2 import make_layer_path
-
-            return make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K, source_rank=self.src, device=self.dev,
-                                   cost=_cost(), split_table=self.table, spec=_spec(cfg), **cfg.get("options", {}))
         if cfg.get("v1"):
             from moe_lb_kernels import LayerBalancer
 
@@ -230,8 +189,7 @@ class Case:
                                  plan_warps=v["warps"])
         from moe_lb_kernels import seam
 
-        return seam.kernel_set("v1.1").make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K,
-                                                       source_rank=self.src, device=self.dev, split_table=self.table)
+        return seam.make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K, source_rank=self.src, device=self.dev)
 
     def call(self):
         """One layer as the plugin runs it (global sync: stats, then the call with the rows)."""
@@ -250,7 +208,7 @@ class Case:
 
         sync(self.dev)
         ref = reference_layer(self.pl, self.ids[self.me], self.mode, spec=_spec(self.cfg), source_rank=self.src,
-                              split_table=self.table, gathered=self.gathered, phys_ids=self.phys[self.me], cost=_cost())
+                              gathered=self.gathered, phys_ids=self.phys[self.me])
         r = self.res
         T = self.ids[self.me].shape[0]
         out = {"phys_ids": bool(torch.equal(r.phys_ids[:T].cpu().long(), ref.phys_ids.long()))}
@@ -348,13 +306,13 @@ def _warm_one(args):
         c = Case(cfg, dev)
         c.call()
         sync(dev)
-        return cfg["key"], cfg["set"], round(time.time() - t, 1), None
+        return cfg["key"], round(time.time() - t, 1), None
     except Exception as err:  # noqa: BLE001
-        return cfg["key"], cfg["set"], round(time.time() - t, 1), f"{type(err).__name__}: {err}"
+        return cfg["key"], round(time.time() - t, 1), f"{type(err).__name__}: {err}"
 
 
 def section_warm(dev, dry, budget, out, jobs) -> None:
-    cfgs = v2_configs(dry) + v1_configs(dry) + graph_configs(dry)
+    cfgs = latency_configs(dry) + graph_configs(dry)
     if dry:
         cfgs = cfgs[:3]  # the dry run proves the mechanism; the interpreter compiles nothing
     log(f"warm-up: {len(cfgs)} configurations in {jobs} processes")
@@ -368,14 +326,14 @@ def section_warm(dev, dry, budget, out, jobs) -> None:
                 pool.terminate()
                 break
             try:
-                key, kset, secs, err = it.next(timeout=left)
+                key, secs, err = it.next(timeout=left)
             except mp.TimeoutError:
                 out["warm"].append({"skipped": "time budget"})
                 pool.terminate()
                 break
-            out["warm"].append({"key": key, "set": kset, "seconds": secs, "error": err})
+            out["warm"].append({"key": key, "seconds": secs, "error": err})
             if err:
-                log(f"  {kset} {key}: {err}")
+                log(f"  {key}: {err}")
 
 
 def section_floor(dev, dry, budget, out) -> None:
@@ -456,8 +414,8 @@ def section_count(dev, dry, budget, out) -> None:
 
 
 def _measure(cfg, dev, out_list, breakdown: bool = False) -> None:
-    rec = {"set": cfg["set"], "key": cfg["key"], "E": cfg["shape"][0], "red": cfg["shape"][1], "R": cfg["shape"][2],
-           "T": cfg["T"], "mode": cfg["mode"], **cfg.get("options", {}), **(cfg.get("v1") or {})}
+    rec = {"key": cfg["key"], "E": cfg["shape"][0], "red": cfg["shape"][1], "R": cfg["shape"][2],
+           "T": cfg["T"], "mode": cfg["mode"], **(cfg.get("v1") or {})}
     try:
         c = Case(cfg, dev)
         rec.update(time_us(c.call, dev))
@@ -465,9 +423,6 @@ def _measure(cfg, dev, out_list, breakdown: bool = False) -> None:
         rec["exact"] = c.check()
         if breakdown:
             rec.update(_breakdown(c, dev))
-        p = c.path
-        if hasattr(p, "launches_per_call"):  # v2 paths
-            rec["launches"] = p.launches_per_call(cfg["T"])
     except Exception as err:  # noqa: BLE001
         rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
     log(f"  {rec}")
@@ -475,39 +430,25 @@ def _measure(cfg, dev, out_list, breakdown: bool = False) -> None:
 
 
 def _breakdown(c, dev) -> dict:
-    """count / split / dispatch µs from graphs of the first 1, 2, 3 kernels (v1) or K1 / K1+K2 (v2)."""
+    """count / split / dispatch µs from graphs of the first 1, 2, 3 kernels (local LPLB)."""
     ids = c.static["ids"]
-    if c.cfg["set"] == "v2":
-        p = c.path
-        out = p._out(ids)
-        shared = p.shared_rank_buf[: ids.shape[0]]
-        a = time_us(lambda: p._count(ids, None), dev)["us"]
-        ab = time_us(lambda: (p._count(ids, None), p._main(ids, None, out, shared, False)), dev)["us"]
-        return {"count_us": a, "solve_dispatch_us": round(ab - a, 2)}
-    fns = c.path._prefix_calls(ids, c.res.phys_ids)
+    bal = c.path.balancer if hasattr(c.path, "balancer") else c.path
+    fns = bal._prefix_calls(ids, c.res.phys_ids)
     with _v1_stop(c.cfg.get("v1")):
         t = [time_us(f, dev)["us"] for f in fns]
     return {"count_us": t[0], "split_us": round(t[1] - t[0], 2), "dispatch_us": round(t[2] - t[1], 2)}
 
 
-def section_v1(dev, dry, budget, out) -> None:
-    for cfg in v1_configs(dry):
+def section_latency(dev, dry, budget, out) -> None:
+    for cfg in latency_configs(dry):
         if not budget.ok(8):
-            out["v1"].append({"key": cfg["key"], "skipped": "time budget"})
+            out["latency"].append({"key": cfg["key"], "skipped": "time budget"})
             continue
-        _measure(cfg, dev, out["v1"], breakdown=cfg["key"].startswith("goal"))
-
-
-def section_v2(dev, dry, budget, out) -> None:
-    for cfg in v2_configs(dry):
-        if not budget.ok(8):
-            out["v2"].append({"key": cfg["key"], "skipped": "time budget"})
-            continue
-        _measure(cfg, dev, out["v2"], breakdown=cfg["key"] == "goal lplb/per-batch/local/tokens")
+        _measure(cfg, dev, out["latency"], breakdown=cfg["key"].startswith("goal") and cfg["mode"] == LOCAL)
 
 
 def _rebalanced(c: "Case", seed: int):
-    from moe_lb_kernels.workload import greedy_placement, zipf_popularity
+    from sglang_moe_lb.testing.workloads import greedy_placement, zipf_popularity
 
     E, red, R, _ = c.cfg["shape"]
     for s in range(seed, seed + 8):
@@ -521,15 +462,15 @@ def _rebalanced(c: "Case", seed: int):
 
 
 def section_graphs(dev, dry, budget, out) -> None:
-    """Capture once; replay on a new batch; update placement (+ table); replay again."""
-    from moe_lb_kernels.workload import batch_topk
+    """Capture once; replay on a new batch; update the placement; replay again."""
     from sglang_moe_lb.chain import local_stats
+    from sglang_moe_lb.testing.workloads import batch_topk
 
     for cfg in graph_configs(dry):
         if not budget.ok(5):
-            out["graphs"].append({"set": cfg["set"], "mode": cfg["mode"], "skipped": "time budget"})
+            out["graphs"].append({"mode": cfg["mode"], "skipped": "time budget"})
             continue
-        rec = {"set": cfg["set"], "mode": cfg["mode"]}
+        rec = {"mode": cfg["mode"]}
         try:
             c = Case(cfg, dev)
             g = capture(c.call, dev)
@@ -539,9 +480,6 @@ def section_graphs(dev, dry, budget, out) -> None:
             for step in ("new batch", "new placement"):
                 if step == "new placement":
                     c.pl = _rebalanced(c, 1)
-                    if c.table is not None:
-                        c.table = c._table(gen)
-                        c.path.set_split_table(c.table)
                 K = c.ids[c.me].shape[1]
                 fresh = c._others(batch_topk(c.pop, cfg["T"], K, gen), gen)
                 c.ids = fresh
@@ -557,8 +495,49 @@ def section_graphs(dev, dry, budget, out) -> None:
             rec["ok"] = all(rec[s]["ok"] for s in ("new batch", "new placement"))
         except Exception as err:  # noqa: BLE001
             rec.update(ok=False, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1200:])
-        log(f"  graph {rec['set']} {rec['mode']}: ok={rec.get('ok')} {rec.get('error', '')}")
+        log(f"  graph {rec['mode']}: ok={rec.get('ok')} {rec.get('error', '')}")
         out["graphs"].append(rec)
+
+
+def gather_inputs(dev, T_max: int) -> dict:
+    """SGLang's static map ``map1d`` int32 [E] (each expert's first copy), a plan's map ``map2d``
+    int32 [E, W] (``plan.plan_maps`` of the even plan), ``offsets`` int64 [T_max, k]
+    (``plan.hash_offsets``) and routed ids int32 [T_max, k], on ``dev`` (GATHER_SHAPE)."""
+    from sglang_moe_lb.plan import hash_offsets, plan_maps, static_like_weights
+    from sglang_moe_lb.testing.workloads import batch_topk, greedy_placement, zipf_popularity
+
+    E, k, W, red, R = (GATHER_SHAPE[x] for x in ("E", "k", "W", "red", "R"))
+    gen = torch.Generator().manual_seed(7)
+    pop = zipf_popularity(E, gen)
+    pl = greedy_placement(pop, red, R)
+    map2d = plan_maps(pl, static_like_weights(pl, levels=(1,), hash_slots=W)[0], W)[0]
+    map1d = pl.copy_order[0][pl.copy_start[0]]
+    return {"map1d": map1d.to(dev, torch.int32), "map2d": map2d.to(dev, torch.int32),
+            "offsets": hash_offsets(T_max, k, W, salt=1).to(dev), "ids": batch_topk(pop, T_max, k, gen).to(dev)}
+
+
+def section_gather(dev, dry, budget, out) -> None:
+    """The plan's gather against SGLang's static gather, each captured alone in a CUDA graph."""
+    from sglang_moe_lb.plan import apply_plan
+
+    g = gather_inputs(dev, max(GATHER_T))
+    for T in GATHER_T:
+        if not budget.ok(3):
+            out["gather"].append({"T": T, "skipped": "time budget"})
+            continue
+        ids = g["ids"][:T]  # a fixed buffer's rows, as SGLang's topk_ids in a captured batch size
+        rec = {"T": T, **{f"{k}": v for k, v in GATHER_SHAPE.items() if k in ("E", "k", "W")}}
+        try:
+            static = time_us(lambda: g["map1d"][ids], dev)
+            plan = time_us(lambda: apply_plan(g["map2d"], ids, g["offsets"]), dev)
+            rec.update(static_us=static["us"], plan_us=plan["us"], overhead_us=round(plan["us"] - static["us"], 2),
+                       graph=static["graph"] and plan["graph"])
+            want = g["map2d"].cpu().long()[ids.cpu().long(), g["offsets"].cpu()[:T]]
+            rec["exact"] = bool(torch.equal(apply_plan(g["map2d"], ids, g["offsets"]).cpu().long(), want))
+        except Exception as err:  # noqa: BLE001
+            rec.update(error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1200:])
+        log(f"  gather {rec}")
+        out["gather"].append(rec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -585,8 +564,17 @@ def env_report(dev) -> dict:
 
 
 def _lat(rows, key):
-    r = next((x for x in rows if x.get("key") == key and "us" in x), None)
-    return r
+    return next((x for x in rows if x.get("key") == key and "us" in x), None)
+
+
+def _small_m(out_dir) -> dict | None:
+    """The ``small_m`` record of ``OUT/calibration.json`` (calibrate_cost_model.py --small-m), if any."""
+    path = os.path.join(out_dir, "calibration.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("small_m")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def report(out_dir, parts, dry) -> int:
@@ -603,41 +591,40 @@ def report(out_dir, parts, dry) -> int:
             env = env or d.get("env", {})
     res["env"] = env
     on_gpu = (not dry) and str(env.get("device", "")).startswith("cuda")
-    v2 = res["v2"]
     lat = {}
-    for name, key in (("goal", "goal lplb/per-batch/local/tokens"), ("ep256_512", "ep256_512"),
-                      ("decode_128", "decode_128"), ("decode_2048", "decode_2048")):
-        r = _lat(v2, key)
+    for name in ("goal", "ep256_512", "decode_128", "decode_2048"):  # ep256_512: not run (docs/kernels.md)
+        r = _lat(res["latency"], name)
         lat[name] = r["us"] if (on_gpu and r and r.get("exact", {}).get("ok")) else None
-    graphs_v2 = [g for g in res["graphs"] if g.get("set") == "v2"]
-    all_modes = on_gpu and len(graphs_v2) == len(v2_graph_modes()) and all(g.get("ok") and g.get("captured")
-                                                                          for g in graphs_v2)
+    graphs = [g for g in res["graphs"] if "skipped" not in g]
+    all_modes = on_gpu and len(graphs) == len(kernel_modes()) and all(g.get("ok") and g.get("captured") for g in graphs)
     latest = {"device": env.get("card", "?") if on_gpu else "dry-run", "date": datetime.date.today().isoformat(),
-              "kernels_version": "v2", "graph_capture_all_modes": bool(all_modes), "latency_us": lat,
-              "default_kernels": seam.DEFAULT_SET, "dry_run": not on_gpu,
-              "v1_graph_capture_all_modes": bool(on_gpu and all(g.get("ok") and g.get("captured")
-                                                                for g in res["graphs"] if g.get("set") == "v1.1")),
-              "exact_all": all(r.get("exact", {}).get("ok", False) for r in v2 + res["v1"] if "us" in r),
+              "kernels_version": seam.KERNELS_VERSION, "graph_capture_all_modes": bool(all_modes), "latency_us": lat,
+              "dry_run": not on_gpu,
+              "exact_all": all(r.get("exact", {}).get("ok", False) for r in res["latency"] if "us" in r),
               "goal_us": GOAL_US}
+    # what the cost model's "lplb/plan" overhead entry takes (data/overheads_*.json), µs by tokens
+    overhead = {str(r["T"]): (r["overhead_us"] if on_gpu and r.get("exact") else None)
+                for r in res["gather"] if "overhead_us" in r}
     with open(os.path.join(out_dir, "latest.json"), "w") as f:
         json.dump(latest, f, indent=1)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"latest": latest, **res}, f, indent=1)
+        json.dump({"latest": latest, "plan_gather_overhead_us": overhead, **res}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(_markdown(res, latest, on_gpu))
-    failures = [r for r in v2 + res["v1"] if "us" in r and not r.get("exact", {}).get("ok")]
-    failures += [g for g in res["graphs"] if not g.get("ok") and "skipped" not in g]
+        f.write(_markdown(res, latest, on_gpu, _small_m(out_dir)))
+    failures = [r for r in res["latency"] if "us" in r and not r.get("exact", {}).get("ok")]
+    failures += [g for g in graphs if not g.get("ok")]
+    failures += [r for r in res["gather"] if "skipped" not in r and not r.get("exact")]
     print(json.dumps(latest))
     return 1 if failures else 0
 
 
-def _markdown(res, latest, on_gpu) -> str:
+def _markdown(res, latest, on_gpu, small_m) -> str:
     env = res["env"]
     L = [f"# Hot-path kernels GPU check — {env.get('card', '?')}", "",
          f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda', '-')}; "
          f"{'dry run: CPU interpreter, timings are interpreter wall clock and mean nothing' if not on_gpu else 'graph replay'}",
-         "", f"latest.json: `{json.dumps(latest['latency_us'])}`, graph capture in all v2 modes: "
-         f"{latest['graph_capture_all_modes']}", ""]
+         "", f"latest.json: `{json.dumps(latest['latency_us'])}`, graph capture in all {len(kernel_modes())} kernel "
+         f"modes: {latest['graph_capture_all_modes']}", ""]
 
     def table(rows, cols, title):
         L.extend([f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)])
@@ -645,46 +632,61 @@ def _markdown(res, latest, on_gpu) -> str:
             cells = []
             for c in cols:
                 v = r.get(c, "–")
-                if c == "exact":
+                if c == "exact" and isinstance(r.get("exact", {}), dict):
                     v = "skipped" if "skipped" in r else ("yes" if r.get("exact", {}).get("ok") else f"NO {r.get('exact') or r.get('error', '')}")
                 cells.append(str(v))
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
 
-    table(res["v2"], ["key", "T", "us", "spread_us", "count_us", "solve_dispatch_us", "launches", "sweeps",
-                      "polish_sweeps", "certified", "exact"], "v2 latency per layer (µs)")
-    table(res["v1"], ["key", "T", "us", "count_us", "split_us", "dispatch_us", "sweeps", "polish_sweeps", "certified",
-                      "exact"], "v1.1 latency per layer (µs; variants of polish and stop, split warps)")
+    table(res["latency"], ["key", "T", "us", "spread_us", "count_us", "split_us", "dispatch_us", "sweeps",
+                           "polish_sweeps", "certified", "exact"],
+          "Latency per layer (µs): the layer path (goal, decode_T, joint), then LayerBalancer variants")
+    table(res["gather"], ["T", "static_us", "plan_us", "overhead_us", "graph", "exact", "error"],
+          "Plan gather overhead (µs per call, CUDA graph): map1d[topk_ids] vs plan.apply_plan (E=256, top-8, W=16)")
+    if small_m:
+        L.extend([f"## Small-m grouped GEMM (calibration.json `small_m`): expert {small_m.get('expert_shape')}, "
+                  "µs per layer on one rank", "",
+                  "Linear fit per tokens-per-expert n over the active experts A: `us = fixed + per_expert * A`.", "",
+                  "| dtype | method | n | per_expert_us | fixed_us | max_rel_dev | points (A: us) |",
+                  "|---|---|---|---|---|---|---|"])
+        for run in small_m.get("runs", []):
+            for f in run.get("fit", []):
+                pts = ", ".join(f"{p['experts']}: {p['us']}" for p in run["points"]
+                                if p["tokens_per_expert"] == f["tokens_per_expert"])
+                L.append(f"| {run['dtype']} | {run['method']} | {f['tokens_per_expert']} | {f['us_per_expert']} | "
+                         f"{f['fixed_us']} | {f['max_rel_dev']} | {pts} |")
+            if run.get("stopped"):
+                L.append(f"| {run['dtype']} | {run['method']} | stopped: {run['stopped']} | | | | |")
+        L.append("")
     table(res["floor"], ["grid", "kernels", "us", "cooperative_eager", "cooperative_capture", "error"], "Launch floor")
     table(res["count"], ["variant", "BT", "blocks", "us"], "Counting atomics")
-    L.extend(["## CUDA graphs (capture, replay on a new batch, placement/table update, replay)", "",
-              "| set | mode | captured | new batch | new placement |", "|---|---|---|---|---|"])
+    L.extend(["## CUDA graphs (capture, replay on a new batch, placement update, replay)", "",
+              "| mode | captured | new batch | new placement |", "|---|---|---|---|"])
     for g in res["graphs"]:
         if "skipped" in g:
-            L.append(f"| {g['set']} | {g['mode']} | skipped | | |")
+            L.append(f"| {g['mode']} | skipped | | |")
             continue
         ok = lambda s: "–" if s not in g else ("yes" if g[s]["ok"] else f"NO {g[s]}")  # noqa: E731
-        L.append(f"| {g['set']} | {g['mode']} | {g.get('captured')} | {ok('new batch')} | {ok('new placement')} |"
+        L.append(f"| {g['mode']} | {g.get('captured')} | {ok('new batch')} | {ok('new placement')} |"
                  + (f" {g['error']}" if "error" in g else ""))
     return "\n".join(L) + "\n"
 
 
-def sweep_study(seeds: int, spec_name: str, md_path: str | None) -> None:
-    """CPU study of a kernel set's split (no GPU): sweeps to certify, and what each cap costs.
+def sweep_study(seeds: int, md_path: str | None) -> None:
+    """CPU study of the kernels' split (no GPU): sweeps to certify, and what each cap costs.
 
     Corpus: EPLB-like greedy placements (E=256, (R, redundant) in (16,32) (32,32) (16,64) (32,64)
     (64,64), Zipf 0.8/1.1), drifted batches of 256/4096/16384 tokens x top-8; truth: HiGHS.
-    Quotas are the set's full split-round-polish (``FixedPointSteps``) at each cap.
+    Quotas are the full split-round-polish (``FixedPointSteps(V1_SPEC)``) at each cap.
     """
     import dataclasses
 
     from moe_lb_kernels.reference import V1_SPEC, FixedPointSteps, split_fixed
-    from moe_lb_kernels.v2 import V2_SPEC
-    from moe_lb_kernels.workload import batch_topk, greedy_placement, zipf_popularity
     from sglang_moe_lb import solve_split
     from sglang_moe_lb.quota_dispatch import integer_lower_bound
+    from sglang_moe_lb.testing.workloads import batch_topk, greedy_placement, zipf_popularity
 
-    base = {"v1": V1_SPEC, "v2": V2_SPEC}[spec_name]
+    base = V1_SPEC
     caps = [1, 2, 3, 4, 6, 8, 16, 32]
     need, n = [], 0
     stats = {c: {"cert": 0, "gap": [], "over_bound": 0, "over_ceil_lp": 0} for c in caps}
@@ -736,14 +738,15 @@ def main() -> int:
     ap.add_argument("--partial-dir")
     ap.add_argument("--sweep-study", type=int, metavar="SEEDS", default=0,
                     help="CPU study of the split's sweeps and caps against HiGHS (no GPU); writes OUT/sweep_study.md")
-    ap.add_argument("--spec", choices=("v1", "v2"), default="v2", help="kernel set of --sweep-study")
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
     if args.sweep_study:
-        sweep_study(args.sweep_study, args.spec, os.path.join(args.out, "sweep_study.md") if args.out else None)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        sweep_study(args.sweep_study, os.path.join(args.out, "sweep_study.md") if args.out else None)
         return 0
     if not args.out or not args.partial_dir:
         ap.error("--out and --partial-dir are required for a section or --report")

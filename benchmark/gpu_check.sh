@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of the hot-path kernels (v1.1 and v2) + the cost-model calibration: ONE device call.
+# GPU check of the hot-path kernels (v1.1), the plan's gather and the cost-model calibration: ONE device call.
 #
 # The device call (the `run` tool), from a session whose task has a GPU:
 #   command:   bash benchmark/gpu_check.sh
 #   carry:     [".whl"]          (optional wheels, e.g. highspy; the script runs without them)
 #   timeout_s: 480               (the script ends itself by ~440 s; a rerun fits the 15-minute lease:
 #                                 use `bash benchmark/gpu_check.sh --quick` (~4 min) for it)
-# Then copy the returned latest.json to docs/gpu/latest.json and results.md to docs/gpu/ (named by
-# card and date), and record the verified version in moe_lb_kernels/seam.py VERIFIED_VERSIONS.
+# Then follow docs/gpu/README.md (copy latest.json, results.md, calibration.json; record the run in
+# moe_lb_kernels/seam.py VERIFIED_ON).
 #
 # Here, without a GPU:  bash benchmark/gpu_check.sh --dry-run   (same steps, tiny shapes, CPU interpreter)
 #
@@ -19,12 +19,14 @@
 #   summary.txt       each step's verdict, the latency line, where the numbers are
 #   env.txt           card, driver, versions, optional packages
 #   bench.log         every section's progress log (tracebacks of failures)
-#   results.md        tables: v2 / v1.1 latency, launch floor, counting atomics, CUDA graphs per mode
-#   results.json      every number and check
+#   results.md        tables: latency, plan gather overhead, small-m GEMM, launch floor, counting atomics,
+#                     CUDA graphs per mode
+#   results.json      every number and check; plan_gather_overhead_us {T: µs} (plan gather - static gather)
 #   latest.json       the outside check's keys (device, date, kernels_version, graph_capture_all_modes,
 #                     latency_us{goal, ep256_512, decode_128, decode_2048}); nulls on a dry run
-#   calibration.json  the cost model fit (sglang_moe_lb.cost.CALIBRATION_FORMAT) and raw points
-#   pytest.log        test/kernels on the device (v2 tests first; time-limited, partial is fine)
+#   calibration.json  the cost model fit (sglang_moe_lb.cost.CALIBRATION_FORMAT) and raw points; the
+#                     small-m sweep (time vs active experts, 1-256 tokens per expert) under "small_m"
+#   pytest.log        test/kernels on the device (time-limited, partial is fine)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
@@ -79,8 +81,10 @@ say "env: $(grep -m1 '^card' "$OUT/env.txt" || echo 'no CUDA card') | $(grep -m1
 PART="$(mktemp -d)"
 : > "$OUT/bench.log"
 # section:nominal budget (s), in order of importance; each is capped by the time left minus
-# what pytest keeps (60 s). calib = the cost-model calibration sweep (calibrate_cost_model.py).
-if [ $QUICK = 1 ]; then SECS="warm:90 v2:60 graphs:60"; else SECS="warm:100 v2:70 graphs:55 calib:45 floor:10 count:10 v1:40"; fi
+# what pytest keeps (60 s). calib = the cost-model calibration sweep, smallm = its small-m sweep
+# (calibrate_cost_model.py, after calib: it adds to calib's file); the rest are bench_kernels.py's.
+if [ $QUICK = 1 ]; then SECS="warm:80 latency:50 graphs:50 gather:15"
+else SECS="warm:90 latency:50 graphs:55 gather:15 calib:45 smallm:55 floor:10 count:10"; fi
 for ITEM in $SECS; do
   SEC=${ITEM%%:*}; B=${ITEM##*:}
   [ $DRY = 1 ] && B=150
@@ -90,11 +94,13 @@ for ITEM in $SECS; do
   if [ $B -lt 8 ]; then say "[$(elapsed)s] section $SEC skipped (time)"; continue; fi
   say "[$(elapsed)s] section $SEC (budget ${B}s)"
   echo "===== section $SEC" >> "$OUT/bench.log"
-  if [ "$SEC" = calib ]; then
-    timeout -k 5 $((B + 15)) "$PY" benchmark/calibrate_cost_model.py --out "$OUT/calibration.json" --budget-s "$B" \
-      "${DRYARG[@]}" >> "$OUT/bench.log" 2>&1
+  if [ "$SEC" = calib ] || [ "$SEC" = smallm ]; then
+    SM=""; PAT='^bf16'
+    [ "$SEC" = smallm ] && SM="--small-m" && PAT='^small-m bf16'
+    timeout -k 5 $((B + 15)) "$PY" benchmark/calibrate_cost_model.py $SM --out "$OUT/calibration.json" \
+      --budget-s "$B" "${DRYARG[@]}" >> "$OUT/bench.log" 2>&1
     RC=$?
-    say "[$(elapsed)s]   calibration rc=$RC: $(grep -E '^bf16' "$OUT/bench.log" | tail -1 | cut -c1-170)"
+    say "[$(elapsed)s]   $SEC rc=$RC: $(grep -E "$PAT" "$OUT/bench.log" | tail -1 | cut -c1-170)"
     continue
   fi
   timeout -k 5 $((B + 15)) "$PY" benchmark/bench_kernels.py --section "$SEC" --out "$OUT" --partial-dir "$PART" \
@@ -105,17 +111,16 @@ done
 "$PY" benchmark/bench_kernels.py --report --out "$OUT" --partial-dir "$PART" "${DRYARG[@]}" >> "$OUT/bench.log" 2>&1
 RC=$?
 rm -rf "$PART"
-if [ $RC = 0 ]; then BT="PASS (every measured variant exact, every graph replay equal to the reference)"
+if [ $RC = 0 ]; then BT="PASS (every measured variant and plan gather exact, every graph replay equal to the reference)"
 else BT="CHECK FAILURES rc=$RC (results.md / bench.log)"; fi
 say "[$(elapsed)s] benchmark: $BT"
 
 if [ $QUICK = 0 ]; then
   if [ $DRY = 1 ]; then
-    PT=(test/kernels/test_v2_parts.py -q -x)
+    PT=(test/kernels/test_count.py test/kernels/test_calibration.py -q -x)
     PL=240
   else
-    PT=(test/kernels/test_v2_parts.py test/kernels/test_v2_hard.py test/kernels/test_v2_exact.py test/kernels/test_v2_path.py
-        test/kernels -q)
+    PT=(test/kernels -q)
     if "$PY" -c "import xdist" >/dev/null 2>&1; then
       PT+=(-n "$("$PY" -c "import os; print(max(1, min(12, (os.cpu_count() or 2) - 2)))")")
     fi

@@ -58,19 +58,13 @@ def upstream_phys(pl: Placement, ids: torch.Tensor, rng: random.Random) -> torch
     return out
 
 
-def v1_modes() -> list:
-    """Every mode the v1 kernels run (``BalanceMode``; the token objective, gate off): 15."""
+def kernel_modes() -> list:
+    """Every mode the kernels run (``BalanceMode``, gate off): per-batch LPLB with the token
+    objective, with or without Waterfill, and Waterfill alone: 10. Written out from the mode
+    vocabulary, not from ``seam.supports``, so a test of ``supports`` means something."""
     from sglang_moe_lb.mode import every_mode
 
-    return [m for m in every_mode(gates=(False,)) if m.objective != "tiles"]
-
-
-def random_table(rng: random.Random, pl: Placement) -> torch.Tensor:
-    """Split fractions per copy ``[P]`` float64: each expert's copies sum to 1 (float noise included)."""
-    w = torch.tensor([rng.random() ** 2 for _ in range(pl.num_physical)], dtype=torch.float64)
-    p2l = pl.phy2log[0]
-    tot = torch.zeros(pl.num_logical, dtype=torch.float64).scatter_add_(0, p2l, w)
-    return w / tot[p2l]
+    return [m for m in every_mode(gates=(False,)) if (m.per_batch and m.objective == "tokens") or m.lplb == "off"]
 
 
 def random_placement_like(rng: random.Random, pl: Placement, fits=None, tries: int = 50) -> Placement:

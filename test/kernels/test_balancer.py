@@ -15,7 +15,7 @@ from sglang_moe_lb import BalanceMode, Placement
 from sglang_moe_lb.chain import local_stats
 from sglang_moe_lb.waterfill import fuse_topk, shared_quotas
 
-from .helpers import random_ids, random_placement, random_table, upstream_phys
+from .helpers import random_ids, random_placement, upstream_phys
 
 LOCAL = [
     "lplb/per-batch/local/tokens",
@@ -60,7 +60,7 @@ def test_local_matches_reference(device, name, seed):
 
 
 @pytest.mark.parametrize("name", ["lplb/per-batch/global/tokens", "waterfill/conservative/global",
-                                  "waterfill+lplb/table/all_rank/global"])
+                                  "waterfill+lplb/per-batch/global/tokens/conservative"])
 def test_global_call_stands_on_its_own(device, name):
     """The dispatch's per-block histograms come from the call's own count: rows built by the core,
     with the balancer's ``local_stats`` last run on other ids, still give the reference."""
@@ -89,13 +89,10 @@ def _global_call_case(device, mode, rng):
             break
     bal = LayerBalancer(pl, 24, K, mode, device, source_rank=src)
     assert bal.BT == 16
-    table = random_table(rng, pl) if mode.lplb == "table" else None
-    if table is not None:
-        bal.set_split_table(table.to(device))
     stale = torch.full((23, K), -1, dtype=torch.long, device=device)  # per-block histograms of nothing
     bal.local_stats(stale, None if phys[src] is None else stale)
     out = bal(ids[src].to(device), phys_ids=None if phys[src] is None else phys[src].to(device), gathered=rows.to(device))
-    ref = reference_layer(pl, ids[src], mode, source_rank=src, gathered=rows, phys_ids=phys[src], split_table=table)
+    ref = reference_layer(pl, ids[src], mode, source_rank=src, gathered=rows, phys_ids=phys[src])
     _compare(out, ref, ids[src].shape[0])
 
 
@@ -168,7 +165,9 @@ def test_bad_inputs_raise(device):
         LayerBalancer(pl, 4, 2, "waterfill/all_rank/local", device)(torch.zeros(2, 2, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="no collective"):
         bal.local_stats(torch.zeros(2, 2, dtype=torch.long, device=device))
-    with pytest.raises(ValueError, match="without polish"):
-        LayerBalancer(pl, 4, 2, "lplb/table", device, polish_sweeps=8)
+    with pytest.raises(ValueError, match="runs no kernel"):
+        LayerBalancer(pl, 4, 2, "lplb/plan", device)
+    with pytest.raises(ValueError, match="gated"):
+        LayerBalancer(pl, 4, 2, "lplb/per-batch/local/tokens/gate", device)
     with pytest.raises(ValueError, match="token objective"):
         LayerBalancer(pl, 4, 2, "lplb/per-batch/local/tiles", device)

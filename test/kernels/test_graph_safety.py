@@ -1,20 +1,20 @@
-"""CPU proof that the kernel seam is CUDA-graph safe in every mode the v1 kernels run.
+"""CPU proof that the kernel seam is CUDA-graph safe in every mode the kernels run.
 
 A captured CUDA graph replays the device work recorded at capture, with the addresses it saw
 then. So a per-batch call must (a) allocate no tensor after warm-up (a new address would not
-be replayed), (b) read placements, split tables and plans through tensors that keep their
-address when a rebalance installs new ones, and (c) never wait for the device on the host
+be replayed), (b) read placements through tensors that keep their address when a rebalance
+installs new ones, and (c) never wait for the device on the host
 (a host sync is illegal during capture, and a data-dependent shape cannot be replayed).
 
 How the checks see this on a CPU:
 
-* ``TorchOps`` is a ``TorchDispatchMode``: every ATen op the code issues passes through it. An
-  op *allocates* when one of its outputs lives in a storage none of its inputs (``out=``
-  included) owns: views, in-place and ``out=`` ops do not. Triton launches are excluded: on a GPU
-  a launch issues no torch op; under ``TRITON_INTERPRET=1`` the interpreter emulates device
-  memory by copying each argument's storage to host tensors and back, which is the emulator's
-  work, not the hot path's. The launches themselves are counted, so a path that launched
-  nothing cannot pass.
+* ``TorchOps`` (``sglang_moe_lb.testing.torch_ops``) is a ``TorchDispatchMode``: every ATen op
+  the code issues passes through it. An op *allocates* when one of its outputs lives in a
+  storage none of its inputs (``out=`` included) owns: views, in-place and ``out=`` ops do not.
+  Triton launches are excluded: on a GPU a launch issues no torch op; under
+  ``TRITON_INTERPRET=1`` the interpreter emulates device memory by copying each argument's
+  storage to host tensors and back, which is the emulator's work, not the hot path's. The
+  launches themselves are counted, so a path that launched nothing cannot pass.
 * A *host sync* is an op tagged ``data_dependent_output`` (``_local_scalar_dense`` behind
   ``.item()``, ``int()``, ``bool()``; ``equal``) or ``dynamic_output_shape`` (``nonzero``,
   ``unique``, ``masked_select``, ``bincount``, ``repeat_interleave``, boolean-mask indexing), or a
@@ -28,7 +28,6 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_lb_kernels.balancer as balancer_mod
 from moe_lb_kernels import seam
@@ -36,106 +35,17 @@ from moe_lb_kernels.reference import reference_layer
 from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.chain import local_stats
 from sglang_moe_lb.cost import CostModel
+from sglang_moe_lb.testing.torch_ops import HostSync, storages
+from sglang_moe_lb.testing.torch_ops import TorchOps as _TorchOps
 
-from .helpers import batch, random_placement, random_placement_like, random_table, v1_modes
+from .helpers import batch, kernel_modes, random_placement, random_placement_like
 
-MODES = v1_modes()
-aten = torch.ops.aten
-_SYNC_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
-_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
-
-
-class HostSync(AssertionError):
-    pass
+MODES = kernel_modes()
 
 
-def _storages(obj, out: set) -> set:
-    if isinstance(obj, torch.Tensor):
-        if obj.numel():
-            out.add(obj.untyped_storage().data_ptr())
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            _storages(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _storages(x, out)
-    return out
-
-
-def _is_sync(func, args) -> bool:
-    if func in _MASK_INDEXING:  # integer indexing is fine, a boolean mask is a nonzero
-        idx = args[1] if len(args) > 1 else ()
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx or ())
-    return any(t in func.tags for t in _SYNC_TAGS)
-
-
-class TorchOps(TorchDispatchMode):
-    """Records allocations and host syncs of the code run inside it (kernel launches excluded)."""
-
-    def __init__(self, raise_on_sync: bool = True, launch_modules: tuple = (balancer_mod,)):
-        super().__init__()
-        self.raise_on_sync = raise_on_sync
-        self.launch_modules = launch_modules  # modules whose ``launch`` is counted and paused in
-        self.allocs: list[str] = []
-        self.syncs: list[str] = []
-        self.launches = 0
-        self.ops = 0  # ATen ops seen (outside launches)
-        self._paused = 0
-        self._patches = []
-
-    def _sync(self, what: str):
-        if self._paused:
-            return
-        self.syncs.append(what)
-        if self.raise_on_sync:
-            raise HostSync(f"host sync: {what}")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self._paused:
-            self.ops += 1
-            if _is_sync(func, args):
-                self._sync(str(func))
-        out = func(*args, **kwargs)
-        if not self._paused:
-            fresh = _storages(out, set()) - _storages(args, set()) - _storages(kwargs, set())
-            if fresh:
-                self.allocs.append(str(func))
-        return out
-
-    def __enter__(self):
-        checker = self
-        for name in ("tolist", "numpy", "cpu"):
-            orig = getattr(torch.Tensor, name)
-
-            def patched(t, *a, _orig=orig, _name=name, **k):
-                checker._sync(f"Tensor.{_name}")
-                return _orig(t, *a, **k)
-
-            self._patches.append((name, orig))
-            setattr(torch.Tensor, name, patched)
-        for mod in self.launch_modules:
-            def launch(*a, _orig=mod.launch, **k):
-                checker.launches += 1
-                checker._paused += 1
-                try:
-                    return _orig(*a, **k)
-                finally:
-                    checker._paused -= 1
-
-            self._patches.append((mod, mod.launch))
-            mod.launch = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for what, orig in reversed(self._patches):
-            if isinstance(what, str):
-                setattr(torch.Tensor, what, orig)
-            else:
-                what.launch = orig
-        self._patches.clear()
-        return super().__exit__(*exc)
-
+def TorchOps(raise_on_sync: bool = True, launch_modules: tuple = (balancer_mod,)) -> _TorchOps:  # noqa: N802
+    """The checker with the kernels' launches counted and paused in."""
+    return _TorchOps(raise_on_sync=raise_on_sync, launch_modules=launch_modules)
 
 # ------------------------------------------------------------------------------------------------
 # Negative and positive controls: the checkers catch what they claim to
@@ -202,8 +112,7 @@ def test_reference_path_has_no_host_sync(mode):
     D = pl.num_ranks if mode.collective else 1
     ids, phys = batch(rng, mode, pl, D, 3, sizes=(9, 17))
     g = torch.stack([local_stats(pl, x, mode, p) for x, p in zip(ids, phys)]) if mode.collective else None
-    kw = dict(source_rank=D - 1, gathered=g, phys_ids=phys[-1], cost=_COST,
-              split_table=random_table(rng, pl) if mode.lplb == "table" else None)
+    kw = dict(source_rank=D - 1, gathered=g, phys_ids=phys[-1], cost=_COST)
     # Warm-up: the placement's derived tables (colours, fused placement) are built once per
     # placement at start-up or rebalance (host work), then cached; the per-batch path reuses them.
     want = reference_layer(pl, ids[-1], mode, **kw)
@@ -225,12 +134,11 @@ def _setup(mode, seed=0, device="cpu"):
         pl = random_placement(rng, min_ranks=2, max_ranks=4)
     D = pl.num_ranks if mode.collective else 1
     src = D - 1
-    table = random_table(rng, pl) if mode.lplb == "table" else None
-    path = seam.make_layer_path(pl, mode, max_tokens=24, topk=2, source_rank=src, device=device, split_table=table)
+    path = seam.make_layer_path(pl, mode, max_tokens=24, topk=2, source_rank=src, device=device)
     ids, phys = batch(rng, mode, pl, D, 2, sizes=(11, 19))
     ids = [x.to(torch.int32) for x in ids]
     phys = [None if p is None else p.to(torch.int32) for p in phys]
-    return rng, pl, path, src, table, ids, phys
+    return rng, pl, path, src, ids, phys
 
 
 def _step(path, mode, ids, phys, src, device):
@@ -247,14 +155,14 @@ def _step(path, mode, ids, phys, src, device):
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_kernel_call_allocates_nothing_and_never_syncs(device, mode):
-    rng, pl, path, src, table, ids, phys = _setup(mode, device=device)
+    rng, pl, path, src, ids, phys = _setup(mode, device=device)
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     ids_d, phys_d = dev(ids[src]), dev(phys[src])
     _step(path, mode, ids, phys, src, device)  # warm-up: compiles, makes the int32 phys buffer
     gathered = None
     if mode.collective:  # the all-gather's output buffer exists before the call (SGLang's)
         gathered = torch.stack([local_stats(pl, x, mode, p) for x, p in zip(ids, phys)]).to(device)
-    own = _storages(path.buffers(), set())
+    own = storages(path.buffers(), set())
     with TorchOps() as ops:
         if mode.collective:
             row = path.stats(ids_d, phys_d)
@@ -264,34 +172,30 @@ def test_kernel_call_allocates_nothing_and_never_syncs(device, mode):
     assert ops.launches >= 3 + (1 if mode.collective else 0)
     # every output is a view of a buffer the path allocated at build / warm-up (or the caller's input)
     outs = [res.phys_ids, res.shared_rank, res.quotas, res.certified] + ([row] if mode.collective else [])
-    allowed = own | _storages([phys_d], set())
-    assert _storages(outs, set()) <= allowed
-    want = reference_layer(pl, ids[src], mode, source_rank=src, split_table=table,
-                           gathered=None if gathered is None else gathered.cpu(), phys_ids=phys[src])
+    allowed = own | storages([phys_d], set())
+    assert storages(outs, set()) <= allowed
+    want = reference_layer(pl, ids[src], mode, source_rank=src, gathered=None if gathered is None else gathered.cpu(),
+                           phys_ids=phys[src])
     assert torch.equal(res.phys_ids.cpu().long(), want.phys_ids.long())
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_rebalance_keeps_addresses(device, mode):
-    rng, pl, path, src, table, ids, phys = _setup(mode, seed=1, device=device)
+    rng, pl, path, src, ids, phys = _setup(mode, seed=1, device=device)
     _step(path, mode, ids, phys, src, device)
     before = {k: (v.data_ptr(), tuple(v.shape), v.dtype) for k, v in path.buffers().items()}
     tb = path.balancer.tables
     pl2 = random_placement_like(rng, pl, fits=tb.fits)
     path.update_placement(pl2)
-    table2 = None
-    if mode.lplb == "table":
-        table2 = random_table(rng, pl2)
-        path.set_split_table(table2)
     after = {k: (v.data_ptr(), tuple(v.shape), v.dtype) for k, v in path.buffers().items()}
     assert after == before
-    # the new placement/table took effect: the next call is the reference for pl2
+    # the new placement took effect: the next call is the reference for pl2
     ids, phys = batch(rng, mode, pl2, len(ids), 2, sizes=(11, 19))
     ids = [x.to(torch.int32) for x in ids]
     phys = [None if p is None else p.to(torch.int32) for p in phys]
     res, gathered = _step(path, mode, ids, phys, src, device)
-    want = reference_layer(pl2, ids[src], mode, source_rank=src, split_table=table2,
-                           gathered=None if gathered is None else gathered.cpu(), phys_ids=phys[src])
+    want = reference_layer(pl2, ids[src], mode, source_rank=src, gathered=None if gathered is None else gathered.cpu(),
+                           phys_ids=phys[src])
     assert torch.equal(res.phys_ids.cpu().long(), want.phys_ids.long())
     if want.quotas is not None:
         assert torch.equal(res.quotas.cpu(), want.quotas)

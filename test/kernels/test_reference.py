@@ -22,11 +22,11 @@ from moe_lb_kernels.reference import (  # noqa: E402
     reference_layer,
     split_fixed,
 )
-from sglang_moe_lb import BalanceMode, Placement, fractions_to_split, solve_split  # noqa: E402
-from sglang_moe_lb.objective import round_fixed, table_units  # noqa: E402
+from sglang_moe_lb import BalanceMode, Placement, solve_split  # noqa: E402
+from sglang_moe_lb.objective import round_fixed  # noqa: E402
 from sglang_moe_lb.quota_dispatch import largest_remainder  # noqa: E402
 
-from .helpers import random_ids, random_placement, random_table  # noqa: E402
+from .helpers import random_ids, random_placement  # noqa: E402
 
 SPEC24 = FixedSpec("test-24", max_sweeps=24, polish_at_bound=True)  # the reference always runs every sweep
 
@@ -80,18 +80,6 @@ def test_quotas_close_to_core(seed):
         assert frac_max == pytest.approx(lp, rel=1e-8, abs=1e-6)
     # largest remainder: < 1 token per replicated slot above the split (polish never raises the max)
     assert int(pl.rank_loads(q).max()) < frac_max + int(pl.rank_replicated_slots.max()) + 1
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_table_units_close_to_core_split(seed):
-    rng = random.Random(seed)
-    pl = random_placement(rng, max_ranks=6, max_spr=5)
-    c = torch.tensor([int(rng.random() ** 3 * 5000) for _ in range(pl.num_logical)])
-    f = random_table(rng, pl)
-    qf = table_units(pl, f, c[None])[0]
-    assert torch.equal(torch.zeros_like(c).scatter_add_(0, pl.phy2log[0], qf), c << SCALE_BITS)
-    x = fractions_to_split(pl, f, c)
-    assert torch.allclose(qf.to(torch.float64) / 2**SCALE_BITS, x, rtol=0, atol=1e-7)
 
 
 def test_v1_spec_is_what_the_kernels_verified():

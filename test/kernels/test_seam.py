@@ -1,14 +1,15 @@
-"""The kernel seam (``moe_lb_kernels.seam``) against the core chain, in every mode v1 runs.
+"""The kernel seam (``moe_lb_kernels.seam``) against the core chain, in every mode the kernels run.
 
 * bit for bit against ``reference_layer`` (the core chain with the kernels' fixed-point steps),
   local sync on one rank and global sync on D ranks (each rank's ``stats`` row is the core's
   ``local_stats``; the rows are stacked as the all-gather would; the union of every rank's
   physical ids meets the global quotas exactly);
-* in table mode and Waterfill alone there is no per-batch solve: bit for bit against the core's
-  float path (``chain.balance_layer`` with ``FLOAT_STEPS``), what the CPU serves;
-* modes v1 does not implement are refused with a reason; the kernel-set registry.
+* Waterfill alone has no per-batch solve: bit for bit against the core's float path
+  (``chain.balance_layer`` with ``FLOAT_STEPS``), what the CPU serves;
+* every other mode (plans, the tile objective, gated modes) is refused with a reason.
 """
 
+import inspect
 import random
 import zlib
 
@@ -21,10 +22,10 @@ from sglang_moe_lb import BalanceMode, Placement
 from sglang_moe_lb.chain import balance_layer, local_stats
 from sglang_moe_lb.objective import FLOAT_STEPS
 
-from .helpers import batch, random_placement, random_table, v1_modes
+from .helpers import batch, kernel_modes, random_placement
 
-MODES = v1_modes()
-NO_SOLVE = [m for m in MODES if not m.per_batch]  # table and Waterfill alone
+MODES = kernel_modes()
+NO_SOLVE = [m for m in MODES if not m.per_batch]  # Waterfill alone
 
 
 def _assert_same(got, ref, what=""):
@@ -38,11 +39,10 @@ def _assert_same(got, ref, what=""):
     assert bool(got.certified) == bool(ref.certified), f"certified {what}"
 
 
-def _run_ranks(pl, mode, ids, phys, table, device, K):
+def _run_ranks(pl, mode, ids, phys, device, K):
     """Every source rank's path: (dispatch per rank, gathered rows or None)."""
     D = len(ids)
-    paths = [seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=d, device=device, split_table=table)
-             for d in range(D)]
+    paths = [seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=d, device=device) for d in range(D)]
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     gathered = None
     if mode.collective:
@@ -73,18 +73,17 @@ def test_seam_matches_reference(device, mode, seed):
     if mode.collective and seed == 0:
         ids = [x.to(torch.int32) for x in ids]  # SGLang's dtype
         phys = [None if x is None else x.to(torch.int32) for x in phys]
-    table = random_table(rng, pl) if mode.lplb == "table" else None
     src0 = 0 if mode.collective else rng.randrange(pl.num_ranks)
-    outs, gathered = _run_ranks(pl, mode, ids, phys, table, device, K) if mode.collective else (None, None)
+    outs, gathered = _run_ranks(pl, mode, ids, phys, device, K) if mode.collective else (None, None)
     if not mode.collective:
-        path = seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=src0, device=device, split_table=table)
+        path = seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=src0, device=device)
         outs = [path(ids[0].to(device), phys_ids=None if phys[0] is None else phys[0].to(device))]
     union = torch.zeros(pl.num_physical, dtype=torch.long)
     for d, out in enumerate(outs):
         out = _cpu(out)
         assert out.phys_ids.dtype == ids[d].dtype
-        ref = reference_layer(pl, ids[d], mode, source_rank=d if mode.collective else src0, split_table=table,
-                              gathered=gathered, phys_ids=phys[d])
+        ref = reference_layer(pl, ids[d], mode, source_rank=d if mode.collective else src0, gathered=gathered,
+                              phys_ids=phys[d])
         _assert_same(out, ref, f"rank {d}")
         p = out.phys_ids.reshape(-1).long()
         union += torch.bincount(p[p >= 0], minlength=pl.num_physical)
@@ -104,63 +103,50 @@ def test_seam_matches_core_float_path(device, mode):
         K = rng.choice([2, 3])
         D = pl.num_ranks if mode.collective else 1
         ids, phys = batch(rng, mode, pl, D, K, sizes=(5, 17))
-        table = random_table(rng, pl) if mode.lplb == "table" else None
-        outs, gathered = _run_ranks(pl, mode, ids, phys, table, device, K)
+        outs, gathered = _run_ranks(pl, mode, ids, phys, device, K)
         for d, out in enumerate(outs):
-            ref = balance_layer(pl, ids[d], mode, source_rank=d, split_table=table, gathered=gathered,
-                                phys_ids=phys[d], steps=FLOAT_STEPS)
+            ref = balance_layer(pl, ids[d], mode, source_rank=d, gathered=gathered, phys_ids=phys[d],
+                                steps=FLOAT_STEPS)
             _assert_same(_cpu(out), ref, f"rank {d}")
 
 
-def test_table_ties_go_to_the_lowest_slot(device):
-    """Even fractions: the floor products tie, so ``objective.table_units`` gives the remainder unit
-    to the lowest slot, and largest remainder then prefers the lower slot: written out by hand."""
-    pl = Placement(torch.tensor([0, 1, 0, 2, 0, 3, 1, 4]), 4, 5)  # expert 0: slots 0, 2, 4; expert 1: 1, 6
-    mode = BalanceMode(lplb="table")
-    even = 1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64)
-    ids = torch.tensor([[0, 1]] + [[1, 2]] * 6 + [[3, 4]])  # expert 0: 1 token over 3 copies; expert 1: 7 over 2
-    path = seam.make_layer_path(pl, mode, max_tokens=16, topk=2, source_rank=0, device=device, split_table=even)
-    got = _cpu(path(ids.to(device)))
-    _assert_same(got, balance_layer(pl, ids, mode, split_table=even))
-    assert got.quotas[[0, 2, 4]].tolist() == [1, 0, 0]  # 1/3 each: floor leaves 1 unit, to slot 0
-    assert got.quotas[[1, 6]].tolist() == [4, 3]  # 3.5 each: lower slot first
+def test_modes_outside_the_kernels_are_refused_with_a_reason():
+    """Exactly the kernel modes run; every other ungated mode is refused with its reason: a plan
+    (one gather, no kernel), the tile objective; and a gated mode names its opened form."""
+    from sglang_moe_lb.mode import every_mode
 
-
-def test_tile_objective_is_refused():
-    mode = BalanceMode(lplb="per-batch", lplb_sync="global", objective="tiles")
-    ok, why = seam.supports(mode)
-    assert not ok and "tiles" in why and "token objective" in why
-    pl = Placement(torch.tensor([0, 1, 0, 2]), 2, 3)
-    with pytest.raises(ValueError, match="tiles"):
-        seam.make_layer_path(pl, mode, max_tokens=4, topk=1, source_rank=0, device="cpu")
-    assert all(seam.supports(m) == (True, "") for m in MODES)
+    for mode in every_mode():
+        ok, why = seam.supports(mode)
+        assert ok == (mode in MODES) and (why == "") == ok, mode.name
+        if mode.gate:
+            assert "gated" in why and mode.opened.name in why, why
+        elif mode.plan:
+            assert why.endswith("a plan is one gather (sglang_moe_lb.plan.apply_plan); it runs no kernel"), why
+        elif not ok:
+            assert mode.objective == "tiles" and "token objective" in why, why
+    assert len(MODES) == 10
     assert not seam.supports(BalanceMode())[0]  # off: nothing to balance
+    pl = Placement(torch.tensor([0, 1, 0, 2]), 2, 3)
+    for mode in (BalanceMode(lplb="plan"), BalanceMode(lplb="per-batch", lplb_sync="global", objective="tiles")):
+        with pytest.raises(ValueError, match=r"runs no kernel|tiles"):
+            seam.make_layer_path(pl, mode, max_tokens=4, topk=1, source_rank=0, device="cpu")
 
 
-def test_the_server_defaults_run_on_the_default_kernels():
-    """What ``--moe-lb FLAG`` runs without sub-options must run on the default set, else a GPU
-    server with the default flags would fall back to the core path and refuse CUDA graphs."""
-    assert seam.DEFAULT_SET == seam.KERNELS_VERSION
+def test_the_server_defaults_open_onto_the_kernels():
+    """Where the gate of a ``--moe-lb FLAG`` default opens, its per-batch work must run on the
+    kernels, else a GPU server with the default flags would fall back to the core path and
+    refuse CUDA graphs."""
     for flag in ("lplb", "waterfill", "waterfill+lplb"):
-        mode = BalanceMode.from_flag(flag)
+        mode = BalanceMode.from_flag(flag).opened
         assert seam.supports(mode) == (True, ""), mode.name
 
 
-def test_version_attributes_and_registry(monkeypatch):
-    assert seam.KERNELS_VERSION == seam.DEFAULT_SET == "v1.1"
+def test_version_attributes():
+    assert seam.KERNELS_VERSION == "v1.1"
     assert seam.CUDA_GRAPH_SAFE is True
-    assert "H200" in seam.VERIFIED_VERSIONS["v1"]
-    assert seam.kernel_set("v1.1").KERNELS_VERSION == "v1.1"
-    assert seam.DERIVED_FROM["v1.1"].startswith("v1 +")
-    monkeypatch.setenv(seam.ENV, "v9")
-    with pytest.raises(seam.KernelSetError, match="SGLANG_MOE_LB_KERNELS='v9': unknown kernel set"):
-        seam.selected_version()
-    monkeypatch.setitem(seam.KERNEL_SETS, "v9", "moe_lb_kernels._no_such_set")
-    with pytest.raises(seam.KernelSetError, match="kernel set 'v9' is not installed"):
-        seam.kernel_set()
-    monkeypatch.setitem(seam.KERNEL_SETS, "v9", "moe_lb_kernels.workload")  # importable, not a kernel set
-    with pytest.raises(seam.KernelSetError, match="lacks KERNELS_VERSION"):
-        seam.kernel_set()
+    assert "H200, 2026-11-27" in seam.VERIFIED_ON and "v1.1" in seam.VERIFIED_ON
+    assert inspect.signature(seam.make_layer_path).parameters.keys() == {
+        "pl", "mode", "max_tokens", "topk", "source_rank", "device", "cost"}
 
 
 def test_bad_calls_and_updates_raise(device):
@@ -179,17 +165,10 @@ def test_bad_calls_and_updates_raise(device):
     local = seam.make_layer_path(pl, loc, max_tokens=8, topk=2, source_rank=0, device=device)
     with pytest.raises(ValueError, match="no collective"):
         local.stats(ids)
-    with pytest.raises(ValueError, match="no split table"):
-        local.set_split_table(torch.ones(6, dtype=torch.float64))
     with pytest.raises(ValueError, match="built for"):
         local.update_placement(Placement(torch.tensor([0, 1, 0, 2, 1, 3, 0, 2]), 4, 4))
     with pytest.raises(ValueError, match="holds"):  # a copy count beyond the built capacity
         local.update_placement(Placement(torch.tensor([0, 0, 0, 1, 2, 3]), 3, 4))
-    table = seam.make_layer_path(pl, BalanceMode(lplb="table"), max_tokens=8, topk=2, source_rank=0, device=device)
-    with pytest.raises(ValueError, match="split_table must be"):
-        table.set_split_table(torch.ones(5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="NaN"):
-        table.set_split_table(torch.full((6,), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="single-layer"):
         seam.make_layer_path(Placement(torch.tensor([[0, 1, 0, 2]] * 2), 2, 3), loc, max_tokens=4, topk=1,
                              source_rank=0, device=device)

@@ -1,10 +1,10 @@
 """Triton kernels for sglang-moe-lb's per-batch hot path (import name ``moe_lb_kernels``).
 
 ``seam.make_layer_path`` is the plugin's entry (one preallocated, CUDA-graph capturable
-``LayerPath`` per MoE layer; ``SGLANG_MOE_LB_KERNELS`` picks the kernel set, default the
-GPU-verified v1). ``LayerBalancer`` is v1's per-layer engine. Each kernel mirrors a core
-function, which stays the CPU path; ``reference`` is the core's chain with the kernels'
-fixed-point arithmetic, which the kernels match bit for bit. See docs/kernels.md.
+``LayerPath`` per MoE layer; one kernel set, v1.1, of the lineage an H200 verified).
+``LayerBalancer`` is its per-layer engine. Each kernel mirrors a core function, which stays
+the CPU path; ``reference`` is the core's chain with the kernels' fixed-point arithmetic,
+which the kernels match bit for bit. See docs/kernels.md.
 """
 
 from .balancer import LayerBalancer

@@ -113,7 +113,7 @@ class LayerTables:
     def plan_args(self) -> tuple:
         """Table arguments of the plan kernel, in its order."""
         return (self.p2l, self.rep_expert, self.rep_rank, self.rep_colour, self.colour_src, self.slot_flat,
-                self.rep_fr, self.rep_next, self.rep_mult, self.rep_dup, self.rep_slot, self.meta)
+                self.rep_fr, self.rep_next, self.rep_mult, self.rep_dup, self.meta)
 
     def fits(self, pl: Placement) -> bool:
         experts, copies, colours = _replicated_rows(pl)

@@ -44,8 +44,8 @@ def spec_key(spec: dict) -> str:
 
 
 def record_specs(fn, modules) -> list[dict]:
-    """Run ``fn()`` with the launches of ``modules`` (those that call ``launch``: ``balancer`` for
-    the v1.1 set, ``v2.seam`` for v2) recorded instead of executed; distinct specs in order."""
+    """Run ``fn()`` with the launches of ``modules`` (those that call ``launch``: ``balancer``)
+    recorded instead of executed; distinct specs in order."""
     from . import _launch
 
     rec: list[dict] = []

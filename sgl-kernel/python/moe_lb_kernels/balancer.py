@@ -6,13 +6,14 @@ It computes exactly what ``moe_lb_kernels.reference.reference_layer`` computes: 
 one chain (``sglang_moe_lb.chain.balance_layer``) with the split in fixed point and at most
 ``max_sweeps`` sweeps (see reference.py and docs/kernels.md).
 
-Modes are ``sglang_moe_lb.BalanceMode`` values (every one but the tile objective). Launches
-per call:
+Modes are ungated ``sglang_moe_lb.BalanceMode`` values: per-batch LPLB with the token
+objective (with or without Waterfill) and Waterfill alone (``unsupported`` says why any other
+is refused). Launches per call:
 
 =====================================  =================================================
 mode                                   kernels
 =====================================  =================================================
-LPLB (per-batch tokens, or table)      A (count) -> B (split or table, quotas) -> C (dispatch)
+LPLB (per-batch, tokens)               A (count) -> B (split, quotas) -> C (dispatch)
 joint, all_rank                        A -> B (joint split incl. shared expert) -> C
 Waterfill conservative (any LPLB)      A -> B -> C (+ round 0) -> D x topk (rounds)
 Waterfill alone (phys ids given)       A (routed loads) -> B (shared quotas) -> C [-> D x topk]
@@ -50,8 +51,12 @@ def unsupported(mode: BalanceMode) -> str | None:
         return f"mode must be a BalanceMode, got {type(mode).__name__}"
     if not mode.active:
         return f"mode {mode.name} balances nothing"
+    if mode.gate:  # the chain's rule too: the caller decides the gate, per batch size
+        return f"mode {mode.name} is gated: pass its opened form ({mode.opened.name}); the gate is the caller's"
+    if mode.plan:
+        return f"mode {mode.name}: a plan is one gather (sglang_moe_lb.plan.apply_plan); it runs no kernel"
     if mode.objective == "tiles":
-        return (f"mode {mode.name}: the v1 kernels implement the token objective only "
+        return (f"mode {mode.name}: the kernels implement the token objective only "
                 "(objective=tiles runs on the core path, which cannot be captured in CUDA graphs)")
     return None
 
@@ -71,7 +76,6 @@ class LayerBalancer:
         source_rank: this rank in the EP group.
         max_sweeps: split sweep cap (stops earlier once the certificate holds).
         polish_sweeps: integer polish sweep cap of the per-batch split (None: the v1 spec's 8).
-            Table mode never polishes (the core rounds a table without polish).
         max_rows / max_copies / max_colours: table capacities, so that later placements can
             be installed in place (``update_placement``) without re-capturing graphs.
         static_only: LPLB on a placement without replicas as one light kernel (the static
@@ -109,22 +113,18 @@ class LayerBalancer:
             raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
         if pl.num_ranks > 256:  # the certificate's sort keys hold 8 rank bits (plan.KEYPAD)
             raise ValueError(f"the v1 kernels support at most 256 EP ranks, got {pl.num_ranks}")
-        table = mode.lplb == "table"
-        if table and polish_sweeps:
-            raise ValueError("table mode rounds without polish (the core's rule): polish_sweeps must be 0 or None")
         self.placement = pl
         self.mode = mode
         self.source_rank = source_rank
         self.max_tokens, self.topk = max_tokens, topk
         self.max_sweeps = max_sweeps
-        self.polish_sweeps = 0 if table else (V1_SPEC.polish_sweeps if polish_sweeps is None else polish_sweeps)
+        self.polish_sweeps = V1_SPEC.polish_sweeps if polish_sweeps is None else polish_sweeps
         self.plan_warps = plan_warps
         self.tables = LayerTables.build(pl, max_rows=max_rows, max_copies=max_copies, max_colours=max_colours)
         tb = self.tables
         E, P = tb.E, pl.num_physical
         self.lplb = mode.lplb != "off"
         self.wf = {None: 0, "conservative": 1, "all_rank": 2}[mode.waterfill]
-        self.table_mode = table
         self.joint = mode.joint and mode.waterfill == "all_rank"
         self.dynamic = mode.collective
         if static_only and (mode.flag != "lplb" or pl.has_replicas):
@@ -164,11 +164,6 @@ class LayerBalancer:
         self.shared_rank_buf = torch.zeros(nt, **i64)
         self.phys_buf = torch.zeros(nt, topk, **i32)
         self._dummy = torch.zeros(8, **i32)
-        self.split_table = torch.zeros(P, dtype=torch.float64, device=device)
-        self._even_table(pl)
-
-    def _even_table(self, pl: Placement) -> None:
-        self.split_table.copy_(1.0 / pl.num_copies[0][pl.phy2log[0]].to(torch.float64))
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every device tensor the balancer owns, by name (kernels read and write only these)."""
@@ -176,30 +171,17 @@ class LayerBalancer:
         own.update({f"tables.{k}": v for k, v in vars(self.tables).items() if isinstance(v, torch.Tensor)})
         return own
 
-    def set_split_table(self, fractions: torch.Tensor) -> None:
-        """Install split fractions ``[P]`` (each expert's copies sum to 1) in place.
-
-        A host-to-device copy into a fixed buffer: graphs captured earlier see the new table.
-        Call it between replays (e.g. after a rebalance), never inside a capture.
-        """
-        f = fractions.reshape(-1)
-        if f.numel() != self.split_table.numel():
-            raise ValueError(f"split table must have {self.split_table.numel()} entries, got {f.numel()}")
-        self.split_table.copy_(f.to(torch.float64))
-
     # -- placement updates ---------------------------------------------------------------------
     def update_placement(self, placement: Placement, layer: int = 0) -> None:
         """Install a new placement in place (same capacities; raises ValueError otherwise).
 
         Host-to-device copies only: call it between graph replays, never inside a capture.
-        The split table goes back to the even split until ``set_split_table``.
         """
         pl = placement.layer(layer).to(self.placement.device)
         if self.static_only and pl.has_replicas:
             raise ValueError("this balancer was built for a placement without replicas; build a new one")
         self.tables.fill(pl)
         self.placement = pl
-        self._even_table(pl)
 
     # -- phase 1 of global sync -------------------------------------------------------------------
     def local_stats(self, topk_ids: torch.Tensor, phys_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,12 +287,12 @@ class LayerBalancer:
     def _step_plan(self) -> None:
         tb = self.tables
         launch(_plan_kernel, (1,),
-               *tb.plan_args(), self.split_table, self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
+               *tb.plan_args(), self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
                self.scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
                E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
                SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
                CBITS=tb.CB.bit_length() - 1, RBITS=max(tb.RB.bit_length() - 1, 1),
-               LPLB=self.lplb, TABLE=self.table_mode, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
+               LPLB=self.lplb, JOINT=self.joint, WF=self.wf, DYNAMIC=self.dynamic,
                SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS,
                num_warps=self.plan_warps)
 

@@ -10,8 +10,6 @@ copy), rank loads as ``[RB]``. It mirrors, step for step:
   holds, at most ``max_sweeps`` sweeps;
 * ``objective.round_fixed`` (largest remainder in fixed point) and the core's ``polish``
   with every sweep applied and keep-if-not-worse (``reference.FixedPointSteps``);
-* table mode: ``objective.table_units`` then ``round_fixed`` (the caller passes
-  ``polish_sweeps=0``: a table is rounded without polish, as in the core);
 * ``waterfill.shared_quotas`` (float64, same operations in the same order) and the
   per-rank numbers ``assign_shared`` derives from the quotas.
 
@@ -202,8 +200,7 @@ def _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
 def _plan_kernel(
     # tables (LayerTables)
     p2l_ptr, rep_expert_ptr, rep_rank_ptr, rep_colour_ptr, colour_src_ptr, slot_flat_ptr,
-    rep_fr_ptr, rep_next_ptr, rep_mult_ptr, rep_dup_ptr, rep_slot_ptr, meta_ptr,
-    table_ptr,  # [P] float64 split fractions (TABLE mode)
+    rep_fr_ptr, rep_next_ptr, rep_mult_ptr, rep_dup_ptr, meta_ptr,
     # accumulators [EB + 2 * RB + 8] int32 (counts | routed | tokens per source | valid tokens), zeroed here
     acc_ptr,
     # outputs
@@ -221,7 +218,6 @@ def _plan_kernel(
     NEB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, EB: tl.constexpr, SB: tl.constexpr, PB: tl.constexpr,
     CBITS: tl.constexpr, RBITS: tl.constexpr,
     LPLB: tl.constexpr,  # split + quotas
-    TABLE: tl.constexpr,  # split from the fractions at table_ptr (else the per-batch exact split)
     JOINT: tl.constexpr,  # the shared expert is part of the split (waterfill all_rank + lplb)
     WF: tl.constexpr,  # 0 none, 1 conservative, 2 all_rank
     DYNAMIC: tl.constexpr,  # tokens per source from the gathered stats (else one-hot at src_rank)
@@ -291,46 +287,35 @@ def _plan_kernel(
         qs = tl.zeros([RB], tl.int64)
         it = 0
         cert = tl.zeros([1], tl.int32).sum(axis=0)
-        if TABLE:
-            # fractions_to_split in fixed point: floor(f * count), remainder to the largest copy
-            slots = tl.load(rep_slot_ptr + tix)
-            f = tl.load(table_ptr + tl.maximum(slots, 0), mask=valid, other=0.0)
-            q = tl.where(valid, tl.maximum(tl.floor(f * crow_s.to(tl.float64)[:, None]).to(tl.int64), 0), 0)
-            resid = crow_s - tl.sum(q, axis=1)
-            big = tl.argmax(tl.where(valid, q, -1), axis=1, tie_break_left=True)
-            q = tl.maximum(q + tl.where(col[None, :] == big[:, None], resid[:, None], 0), 0)
-            q = tl.where(valid, q, 0)
-            cert = cert + 1
-        else:
-            nc1 = tl.maximum(ncopy, 1)
-            q0 = tl.where(valid, (crow_s // nc1)[:, None] + (col[None, :] < (crow_s % nc1)[:, None]).to(tl.int64), 0)
-            ra = _rank_amounts(q0, nxt, first, maxm)
-            if SHARED_BLOCK:
-                qs = tl.where(rv, cs_sh // R + (r < cs_sh % R).to(tl.int64), 0)
-            fixed_s = fixed << SCALE_B
-            load = fixed_s + _rep_rank_loads(ra, colour_src_ptr, G, RB, NC) + qs
-            n_sweeps = max_sweeps
-            if not SHARED_BLOCK:
-                n_sweeps = tl.where(G > 0, max_sweeps, 0)
-            while (it < n_sweeps) & (cert == 0):
-                ra, qs, load = _sweep(ra, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
-                                      R, RB, NEB, CB, SHARED_BLOCK)
-                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
-                                SHARED_BLOCK, TOL_SHIFT_C, SLACK)
-                it += 1
-            if it == 0:
-                cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
-                                SHARED_BLOCK, TOL_SHIFT_C, SLACK)
-            q = _per_copy(ra, fr, mult, dup, valid)
-            # ---- counters (one program: plain read-modify-write) ---------------------------------
-            gap = _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB, SHARED_BLOCK)
-            c4 = tl.arange(0, 4)
-            ctr = tl.load(wf_ptr + 3 + c4)  # solves, uncertified, sweeps, max gap
-            inc = tl.where(c4 == 0, 1, tl.where(c4 == 1, (cert == 0).to(tl.int64), tl.where(c4 == 2, it.to(tl.int64), 0)))
-            ctr = tl.where(c4 == 3, tl.maximum(ctr, gap), ctr + inc)
-            tl.store(wf_ptr + 3 + c4, ctr)
-            big_gap = tl.load(wf_ptr + 7 + tl.arange(0, 1))
-            tl.store(wf_ptr + 7 + tl.arange(0, 1), big_gap + (gap >= (1 << SCALE_B)).to(tl.int64))
+        nc1 = tl.maximum(ncopy, 1)
+        q0 = tl.where(valid, (crow_s // nc1)[:, None] + (col[None, :] < (crow_s % nc1)[:, None]).to(tl.int64), 0)
+        ra = _rank_amounts(q0, nxt, first, maxm)
+        if SHARED_BLOCK:
+            qs = tl.where(rv, cs_sh // R + (r < cs_sh % R).to(tl.int64), 0)
+        fixed_s = fixed << SCALE_B
+        load = fixed_s + _rep_rank_loads(ra, colour_src_ptr, G, RB, NC) + qs
+        n_sweeps = max_sweeps
+        if not SHARED_BLOCK:
+            n_sweeps = tl.where(G > 0, max_sweeps, 0)
+        while (it < n_sweeps) & (cert == 0):
+            ra, qs, load = _sweep(ra, qs, load, crow_s, cs_sh, colour, colour_src_ptr, G, rankc, first, nfirst,
+                                  R, RB, NEB, CB, SHARED_BLOCK)
+            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
+                            SHARED_BLOCK, TOL_SHIFT_C, SLACK)
+            it += 1
+        if it == 0:
+            cert = _certify(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB,
+                            SHARED_BLOCK, TOL_SHIFT_C, SLACK)
+        q = _per_copy(ra, fr, mult, dup, valid)
+        # ---- counters (one program: plain read-modify-write) ---------------------------------
+        gap = _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh, R, RB, RBITS, NEB, CB, SHARED_BLOCK)
+        c4 = tl.arange(0, 4)
+        ctr = tl.load(wf_ptr + 3 + c4)  # solves, uncertified, sweeps, max gap
+        inc = tl.where(c4 == 0, 1, tl.where(c4 == 1, (cert == 0).to(tl.int64), tl.where(c4 == 2, it.to(tl.int64), 0)))
+        ctr = tl.where(c4 == 3, tl.maximum(ctr, gap), ctr + inc)
+        tl.store(wf_ptr + 3 + c4, ctr)
+        big_gap = tl.load(wf_ptr + 7 + tl.arange(0, 1))
+        tl.store(wf_ptr + 7 + tl.arange(0, 1), big_gap + (gap >= (1 << SCALE_B)).to(tl.int64))
         # ---- largest remainder on the fixed-point split (larger remainder first, then lower slot) --
         fl = q >> SCALE_B
         short = crow - tl.sum(fl, axis=1)
@@ -480,17 +465,14 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
 
 
 def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16,
-                polish_sweeps: int | None = None, num_warps: int = 4, split_table=None) -> dict:
+                polish_sweeps: int = 8, num_warps: int = 4) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 
     ``pl`` single-layer placement, ``counts [E]``. With ``shared_tokens`` the shared expert
-    joins the split (joint waterfill+lplb, all_rank). ``polish_sweeps`` None: 8 for the
-    per-batch split, 0 with ``split_table``. Returns quotas ``[P]``, shared quotas ``[R]``,
-    flags (certified, sweeps, polish sweeps, polished kept), routed load ``[R]``, the scalars
-    (``wf``: ``[2:8]`` are the counters) and the accumulators after the call.
+    joins the split (joint waterfill+lplb, all_rank). Returns quotas ``[P]``, shared quotas
+    ``[R]``, flags (certified, sweeps, polish sweeps, polished kept), routed load ``[R]``, the
+    scalars (``wf``: ``[2:8]`` are the counters) and the accumulators after the call.
     """
-    if polish_sweeps is None:
-        polish_sweeps = 0 if split_table is not None else 8
     import torch
 
     from ._launch import launch
@@ -511,16 +493,14 @@ def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int
         flags=torch.zeros(8, dtype=torch.int32, device=dev), wf=torch.zeros(8, **i64),
         wf_vec=torch.zeros(RB + 1, **i64), routed=torch.zeros(RB, **i64),
     )
-    table = (split_table.to(device=dev, dtype=torch.float64).contiguous() if split_table is not None
-             else torch.zeros(1, dtype=torch.float64, device=dev))
     launch(
         _plan_kernel, (1,),
-        *tb.plan_args(), table, acc,
+        *tb.plan_args(), acc,
         out["counts"], out["quotas"], out["qcum"], out["shared_q"], out["flags"], out["wf"], out["wf_vec"],
         out["routed"], 0, max_sweeps, polish_sweeps,
         E=tb.E, R=tb.R, S=tb.S, P=pl.num_physical, NEB=tb.NEB, CB=tb.CB, RB=RB, EB=EB,
         SB=next_pow2(tb.S), PB=next_pow2(pl.num_physical), CBITS=tb.CB.bit_length() - 1, RBITS=max(RB.bit_length() - 1, 1),
-        LPLB=True, TABLE=split_table is not None, JOINT=joint, WF=2 if joint else 0,
+        LPLB=True, JOINT=joint, WF=2 if joint else 0,
         DYNAMIC=False, SCALE_B=SCALE_BITS, TOL_SHIFT_C=TOL_SHIFT, SLACK=SLACK_UNITS, num_warps=num_warps,
     )
     out["shared_q"] = out["shared_q"][: tb.R]

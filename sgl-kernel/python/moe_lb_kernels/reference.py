@@ -2,8 +2,8 @@
 
 The kernels match ``reference_layer`` (= ``sglang_moe_lb.chain.balance_layer`` with
 ``steps=FixedPointSteps(spec)``) bit for bit. Nothing of the chain is re-written here: the
-mode logic, dispatch, Waterfill, the tile consolidation and fill, the table rounding and
-the polish rule are the core's. What this module supplies is the *arithmetic* of the
+mode logic, dispatch, Waterfill, the tile consolidation and fill and the polish rule are
+the core's. What this module supplies is the *arithmetic* of the
 per-batch split (a ``SplitSteps``):
 
 * the core's block-coordinate water-filling (``quota_dispatch.integer_block_step``) in
@@ -34,7 +34,7 @@ import torch
 from sglang_moe_lb import BalanceMode, Placement
 from sglang_moe_lb.chain import LayerDispatch, balance_layer
 from sglang_moe_lb.cost import CostModel
-from sglang_moe_lb.objective import TABLE_SCALE_BITS, round_fixed, table_units
+from sglang_moe_lb.objective import round_fixed
 from sglang_moe_lb.quota_dispatch import integer_block_step, polish
 
 __all__ = [
@@ -186,10 +186,6 @@ class FixedPointSteps:
         q = polish(pl, q, u, spec.polish_sweeps, early_exit=False, skip_at_bound=not spec.polish_at_bound)
         return q, cert.reshape(1)
 
-    def table_round(self, pl: Placement, fractions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        c = counts.to(torch.long).reshape(pl.num_layers, pl.num_logical)
-        return round_fixed(pl, table_units(pl, fractions, c), c, TABLE_SCALE_BITS)
-
 
 def reference_layer(
     pl: Placement,
@@ -198,7 +194,6 @@ def reference_layer(
     *,
     spec: FixedSpec = V1_SPEC,
     source_rank: int = 0,
-    split_table: torch.Tensor | None = None,
     gathered: torch.Tensor | None = None,
     phys_ids: torch.Tensor | None = None,
     cost: CostModel | None = None,
@@ -206,9 +201,10 @@ def reference_layer(
 ) -> LayerDispatch:
     """What the kernels compute for one layer: the core chain with ``FixedPointSteps(spec)``.
 
-    ``check=False`` skips the host-side argument checks (the graph-safe form)."""
+    ``mode`` is ungated and not a plan (a plan runs no kernel); ``check=False`` skips the
+    host-side argument checks (the graph-safe form)."""
     return balance_layer(
         pl.layer(0) if not pl.single_layer else pl, topk_ids, mode, source_rank=source_rank,
-        split_table=split_table, gathered=gathered, phys_ids=phys_ids, cost=cost,
+        gathered=gathered, phys_ids=phys_ids, cost=cost,
         steps=FixedPointSteps(spec), check=check,
     )

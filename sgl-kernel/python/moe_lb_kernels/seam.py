@@ -4,23 +4,17 @@ The plugin (``sglang_moe_lb.plugin.hot_path``) builds one layer path per MoE lay
 (after model load, before CUDA-graph capture), updates it in place at every rebalance and
 calls it per batch. A kernel path owns one preallocated ``LayerBalancer``: a call launches
 kernels only (no host sync, no allocation, outputs are views of fixed buffers), so captured
-graphs replay it, and placements and split tables are written into the same addresses.
+graphs replay it, and placements are written into the same addresses.
 
-Kernel sets: several may be installed; ``SGLANG_MOE_LB_KERNELS`` (env) picks one by version,
-default ``DEFAULT_SET``, the set the last GPU run verified (``VERIFIED_VERSIONS``). A set is a
-module with ``KERNELS_VERSION``, ``CUDA_GRAPH_SAFE``, ``make_layer_path(...)`` and (optional)
-``supports(mode) -> (bool, reason)``; this module is the v1 set and the dispatcher. An unverified set
-selected explicitly runs with a warning; one that is not installed fails with one clear error
-when a path is built (``supports`` gives the same reason).
+One kernel set is installed: v1.1 (``KERNELS_VERSION``). ``supports(mode)`` says which modes it
+runs: per-batch LPLB with the token objective (with or without Waterfill) and Waterfill alone,
+ungated; a plan runs no kernel (one gather, ``sglang_moe_lb.plan.apply_plan``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import warnings
-from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -31,43 +25,19 @@ from sglang_moe_lb.cost import CostModel
 from .balancer import COUNTERS, LayerBalancer, unsupported
 from .reference import SCALE_BITS, V1_SPEC
 
-__all__ = [
-    "ENV",
-    "DEFAULT_SET",
-    "KERNEL_SETS",
-    "VERIFIED_VERSIONS",
-    "DERIVED_FROM",
-    "KERNELS_VERSION",
-    "CUDA_GRAPH_SAFE",
-    "KernelSetError",
-    "V1LayerPath",
-    "supports",
-    "make_layer_path",
-    "kernel_set",
-]
+__all__ = ["KERNELS_VERSION", "CUDA_GRAPH_SAFE", "VERIFIED_ON", "COUNTERS", "V1LayerPath", "supports",
+           "make_layer_path"]
 
-ENV = "SGLANG_MOE_LB_KERNELS"
-DEFAULT_SET = "v1.1"
-# version -> module implementing it (imported only when selected)
-KERNEL_SETS: dict[str, str] = {"v1.1": __name__, "v2": "moe_lb_kernels.v2"}
-# version -> the GPU run that verified it (compiles, bit-exact against the reference, graph replay)
-VERIFIED_VERSIONS: dict[str, str] = {"v1": "H200 2026-11-27 docs/gpu/h200_results.md"}
-# A set derived from a verified one by changes checked on the CPU only (docs/kernels.md lists
-# them): the default until a GPU run verifies it or another set.
-DERIVED_FROM: dict[str, str] = {
-    "v1.1": "v1 + int32 global-sync rows, the certificate-key fix, device-side counters, table mode "
-            "without polish (interpreter-exact and sm_90-compiled on the CPU; not yet run on a GPU)",
-}
+KERNELS_VERSION = "v1.1"
+CUDA_GRAPH_SAFE = True
+# What each version was verified on (a record, not a switch; docs/kernels.md has the details).
+VERIFIED_ON = ("v1: H200, 2026-11-27 (docs/gpu/h200_results.md): compiled, bit-exact, CUDA-graph replay. "
+               "v1.1 = v1 + int32 global-sync rows, the certificate-key fix, device-side counters: "
+               "CPU only (interpreter-exact, sm_90 AOT compile); no GPU run yet.")
 
 
-class KernelSetError(ValueError):
-    """The selected kernel set is unknown or not installed."""
-
-
-# ------------------------------------------------------------------------------------------------
-# The v1 set
-# ------------------------------------------------------------------------------------------------
-def _v1_supports(mode: BalanceMode) -> tuple[bool, str]:
+def supports(mode: BalanceMode) -> tuple[bool, str]:
+    """Whether the kernels run ``mode``: (True, "") or (False, the reason)."""
     why = unsupported(mode)
     return (why is None, why or "")
 
@@ -80,10 +50,9 @@ class V1LayerPath:
     one buffer per dtype, made by the first call that uses it, i.e. at warm-up).
     """
 
-    version = "v1.1"
+    version = KERNELS_VERSION
 
-    def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int,
-                 device, split_table: torch.Tensor | None = None):
+    def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device):
         self.mode = mode
         self.max_tokens, self.topk, self.source_rank = max_tokens, topk, source_rank
         self.device = torch.device(device)
@@ -103,8 +72,6 @@ class V1LayerPath:
         flags = self.balancer.flags
         self._certified = flags.view(torch.bool)[0] if mode.per_batch else torch.ones((), dtype=torch.bool, device=self.device)
         self._phys: dict[torch.dtype, torch.Tensor] = {}
-        if split_table is not None:
-            self.set_split_table(split_table)
 
     @property
     def placement(self) -> Placement:
@@ -132,9 +99,7 @@ class V1LayerPath:
 
     # -- at rebalance (host work; between replays, never inside a capture) ------------------------------
     def update_placement(self, pl: Placement) -> None:
-        """Write a new single-layer placement into the existing buffers (ValueError if it does not fit).
-
-        In table mode the split table returns to the even split until ``set_split_table``."""
+        """Write a new single-layer placement into the existing buffers (ValueError if it does not fit)."""
         if not isinstance(pl, Placement):
             raise ValueError(f"placement must be a Placement, got {type(pl).__name__}")
         if pl.num_layers != 1:
@@ -147,19 +112,6 @@ class V1LayerPath:
             raise ValueError(f"placement needs more replicated experts, copies or colours than this layer path "
                              f"holds (rows {tb.NEB}, copies {tb.CB}, colours {tb.GB}); build a new path")
         self.balancer.update_placement(pl)
-
-    def set_split_table(self, fractions: torch.Tensor) -> None:
-        """Install split fractions ``[P]`` (float, each expert's copies summing to 1) in place."""
-        if self.mode.lplb != "table":
-            raise ValueError(f"mode {self.mode.name} has no split table (lplb schedule 'table' only)")
-        P = self.balancer.split_table.numel()
-        if not isinstance(fractions, torch.Tensor) or fractions.numel() != P or fractions.dim() > 2:
-            raise ValueError(f"split_table must be a [{P}] tensor of fractions per copy, got "
-                             f"{list(fractions.shape) if isinstance(fractions, torch.Tensor) else type(fractions).__name__}")
-        f = fractions.reshape(-1).to(torch.float64)
-        if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-            raise ValueError("split_table has NaN, inf or negative entries")
-        self.balancer.set_split_table(f.to(self.device))
 
     def counters(self) -> dict:
         """Device-side counters since the path was built (reads the device: off the critical path).
@@ -189,9 +141,12 @@ class V1LayerPath:
             raise ValueError(f"phys_ids is on {phys_ids.device}, this layer path on {self.device}")
 
 
-def _v1_make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int,
-                        device, cost: CostModel | None = None, split_table: torch.Tensor | None = None) -> V1LayerPath:
-    ok, why = _v1_supports(mode)
+def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
+                    cost: CostModel | None = None) -> V1LayerPath:
+    """The kernels' ``LayerPath`` for one layer on one rank (see the module docstring).
+
+    ``cost`` is accepted for the contract's sake: the token objective does not read it."""
+    ok, why = supports(mode)
     if not ok:
         raise ValueError(why)
     if not isinstance(pl, Placement) or pl.num_layers != 1:
@@ -200,81 +155,5 @@ def _v1_make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, to
         raise ValueError(f"max_tokens and topk must be positive ints, got {max_tokens!r}, {topk!r}")
     dev = torch.device(device)
     if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the v1 kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {dev}")
-    return V1LayerPath(pl, mode, max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=dev,
-                       split_table=split_table)
-
-
-_V1 = SimpleNamespace(KERNELS_VERSION="v1.1", CUDA_GRAPH_SAFE=True, supports=_v1_supports,
-                      make_layer_path=_v1_make_layer_path)
-
-
-# ------------------------------------------------------------------------------------------------
-# The registry
-# ------------------------------------------------------------------------------------------------
-def selected_version() -> str:
-    """The kernel set ``SGLANG_MOE_LB_KERNELS`` names (default ``DEFAULT_SET``)."""
-    name = os.environ.get(ENV, "").strip() or DEFAULT_SET
-    if name not in KERNEL_SETS:
-        raise KernelSetError(f"{ENV}={name!r}: unknown kernel set (one of {', '.join(KERNEL_SETS)})")
-    return name
-
-
-def kernel_set(version: str | None = None) -> ModuleType | SimpleNamespace:
-    """The module of a kernel set (imported on first use); ``KernelSetError`` when it is absent."""
-    version = version or selected_version()
-    if version not in KERNEL_SETS:
-        raise KernelSetError(f"unknown kernel set {version!r} (one of {', '.join(KERNEL_SETS)})")
-    if version == "v1.1":
-        return _V1
-    try:
-        mod = importlib.import_module(KERNEL_SETS[version])
-    except ImportError as err:
-        raise KernelSetError(f"{ENV}={version}: kernel set {version!r} is not installed "
-                             f"({KERNEL_SETS[version]}: {err}); unset {ENV} to use {DEFAULT_SET}") from None
-    missing = [n for n in ("KERNELS_VERSION", "CUDA_GRAPH_SAFE", "make_layer_path") if not hasattr(mod, n)]
-    if missing:
-        raise KernelSetError(f"{ENV}={version}: {KERNEL_SETS[version]} lacks {', '.join(missing)}")
-    return mod
-
-
-def _supports_of(mod):
-    """A set without ``supports`` is taken to run every mode; its ``make_layer_path`` then
-    refuses the ones it cannot (at start-up, with its own message)."""
-    return getattr(mod, "supports", lambda mode: (True, ""))
-
-
-def _selected() -> tuple[str, ModuleType | SimpleNamespace | None, str]:
-    try:
-        version = selected_version()
-        mod = kernel_set(version)
-    except KernelSetError as err:
-        return os.environ.get(ENV, DEFAULT_SET), None, str(err)
-    if version not in VERIFIED_VERSIONS and version not in DERIVED_FROM:
-        warnings.warn(f"{ENV}={version}: kernel set {version!r} has not been verified on a GPU "
-                      f"(verified: {', '.join(VERIFIED_VERSIONS)})", stacklevel=2)
-    return version, mod, ""
-
-
-_VERSION, _MOD, _ERROR = _selected()
-KERNELS_VERSION: str = _VERSION  # the kernel set in use
-CUDA_GRAPH_SAFE: bool = bool(_MOD is not None and _MOD.CUDA_GRAPH_SAFE)
-
-
-def supports(mode: BalanceMode) -> tuple[bool, str]:
-    """Whether the selected kernel set runs ``mode``: (True, "") or (False, the reason)."""
-    if _MOD is None:
-        return False, _ERROR
-    return _supports_of(_MOD)(mode)
-
-
-def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
-                    cost: CostModel | None = None, split_table: torch.Tensor | None = None):
-    """The selected kernel set's ``LayerPath`` for one layer on one rank (see the module docstring)."""
-    if _MOD is None:
-        raise KernelSetError(_ERROR)
-    return _MOD.make_layer_path(pl, mode, max_tokens=max_tokens, topk=topk, source_rank=source_rank,
-                                device=device, cost=cost, split_table=split_table)
-
-
-__all__ += ["COUNTERS", "selected_version"]
+        raise ValueError(f"the kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {dev}")
+    return V1LayerPath(pl, mode, max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=dev)

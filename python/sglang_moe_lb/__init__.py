@@ -7,10 +7,11 @@ docs/layout.md says which module owns what.
 
 from .chain import LayerDispatch, balance_layer, local_stats
 from .cost import CostModel
-from .lp_split import even_split, fractions_to_split, lower_bound, scenario_split, solve_split
+from .lp_split import even_split, fractions_to_split, lower_bound, solve_split
 from .mode import BalanceMode, ModeError
-from .objective import FLOAT_STEPS, balanced_quotas, table_quotas
+from .objective import FLOAT_STEPS, balanced_quotas
 from .placement import Placement, PlacementError
+from .plan import PlanSet, apply_plan, hash_offsets, plan_maps, solve_plans
 from .quota_dispatch import count_experts, dispatch, dp_offsets, integer_quotas
 from .waterfill import assign_shared, fuse_topk, routed_rank_load, shared_quotas, waterfill
 
@@ -21,12 +22,15 @@ __all__ = [
     "ModeError",
     "CostModel",
     "balanced_quotas",
-    "table_quotas",
+    "solve_plans",
+    "PlanSet",
+    "plan_maps",
+    "hash_offsets",
+    "apply_plan",
     "FLOAT_STEPS",
     "solve_split",
     "even_split",
     "lower_bound",
-    "scenario_split",
     "fractions_to_split",
     "integer_quotas",
     "dispatch",

@@ -6,13 +6,15 @@ HiGHS behind it here, fixed point in ``moe_lb_kernels.reference``). The ideas li
 own modules (``objective``: split + quotas for the token or tile objective; ``quota_dispatch``:
 dispatch; ``waterfill``: the shared expert); this module only chains them.
 
-Per mode (``BalanceMode``):
+Per mode (``BalanceMode``; a gated mode reaches the chain as its ``opened`` or ``closed``
+form, the caller's rank-consistent choice):
 
 * LPLB per batch: this batch's counts (global with ``lplb_sync=global``, this rank's own
   tokens with ``local``) → ``balanced_quotas`` → deterministic ``dispatch``.
-* LPLB table: the installed split table applied to the counts, rounded (no per-batch
-  re-optimisation), then the same dispatch.
-* Waterfill: shared-expert ranks on top of the routed physical ids (``waterfill.py``).
+* LPLB plan: the installed plan's map for this batch's level, one gather (``plan.apply_plan``);
+  nothing is counted.
+* Waterfill: shared-expert ranks on top of the routed physical ids (``waterfill.py``): SGLang's
+  static ids, or the plan's.
 * Joint (Waterfill with per-batch LPLB), ``all_rank``: the shared expert is logical expert
   ``E`` with a copy on every rank (``Placement.with_shared_expert``), so one split balances
   routed and shared tokens together. ``conservative``: split the replicas first, then place
@@ -35,8 +37,9 @@ import torch
 
 from .cost import CostModel
 from .mode import BalanceMode
-from .objective import FLOAT_STEPS, SplitSteps, _balanced, _table
+from .objective import FLOAT_STEPS, SplitSteps, _balanced
 from .placement import Placement
+from .plan import apply_plan
 from .quota_dispatch import _count, _dispatch, check_topk_ids
 from .waterfill import routed_rank_load
 from .waterfill import waterfill as waterfill_ranks
@@ -75,22 +78,23 @@ class LayerStats:
 def stats_width(pl: Placement, mode: BalanceMode) -> int:
     """Columns of one rank's row in the global-sync collective (``local_stats``).
 
-    Only what the decision needs, in int32: with LPLB, tokens per logical expert plus the
-    rank's token count (``[E + 1]``); Waterfill alone, routed tokens per rank plus the token
-    count (``[R + 1]``). Bytes per layer gathered: ``4 * width * ranks`` (docs/design.md)."""
-    return (pl.num_logical if mode.lplb != "off" else pl.num_ranks) + 1
+    Only what the decision needs, in int32: with a per-batch split, tokens per logical expert
+    plus the rank's token count (``[E + 1]``); Waterfill on fixed physical ids (SGLang's or a
+    plan's), routed tokens per rank plus the token count (``[R + 1]``). Bytes per layer
+    gathered: ``4 * width * ranks`` (docs/design.md)."""
+    return (pl.num_logical if mode.per_batch else pl.num_ranks) + 1
 
 
 def local_stats(pl: Placement, topk_ids: torch.Tensor, mode: BalanceMode,
                 phys_ids: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's row for the one global-sync collective: int32 ``[stats_width]``.
 
-    With LPLB: ``[:E]`` tokens per logical expert of ``topk_ids``, ``[E]`` tokens with a
-    valid route. Waterfill alone: ``[:R]`` routed tokens per rank of ``phys_ids`` (SGLang's
-    physical ids), ``[R]`` tokens with a valid route."""
-    ids = topk_ids if mode.lplb != "off" else phys_ids
+    With a per-batch split: ``[:E]`` tokens per logical expert of ``topk_ids``, ``[E]`` tokens
+    with a valid route. Otherwise (Waterfill on fixed ids): ``[:R]`` routed tokens per rank of
+    ``phys_ids`` (SGLang's or the plan's physical ids), ``[R]`` tokens with a valid route."""
+    ids = topk_ids if mode.per_batch else phys_ids
     n = (ids >= 0).any(1).sum().reshape(1) if ids.shape[0] else torch.zeros(1, dtype=torch.long, device=ids.device)
-    if mode.lplb != "off":
+    if mode.per_batch:
         head = _count(topk_ids, pl.num_logical)
     else:
         head = routed_rank_load(phys_ids, pl.num_ranks, pl.slots_per_rank)
@@ -110,15 +114,15 @@ def layer_stats(
     dev = topk_ids.device
     if gathered is None:
         counts = _count(topk_ids, E)
-        valid = phys_ids if mode.lplb == "off" else topk_ids
+        valid = topk_ids if mode.per_batch else phys_ids
         tokens = torch.zeros(R, dtype=torch.long, device=dev)
         tokens[source_rank] = (valid >= 0).any(1).sum() if valid.shape[0] else 0
-        routed = routed_rank_load(phys_ids, R, S) if mode.lplb == "off" else torch.zeros(R, dtype=torch.long, device=dev)
+        routed = torch.zeros(R, dtype=torch.long, device=dev) if mode.per_batch else routed_rank_load(phys_ids, R, S)
         return LayerStats(counts, None, tokens, routed)
     g = gathered.to(torch.long)
     tokens = torch.zeros(R, dtype=torch.long, device=dev)
     tokens[: g.shape[0]] = g[:, -1]
-    if mode.lplb != "off":
+    if mode.per_batch:
         return LayerStats(g[:, :E].sum(0), g[:source_rank, :E].sum(0), tokens, torch.zeros(R, dtype=torch.long, device=dev))
     return LayerStats(_count(topk_ids, E), None, tokens, g[:, :R].sum(0))
 
@@ -137,18 +141,32 @@ def effective_tile(mode: BalanceMode, cost: CostModel | None, num_sources: int) 
     return tile
 
 
-def _check(pl: Placement, topk_ids, mode, source_rank, split_table, gathered, phys_ids) -> None:
+def _check(pl: Placement, topk_ids, mode, layer, source_rank, plan_map, offsets, gathered, phys_ids) -> None:
     if not isinstance(mode, BalanceMode):
         raise ValueError(f"mode must be a BalanceMode, got {type(mode).__name__}")
+    if mode.gate:
+        raise ValueError(f"mode {mode.name} is gated: pass its .opened or .closed form (the gate is the caller's)")
     check_topk_ids(topk_ids, pl.num_logical)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < pl.num_layers:
+        raise ValueError(f"layer must be an int in [0, {pl.num_layers}), got {layer!r}")
     if not 0 <= source_rank < pl.num_ranks:
         raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
-    if mode.lplb == "off" and mode.waterfill is not None:
+    if mode.plan and phys_ids is None:
+        want = (pl.num_logical,)
+        if plan_map is None or plan_map.dim() != 2 or tuple(plan_map.shape[:1]) != want:
+            raise ValueError(f"mode {mode.name} needs plan_map [{pl.num_logical}, W] (plan.plan_maps at this "
+                             f"level and layer), got {None if plan_map is None else list(plan_map.shape)}")
+        if offsets is None or offsets.dim() != 2 or offsets.shape[0] < topk_ids.shape[0] \
+                or offsets.shape[1] != topk_ids.shape[1]:
+            raise ValueError(f"mode {mode.name} needs hash offsets [>= {topk_ids.shape[0]}, {topk_ids.shape[1]}] "
+                             f"(plan.hash_offsets), got {None if offsets is None else list(offsets.shape)}")
+    if not mode.per_batch and mode.waterfill is not None and not mode.plan:
         if phys_ids is None or tuple(phys_ids.shape) != tuple(topk_ids.shape):
             raise ValueError(f"mode {mode.name} needs phys_ids shaped like topk_ids (SGLang's physical ids)")
+    if phys_ids is not None:
+        if tuple(phys_ids.shape) != tuple(topk_ids.shape):
+            raise ValueError(f"phys_ids must be shaped like topk_ids {list(topk_ids.shape)}, got {list(phys_ids.shape)}")
         check_topk_ids(phys_ids, pl.num_physical, "phys_ids")
-    if mode.lplb == "table" and split_table is None:
-        raise ValueError(f"mode {mode.name} needs a split_table")
     if gathered is not None:
         W = stats_width(pl, mode)
         if gathered.dim() != 2 or gathered.shape[1] != W or not 1 <= gathered.shape[0] <= pl.num_ranks:
@@ -166,7 +184,8 @@ def balance_layer(
     *,
     layer: int = 0,
     source_rank: int = 0,
-    split_table: torch.Tensor | None = None,
+    plan_map: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
     gathered: torch.Tensor | None = None,
     phys_ids: torch.Tensor | None = None,
     cost: CostModel | None = None,
@@ -178,12 +197,15 @@ def balance_layer(
     Args:
         pl: placement (single- or multi-layer; ``layer`` picks the row).
         topk_ids: ``[T, k]`` logical ids of this rank's tokens (-1 = padding).
-        mode: what to do (``BalanceMode``); ``mode.lplb == "off"`` keeps ``phys_ids``.
+        mode: what to do, ungated (``BalanceMode``; a gated mode's ``opened`` or ``closed``);
+            ``mode.lplb == "off"`` keeps ``phys_ids``.
         source_rank: this rank's index in the EP group.
-        split_table: ``[P]`` fractions per copy for ``lplb="table"``.
+        plan_map: ``[E, W]`` the plan's map at this batch's level for this layer (``lplb="plan"``).
+        offsets: ``[>= T, k]`` hash slots (``plan.hash_offsets``) for ``lplb="plan"``.
         gathered: ``[D, W]`` all-gathered ``local_stats`` rows (global sync), or None
             (local sync, or tokens that are already global as without an a2a backend).
-        phys_ids: ``[T, k]`` SGLang's physical ids, required when LPLB is off (Waterfill only).
+        phys_ids: ``[T, k]`` physical ids already decided: SGLang's (LPLB off, Waterfill only),
+            or the plan's when the caller gathered them first (global-sync Waterfill on a plan).
         cost: the cost model; required by the tile objective (its ``tile_tokens``).
         steps: split-and-round arithmetic (float64 + HiGHS by default).
         check: validate the arguments first (host-side checks; the graph-safe path skips them).
@@ -191,9 +213,13 @@ def balance_layer(
         ``LayerDispatch``.
     """
     if check:
-        _check(pl, topk_ids, mode, source_rank, split_table, gathered, phys_ids)
+        _check(pl, topk_ids, mode, layer, source_rank, plan_map, offsets, gathered, phys_ids)
     R, S = pl.num_ranks, pl.slots_per_rank
     lp = pl.layer(layer)
+    if mode.plan and phys_ids is None:
+        phys_ids = apply_plan(plan_map, topk_ids, offsets)
+    if mode.plan and mode.waterfill is None:
+        return LayerDispatch(phys_ids, None, None, True)
     st = layer_stats(lp, topk_ids, mode, source_rank, gathered, phys_ids)
     routed, tokens = st.routed, st.tokens
     quotas = shared_q = None
@@ -210,9 +236,6 @@ def balance_layer(
             quotas, cert = _balanced(lp, st.counts[None].to(torch.long), tile, steps)
             quotas = quotas.reshape(-1)
         cert = cert.reshape(())
-    elif mode.lplb == "table":
-        quotas = _table(lp, split_table.reshape(1, -1), st.counts[None].to(torch.long), steps).reshape(-1)
-    if quotas is not None:
         phys_ids = _dispatch(lp, topk_ids, quotas, st.offsets)
         routed = lp.rank_loads(quotas)
     if mode.waterfill is None:

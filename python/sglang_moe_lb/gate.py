@@ -7,19 +7,23 @@ and per layer, and falls back to SGLang's static dispatch where balancing would 
 The decision must be the same on every rank of a collective, so it is taken *before* the
 collective from what every rank already shares: the batch size, ``tokens_per_rank`` (the
 largest DP rank's tokens; under CUDA graphs, the captured batch bucket, which SGLang picks
-from the same number on every rank). The prediction at size N is::
+from the same number on every rank). The gate chooses between a mode's ``opened`` form (its
+per-batch work) and its ``closed`` form (SGLang's static dispatch, or for a plan schedule the
+plan, which costs a gather). The prediction at size N is::
 
-    gain(N) = expected_gain * layer_time(N)        overhead(N) = hot path(N) [+ collective]
+    gain(N) = expected_gain * layer_time(N)     overhead(N) = opened's (hot path + collective) - closed's
 
 ``layer_time(N)`` is the cost model's busiest-rank time with N tokens per rank routed
-evenly (``uniform_layer_time``) and ``expected_gain`` the share of it the mode takes off
-(measured by ``replay --batch-sweep``; docs/defaults.md). The gate opens from the smallest N
-where the gain exceeds the overhead (``Gate.min_tokens``), so it is a threshold on the batch
-size: rank-consistent by construction, and one decision per captured graph.
+evenly (``uniform_layer_time``) and ``expected_gain`` the share of it the opened form takes
+off the closed one (``default_expected_gain``: measured by ``replay --batch-sweep``;
+docs/defaults.md). The gate opens from the smallest N where the gain exceeds the overhead
+(``Gate.min_tokens``), so it is a threshold on the batch size: rank-consistent by
+construction, and one decision per captured graph.
 
 Overheads come from the measured kernel table (``Overheads.measured()``,
 ``data/overheads_h200.json``: the H200 numbers in docs/gpu/) and a documented collective
-latency; both can be overridden.
+latency; both can be overridden. A plan's overhead is its gather minus SGLang's static
+gather (the ``lplb/plan`` entry): 0 until measured (``benchmark/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,16 @@ import torch
 from .cost import CostModel
 from .mode import BalanceMode
 
-__all__ = ["Overheads", "Gate", "uniform_layer_time", "DEFAULT_EXPECTED_GAIN"]
+__all__ = ["Overheads", "Gate", "uniform_layer_time", "DEFAULT_EXPECTED_GAIN", "PLAN_EXPECTED_GAIN",
+           "default_expected_gain"]
 
-DEFAULT_EXPECTED_GAIN = 0.05  # share of the layer time a mode takes off; replay measures it
+DEFAULT_EXPECTED_GAIN = 0.05  # share of the layer time per-batch work takes off static; replay measures it
+PLAN_EXPECTED_GAIN = 0.02  # ... and takes off a plan (docs/defaults.md: the hybrid's threshold)
+
+
+def default_expected_gain(mode: BalanceMode) -> float:
+    """The gate's expected gain when none is given: over a plan for a plan schedule, else over static."""
+    return PLAN_EXPECTED_GAIN if mode.plan else DEFAULT_EXPECTED_GAIN
 
 
 def _interp_log(points: dict[int, float], n: float) -> float:
@@ -87,8 +98,9 @@ class Overheads:
 
     @staticmethod
     def key(mode: BalanceMode) -> str:
-        """The table key of a mode: flag, LPLB schedule, Waterfill candidates (sync and
-        objective do not change the kernels' work)."""
+        """The table key of an ungated mode: flag, LPLB schedule, Waterfill candidates (sync and
+        objective do not change the kernels' work). A plan with Waterfill is priced as the plan
+        plus Waterfill alone (``hot_path_us``)."""
         parts = [mode.flag]
         if mode.lplb != "off":
             parts.append(mode.lplb)
@@ -96,13 +108,26 @@ class Overheads:
             parts.append(mode.waterfill)
         return "/".join(parts)
 
+    def plan_us(self, tokens_per_rank: float) -> float:
+        """A plan's gather minus SGLang's static gather (the ``lplb/plan`` entry; 0 until measured)."""
+        return self._lookup("lplb/plan", tokens_per_rank) if "lplb/plan" in self.hot_path else 0.0
+
     def hot_path_us(self, mode: BalanceMode | str, tokens_per_rank: float) -> float:
-        """Kernel µs per layer of ``mode`` (a ``BalanceMode`` or a table key) at this batch size."""
-        if isinstance(mode, BalanceMode) and not mode.active:
-            return 0.0
+        """µs per layer the hot path of ``mode`` (an ungated ``BalanceMode`` or a table key) adds at
+        this batch size, over SGLang's static dispatch."""
+        if isinstance(mode, BalanceMode):
+            if mode.gate:
+                raise ValueError(f"{mode.name} is gated: price its .opened or .closed form")
+            if not mode.active:
+                return 0.0
+            if mode.plan:
+                wf = BalanceMode(waterfill=mode.waterfill) if mode.waterfill is not None else None
+                return self.plan_us(tokens_per_rank) + (self.hot_path_us(wf, tokens_per_rank) if wf else 0.0)
         if self.fixed_us is not None:
             return self.fixed_us
-        key = self.key(mode) if isinstance(mode, BalanceMode) else mode
+        return self._lookup(self.key(mode) if isinstance(mode, BalanceMode) else mode, tokens_per_rank)
+
+    def _lookup(self, key: str, tokens_per_rank: float) -> float:
         if key not in self.hot_path:
             raise KeyError(f"no measured hot-path time for {key!r} (known: {', '.join(sorted(self.hot_path))})")
         pts = self.hot_path[key]
@@ -119,9 +144,9 @@ class Overheads:
         """One small all-gather over ``num_ranks`` EP ranks."""
         return self.collective_intra_us if num_ranks <= self.ranks_per_node else self.collective_inter_us
 
-    def mode_us(self, mode: BalanceMode, tokens_per_rank: float, num_ranks: int) -> float:
-        """Everything ``mode`` adds per layer at this batch size."""
-        if not mode.active:
+    def mode_us(self, mode: BalanceMode | None, tokens_per_rank: float, num_ranks: int) -> float:
+        """Everything an ungated ``mode`` (None: SGLang static) adds per layer at this batch size."""
+        if mode is None or not mode.active:
             return 0.0
         return self.hot_path_us(mode, tokens_per_rank) + (self.collective_us(num_ranks) if mode.collective else 0.0)
 
@@ -140,7 +165,8 @@ def uniform_layer_time(cost: CostModel, tokens_per_rank: float, top_k: int, slot
 class Gate:
     """The batch-size threshold of one mode (module docstring).
 
-    Args: mode, cost model, overheads, top_k, slots_per_rank, num_ranks, expected_gain.
+    Args: mode, cost model, overheads, top_k, slots_per_rank, num_ranks, expected_gain (None:
+    ``default_expected_gain(mode)``).
     """
 
     mode: BalanceMode
@@ -149,14 +175,20 @@ class Gate:
     top_k: int
     slots_per_rank: int
     num_ranks: int
-    expected_gain: float = DEFAULT_EXPECTED_GAIN
+    expected_gain: float | None = None
+
+    @property
+    def gain_share(self) -> float:
+        return default_expected_gain(self.mode) if self.expected_gain is None else self.expected_gain
 
     def predicted_gain_us(self, tokens_per_rank: float) -> float:
         shared = self.mode.waterfill is not None
-        return self.expected_gain * uniform_layer_time(self.cost, tokens_per_rank, self.top_k, self.slots_per_rank, shared)
+        return self.gain_share * uniform_layer_time(self.cost, tokens_per_rank, self.top_k, self.slots_per_rank, shared)
 
     def overhead_us(self, tokens_per_rank: float) -> float:
-        return self.overheads.mode_us(self.mode, tokens_per_rank, self.num_ranks)
+        """What opening adds over staying closed (opened's overhead minus closed's)."""
+        ov, n, R = self.overheads, tokens_per_rank, self.num_ranks
+        return ov.mode_us(self.mode.opened, n, R) - ov.mode_us(self.mode.closed, n, R)
 
     def open(self, tokens_per_rank: float) -> bool:
         """Balance this batch? ``tokens_per_rank``: the largest DP rank's tokens (shared by all ranks)."""

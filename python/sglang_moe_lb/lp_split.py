@@ -15,10 +15,10 @@ Two solvers of the same problem:
   sweep ends with an optimality certificate: the densest "top-k ranks by load" set
   gives a lower bound, and we stop once the max load is within ``tol`` of it.
   Layers that do not certify within ``max_sweeps`` are re-solved with HiGHS.
-* ``method="highs"``: the LP itself in HiGHS. The test oracle and the rebalance solver.
+* ``method="highs"``: the LP itself in HiGHS. The test oracle.
 
-``scenario_split`` solves the rebalance-time variant: one set of split *fractions*
-that minimises the mean over a window of recorded steps of each step's max rank load.
+(Rebalance-time decisions are dispatch plans, ``plan.py``: which copies are active per
+batch-size level, in the cost model's time rather than in tokens.)
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ __all__ = [
     "even_split",
     "even_fractions",
     "lower_bound",
-    "scenario_split",
     "fractions_to_split",
+    "new_highs",
     "SplitError",
 ]
 
@@ -198,7 +198,7 @@ def _solve_fast(
 _banner_shown = False
 
 
-def _new_highs():
+def new_highs():
     import highspy
 
     global _banner_shown
@@ -243,7 +243,7 @@ def _highs_layer(phy2log: np.ndarray, replicated: np.ndarray, fixed: np.ndarray,
     if var_slots.size == 0:
         return x
     nv = var_slots.size
-    h = _new_highs()
+    h = new_highs()
     inf = highspy.kHighsInf
     # Columns: x for each replicated slot, then M.
     h.addVars(nv + 1, np.zeros(nv + 1), np.full(nv + 1, inf))
@@ -351,101 +351,3 @@ def fractions_to_split(pl: Placement, fractions: torch.Tensor, logical_counts: t
         raise ValueError("fractions must be finite and non-negative")
     x = _conserve(f * c.gather(1, pl.phy2log), pl, c)
     return x[0] if pl.single_layer else x
-
-
-def scenario_split(
-    pl: Placement, window_counts: torch.Tensor, max_steps: int = 64, strict: bool = False
-) -> torch.Tensor:
-    """Split fractions minimising the mean over recorded steps of each step's max rank load.
-
-    This is the rebalance-time LP: one fixed split table must serve every batch until the
-    next rebalance, so we optimise it over the window's scenarios, not their average.
-
-    Args:
-        window_counts: ``[T, E]`` (single-layer) or ``[T, L, E]`` recorded per-step counts.
-        max_steps: at most this many steps enter the LP (the most recent ones), to bound its size.
-    Returns:
-        float64 fractions ``[P]`` or ``[L, P]``: share of its expert's tokens per slot
-        (1.0 for single-copy experts). A layer whose LP fails gets the even split (one
-        warning), unless ``strict``: then ``SplitError`` is raised, so a caller holding an
-        older plan can keep it.
-    """
-    w = window_counts
-    if w.dim() == (2 if pl.single_layer else 3):
-        w = w if not pl.single_layer else w[:, None, :]
-    else:
-        raise ValueError(
-            f"window_counts must be [steps, experts] or [steps, layers, experts], got {list(w.shape)}"
-        )
-    w = w[-max_steps:].to(torch.float64)
-    for t in range(w.shape[0]):
-        pl.check_counts(w[t, 0] if pl.single_layer else w[t], name=f"window_counts[{t}]")
-    out = even_fractions(pl)
-    if pl.has_replicas and w.shape[0] > 0:
-        p2l = pl.phy2log.cpu().numpy()
-        rep = pl.replicated_slot.cpu().numpy()
-        wn = w.cpu().numpy()
-        for layer in range(pl.num_layers):
-            try:
-                out[layer] = torch.from_numpy(
-                    _scenario_layer(p2l[layer], rep[layer], wn[:, layer], pl.num_ranks, pl.slots_per_rank)
-                )
-            except SplitError as err:
-                if strict:
-                    raise SplitError(f"scenario LP failed on layer {layer}: {err}") from err
-                _warn_once("scenario", f"LPLB scenario LP failed on layer {layer} ({err}); using the even split")
-    return out[0] if pl.single_layer else out
-
-
-def _scenario_layer(phy2log: np.ndarray, replicated: np.ndarray, w: np.ndarray, R: int, S: int) -> np.ndarray:
-    """Scenario LP for one layer. ``w [T, E]``; returns fractions ``[P]``."""
-    import highspy
-
-    T = w.shape[0]
-    frac = np.where(replicated, 0.0, 1.0)
-    var_slots = np.nonzero(replicated)[0]
-    nv = var_slots.size
-    if nv == 0:
-        return frac
-    h = _new_highs()
-    inf = highspy.kHighsInf
-    # Columns: fraction per replicated slot, then M_t per step.
-    h.addVars(nv + T, np.zeros(nv + T), np.r_[np.ones(nv), np.full(T, inf)])
-    h.changeColsCost(nv + T, np.arange(nv + T, dtype=np.int32), np.r_[np.zeros(nv), np.full(T, 1.0 / T)])
-    experts, col_expert = np.unique(phy2log[var_slots], return_inverse=True)
-    for i in range(experts.size):
-        cols = np.nonzero(col_expert == i)[0].astype(np.int32)
-        h.addRow(1.0, 1.0, cols.size, cols, np.ones(cols.size))
-    fixed_slot = np.where(replicated[None, :], 0.0, w[:, phy2log])  # [T, P]
-    fixed = fixed_slot.reshape(T, R, S).sum(-1)  # [T, R]
-    ranks = var_slots // S
-    coef = w[:, phy2log[var_slots]]  # [T, nv] tokens of each slot's expert at step t
-    starts, idx, val, lo, hi = [], [], [], [], []
-    for t in range(T):
-        for r in range(R):
-            cols = np.nonzero(ranks == r)[0]
-            starts.append(len(idx))
-            idx.extend(cols.tolist())
-            val.extend(coef[t, cols].tolist())
-            idx.append(nv + t)
-            val.append(-1.0)
-            lo.append(-inf)
-            hi.append(-fixed[t, r])
-    h.addRows(len(starts), np.array(lo), np.array(hi), len(idx), np.array(starts, dtype=np.int32),
-              np.array(idx, dtype=np.int32), np.array(val))
-    h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        raise SplitError(f"HiGHS returned {h.modelStatusToString(h.getModelStatus())}")
-    sol = np.asarray(h.getSolution().col_value, dtype=np.float64)[:nv]
-    if not np.all(np.isfinite(sol)):
-        raise SplitError("HiGHS returned a non-finite solution")
-    sol = np.clip(sol, 0.0, 1.0)
-    # Renormalise each expert's fractions to sum to exactly 1.
-    sums = np.zeros(experts.size)
-    np.add.at(sums, col_expert, sol)
-    n_copies = np.bincount(col_expert, minlength=experts.size)
-    seen = w[:, experts].sum(0) > 0
-    ok = seen[col_expert] & (sums[col_expert] > 1e-12)  # an expert unseen in the window: even split
-    sol = np.where(ok, sol / np.where(ok, sums[col_expert], 1.0), 1.0 / n_copies[col_expert])
-    frac[var_slots] = sol
-    return frac

@@ -7,29 +7,39 @@ the docs and the test ids. A mode has five choices:
 =================  ===========================  ==============================================
 field              values                       meaning
 =================  ===========================  ==============================================
-``lplb``           ``off`` | ``table`` |        LPLB schedule: no split; a split table solved
-                   ``per-batch``                at each EPLB rebalance; or an exact split of
-                                                every batch
-``lplb_sync``      ``local`` | ``global``       per-batch LPLB: each rank splits its own tokens
-                                                (no collective), or the global counts from one
-                                                all-gather per MoE layer
-``objective``      ``tokens`` | ``tiles``       per-batch LPLB: minimise the busiest rank's
-                                                tokens, or its grouped-GEMM tiles
+``lplb``           ``off`` | ``plan`` |         LPLB schedule: no split; dispatch plans solved
+                   ``per-batch``                in the EPLB cycle per batch-size level and
+                                                applied by a gather (``plan.py``); or an exact
+                                                split of every batch
+``lplb_sync``      ``local`` | ``global``       the per-batch split: each rank splits its own
+                                                tokens (no collective), or the global counts
+                                                from one all-gather per MoE layer
+``objective``      ``tokens`` | ``tiles``       the per-batch split: minimise the busiest
+                                                rank's tokens, or its grouped-GEMM tiles
 ``waterfill``      None | ``conservative`` |    Waterfill candidates for the shared expert
                    ``all_rank``
-``waterfill_sync`` ``local`` | ``global``       Waterfill without per-batch LPLB (with it, the
-                                                two share ``lplb_sync``)
-``gate``           bool                         skip balancing where the cost model predicts
-                                                less gain than the mode's overhead
+``waterfill_sync`` ``local`` | ``global``       Waterfill not decided with a per-batch split
+``gate``           bool                         per-batch work only where the cost model
+                                                predicts more gain than its overhead
 =================  ===========================  ==============================================
+
+The gate decides per batch size between a mode's *opened* form (its per-batch work) and its
+*closed* form (what costs nothing per batch): for ``per-batch`` and Waterfill alone, closed is
+SGLang's static dispatch; for ``plan``, closed is the plan and opened is the per-batch split
+(the hybrid: plans where per-batch does not pay, the exact split where it does), so a gated
+plan mode takes the per-batch split's sync and objective. With Waterfill, the closed form
+keeps the shared expert on its source rank (in decode every rank runs its own shared tokens
+and reads the shared weights anyway).
 
 Fields that do not apply to a mode are normalised to None, so two modes that behave the
 same compare equal and have the same ``name``. Names are the ``--moe-lb`` value followed by
 the relevant choices, ``/``-separated, in a fixed order::
 
-    lplb/table
+    lplb/plan
+    lplb/plan/local/tokens/gate
     lplb/per-batch/local/tiles/gate
     waterfill/conservative/local
+    waterfill+lplb/plan/all_rank/local
     waterfill+lplb/per-batch/global/tokens/all_rank
 
 ``BalanceMode.parse`` reads a name back (the parts after the first in any order).
@@ -52,13 +62,13 @@ __all__ = [
     "every_mode",
 ]
 
-Schedule = Literal["off", "table", "per-batch"]
+Schedule = Literal["off", "plan", "per-batch"]
 Sync = Literal["local", "global"]
 Objective = Literal["tokens", "tiles"]
 Candidates = Literal["conservative", "all_rank"]
 
 FLAGS: tuple[str, ...] = ("off", "lplb", "waterfill", "waterfill+lplb")
-SCHEDULES: tuple[str, ...] = ("table", "per-batch")
+SCHEDULES: tuple[str, ...] = ("plan", "per-batch")
 SYNCS: tuple[str, ...] = ("local", "global")
 OBJECTIVES: tuple[str, ...] = ("tokens", "tiles")
 CANDIDATES: tuple[str, ...] = ("conservative", "all_rank")
@@ -66,14 +76,12 @@ CANDIDATES: tuple[str, ...] = ("conservative", "all_rank")
 
 # What ``--moe-lb FLAG`` runs when a sub-option is not given. Chosen by measurement
 # (docs/defaults.md: replay --batch-sweep over the bundled OLMoE data, the synthetic generator
-# and a demo-server dump, EP 2-32 with 2-64 redundant experts): the only choices never modelled
-# slower than SGLang static at any batch size, and the fastest of those where they run.
-# The objective is tokens: gated, the tile objective ties it wherever the gate opens, and the
-# default kernels (v1.1) run only tokens, so only tokens keeps CUDA graphs on. Tiles becomes
-# the default when a GPU run verifies a kernel set that runs it (v2). Every other choice stays
-# selectable.
+# and a demo-server dump, EP 2-32 with 2-64 redundant experts, 1-4096 tokens per rank).
+# The schedule is the gated plan: plans at every batch size where the per-batch split does not
+# pay its kernels, the split (local sync, token objective: what the default kernels run under
+# CUDA graphs) where it does. Every other choice stays selectable.
 SERVER_DEFAULTS: dict = {
-    "schedule": "per-batch",
+    "schedule": "plan",
     "lplb_sync": "local",
     "objective": "tokens",
     "candidates": "all_rank",
@@ -113,14 +121,14 @@ class BalanceMode:
         check("waterfill_sync", self.waterfill_sync, SYNCS)
         if not isinstance(self.gate, bool):
             raise ModeError(f"gate must be a bool; got {self.gate!r}")
-        per_batch = self.lplb == "per-batch"
         set_ = object.__setattr__  # frozen: normalise in place, once
-        set_(self, "lplb_sync", (self.lplb_sync or "global") if per_batch else None)
-        set_(self, "objective", (self.objective or "tokens") if per_batch else None)
-        own_wf_sync = self.waterfill is not None and not per_batch
-        set_(self, "waterfill_sync", (self.waterfill_sync or "local") if own_wf_sync else None)
         if self.lplb == "off" and self.waterfill is None:
             set_(self, "gate", False)  # nothing to gate
+        splits = self.lplb == "per-batch" or (self.lplb == "plan" and self.gate)
+        set_(self, "lplb_sync", (self.lplb_sync or "global") if splits else None)
+        set_(self, "objective", (self.objective or "tokens") if splits else None)
+        own_wf_sync = self.waterfill is not None and not splits
+        set_(self, "waterfill_sync", (self.waterfill_sync or "local") if own_wf_sync else None)
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -135,17 +143,43 @@ class BalanceMode:
 
     @property
     def per_batch(self) -> bool:
+        """The exact split runs on every batch (the schedule is ``per-batch``)."""
         return self.lplb == "per-batch"
+
+    @property
+    def plan(self) -> bool:
+        return self.lplb == "plan"
+
+    @property
+    def splits(self) -> bool:
+        """A per-batch split runs, at least where the gate opens (``per-batch``, or a gated plan)."""
+        return self.per_batch or (self.plan and self.gate)
 
     @property
     def joint(self) -> bool:
         """Waterfill decided together with the per-batch split (one problem, one sync)."""
-        return self.waterfill is not None and self.per_batch
+        return self.waterfill is not None and self.splits
 
     @property
     def sync(self) -> Sync | None:
-        """The mode's one sync choice: per-batch LPLB's, else Waterfill's; None without either."""
-        return self.lplb_sync if self.per_batch else self.waterfill_sync
+        """The mode's one sync choice: the split's, else Waterfill's; None without either."""
+        return self.lplb_sync if self.splits else self.waterfill_sync
+
+    @property
+    def opened(self) -> "BalanceMode":
+        """What runs where the gate is open (an ungated mode: itself)."""
+        if not self.gate:
+            return self
+        if self.plan:
+            return BalanceMode(lplb="per-batch", lplb_sync=self.lplb_sync, objective=self.objective,
+                               waterfill=self.waterfill)
+        return self.with_(gate=False)
+
+    @property
+    def closed(self) -> "BalanceMode | None":
+        """What runs where the gate is closed: the plan (shared expert at home) for a plan
+        schedule, None (SGLang's static dispatch) otherwise, and for an ungated mode."""
+        return BalanceMode(lplb="plan") if self.gate and self.plan else None
 
     @property
     def collective(self) -> bool:
@@ -157,7 +191,7 @@ class BalanceMode:
         parts = [self.flag]
         if self.lplb != "off":
             parts.append(self.lplb)
-        if self.per_batch:
+        if self.splits:
             parts += [self.lplb_sync, self.objective]
         if self.waterfill is not None:
             parts.append(self.waterfill)
@@ -244,20 +278,22 @@ class BalanceMode:
         schedule = kw.get("schedule")
         if lp and schedule is None:
             raise ModeError(f"mode {name!r}: name the LPLB schedule ({' or '.join(SCHEDULES)})")
-        per_batch = lp and schedule == "per-batch"
-        if "objective" in kw and not per_batch:
-            raise ModeError(f"mode {name!r}: an objective applies to per-batch LPLB only")
+        gate = kw.get("gate", False)
+        splits = lp and (schedule == "per-batch" or (schedule == "plan" and gate))
+        if "objective" in kw and not splits:
+            raise ModeError(f"mode {name!r}: an objective applies to a per-batch split only "
+                            "(per-batch, or a gated plan)")
         sync = syncs[0] if syncs else None
-        if sync is not None and not per_batch and not wf:
-            raise ModeError(f"mode {name!r}: a sync choice applies to per-batch LPLB or Waterfill only")
+        if sync is not None and not splits and not wf:
+            raise ModeError(f"mode {name!r}: a sync choice applies to a per-batch split or Waterfill only")
         mode = cls.from_flag(
             head, schedule=schedule, objective=kw.get("objective"), candidates=kw.get("candidates"),
-            lplb_sync=sync if per_batch else None, waterfill_sync=sync if not per_batch else None,
-            gate=kw.get("gate", False),
+            lplb_sync=sync if splits else None, waterfill_sync=sync if not splits else None, gate=gate,
         )
-        if per_batch and (sync is None or "objective" not in kw):
-            raise ModeError(f"mode {name!r}: per-batch LPLB needs its sync (local|global) and objective (tokens|tiles)")
-        if wf and not per_batch and sync is None:
+        if splits and (sync is None or "objective" not in kw):
+            raise ModeError(f"mode {name!r}: the per-batch split needs its sync (local|global) and objective "
+                            "(tokens|tiles)")
+        if wf and not splits and sync is None:
             raise ModeError(f"mode {name!r}: Waterfill needs its sync (local|global)")
         if wf and "candidates" not in kw:
             raise ModeError(f"mode {name!r}: Waterfill needs its candidates ({' or '.join(CANDIDATES)})")
@@ -268,17 +304,25 @@ class BalanceMode:
 
 
 def every_mode(*, gates: tuple[bool, ...] = (False, True)) -> list[BalanceMode]:
-    """Every distinct active mode (42 with both gate settings, 21 per setting), in a fixed order."""
+    """Every distinct active mode (21 ungated, 28 gated), in a fixed order."""
     from itertools import product
 
     out: dict[BalanceMode, None] = {}
     for gate in gates:
-        out[BalanceMode(lplb="table", gate=gate)] = None
-        for sync, obj in product(SYNCS, OBJECTIVES):
+        split_choices = list(product(SYNCS, OBJECTIVES))
+        if gate:
+            for sync, obj in split_choices:
+                out[BalanceMode(lplb="plan", lplb_sync=sync, objective=obj, gate=True)] = None
+        else:
+            out[BalanceMode(lplb="plan")] = None
+        for sync, obj in split_choices:
             out[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, gate=gate)] = None
         for cand, sync in product(CANDIDATES, SYNCS):
             out[BalanceMode(waterfill=cand, waterfill_sync=sync, gate=gate)] = None
-            out[BalanceMode(lplb="table", waterfill=cand, waterfill_sync=sync, gate=gate)] = None
-        for cand, sync, obj in product(CANDIDATES, SYNCS, OBJECTIVES):
+            if not gate:
+                out[BalanceMode(lplb="plan", waterfill=cand, waterfill_sync=sync)] = None
+        for cand, (sync, obj) in product(CANDIDATES, split_choices):
+            if gate:
+                out[BalanceMode(lplb="plan", lplb_sync=sync, objective=obj, waterfill=cand, gate=True)] = None
             out[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj, waterfill=cand, gate=gate)] = None
     return list(out)

@@ -29,23 +29,18 @@ import torch
 from .cost import CostModel
 from .lp_split import solve_split
 from .placement import Placement
-from .quota_dispatch import _check_split, integer_lower_bound, integer_quotas, polish
+from .quota_dispatch import integer_lower_bound, integer_quotas, polish
 
 __all__ = [
     "SplitSteps",
     "FloatSteps",
     "FLOAT_STEPS",
     "balanced_quotas",
-    "table_quotas",
     "tile_units",
     "consolidate_tiles",
     "fill_tiles",
-    "TABLE_SCALE_BITS",
-    "table_units",
     "round_fixed",
 ]
-
-TABLE_SCALE_BITS = 28  # a split table is applied in fixed point: units of 2**-28 tokens
 
 _PAD = 1 << 60
 
@@ -58,10 +53,6 @@ class SplitSteps(Protocol):
     def split_round(self, pl: Placement, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer units per copy minimising the busiest rank: ``units [L, E]`` long ->
         (``[L, P]`` long summing per expert to ``units``, ``[L]`` bool certified optimal)."""
-        ...
-
-    def table_round(self, pl: Placement, fractions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """A split table applied to counts and rounded: fractions ``[L, P]``, counts ``[L, E]`` -> ``[L, P]`` long."""
         ...
 
 
@@ -170,7 +161,7 @@ def _as_given(pl: Placement, t: torch.Tensor) -> torch.Tensor:
 class FloatSteps:
     """The core's steps: exact float64 split (fast solver, HiGHS for what it cannot certify),
     largest remainder + polish, then an integral max-flow where the rounding is not optimal,
-    so the integer max is always ``ceil(LP value)``. Tables are rounded without polish."""
+    so the integer max is always ``ceil(LP value)``."""
 
     name = "float64"
 
@@ -197,12 +188,6 @@ class FloatSteps:
                     break
         return q, certified
 
-    def table_round(self, pl: Placement, fractions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # The table is the plan: applied in exact fixed point and rounded, not re-optimised
-        # per batch (that is per-batch LPLB). Integer arithmetic, so every device agrees.
-        c = counts.to(torch.long).reshape(pl.num_layers, pl.num_logical)
-        return round_fixed(pl, table_units(pl, fractions, c), c, TABLE_SCALE_BITS)
-
 
 FLOAT_STEPS = FloatSteps()
 
@@ -210,27 +195,6 @@ FLOAT_STEPS = FloatSteps()
 # ---------------------------------------------------------------------------------------------
 # Fixed point (integer, no host sync: shared by every SplitSteps)
 # ---------------------------------------------------------------------------------------------
-def table_units(pl: Placement, fractions: torch.Tensor, counts: torch.Tensor,
-                scale_bits: int = TABLE_SCALE_BITS) -> torch.Tensor:
-    """A split table applied to counts, in fixed point: ``[L, P]`` long, units of ``2**-scale_bits``.
-
-    Each copy gets ``floor(fraction * (count << scale_bits))`` (one float64 product, correctly
-    rounded on every IEEE device, then floor); the expert's remainder goes to its largest
-    copy (lowest slot on ties), so every expert's copies sum to ``count << scale_bits``.
-    Args: fractions ``[L, P]`` (or ``[P]``), counts ``[L, E]`` long.
-    """
-    L, P = pl.num_layers, pl.num_physical
-    cs = counts.to(torch.long).reshape(L, pl.num_logical) << scale_bits
-    f = fractions.reshape(L, P).to(torch.float64)
-    x = torch.floor(f * cs.gather(1, pl.phy2log).to(torch.float64)).to(torch.long).clamp(min=0)
-    resid = cs - torch.zeros_like(cs).scatter_add_(1, pl.phy2log, x)
-    idx = torch.arange(P, device=x.device)
-    score = x * (P + 1) + (P - idx)  # largest copy, lowest slot on ties (x < 2**53 / (P+1))
-    best = torch.full_like(cs, -1).scatter_reduce_(1, pl.phy2log, score, reduce="amax", include_self=True)
-    largest = score == best.gather(1, pl.phy2log)
-    return (x + torch.where(largest, resid.gather(1, pl.phy2log), 0)).clamp(min=0)
-
-
 def round_fixed(pl: Placement, q_fixed: torch.Tensor, counts: torch.Tensor, scale_bits: int) -> torch.Tensor:
     """Largest-remainder rounding of a fixed-point split ``[L, P]`` (units ``2**-scale_bits``).
 
@@ -343,11 +307,6 @@ def _balanced(pl: Placement, c: torch.Tensor, tile: int, steps: SplitSteps) -> t
     return fill_tiles(pl, consolidate_tiles(pl, n, units), c, tile), cert
 
 
-def _table(pl: Placement, fractions: torch.Tensor, c: torch.Tensor, steps: SplitSteps) -> torch.Tensor:
-    """``table_quotas`` without checks: fractions ``[L, P]``, ``c [L, E]`` long -> ``[L, P]`` long."""
-    return steps.table_round(pl, fractions, c)
-
-
 def balanced_quotas(
     pl: Placement,
     counts: torch.Tensor,
@@ -381,15 +340,3 @@ def balanced_quotas(
     if return_certified:
         return q, (cert[0] if pl.single_layer else cert)
     return q
-
-
-def table_quotas(pl: Placement, fractions: torch.Tensor, counts: torch.Tensor,
-                 *, steps: SplitSteps = FLOAT_STEPS) -> torch.Tensor:
-    """A split table's quotas for this batch: ``fractions [P]/[L, P]``, ``counts [E]/[L, E]`` -> long.
-
-    The table is applied and rounded by largest remainder, without per-batch polish (the
-    table is the plan; docs/design.md, table-mode rounding)."""
-    c = pl.check_counts(counts).to(torch.long)
-    f = _check_split(pl, fractions, "split_table")
-    q = _table(pl, f, c, steps)
-    return q[0] if pl.single_layer else q

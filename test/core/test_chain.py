@@ -159,8 +159,16 @@ def test_balance_layer_argument_errors():
     topk = torch.tensor([[0, 1]])
     with pytest.raises(ValueError, match="phys_ids"):
         balance_layer(pl, topk, waterfill_only("all_rank"))
-    with pytest.raises(ValueError, match="split_table"):
-        balance_layer(pl, topk, BalanceMode(lplb="table"))
+    with pytest.raises(ValueError, match="needs plan_map"):
+        balance_layer(pl, topk, BalanceMode(lplb="plan"))
+    with pytest.raises(ValueError, match="needs hash offsets"):
+        balance_layer(pl, topk, BalanceMode(lplb="plan"), plan_map=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="is gated"):
+        balance_layer(pl, topk, BalanceMode(lplb="plan", gate=True))
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        balance_layer(pl, topk, LPLB, layer=1)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        balance_layer(pl, topk, LPLB, layer=-1)
     with pytest.raises(ValueError, match="mode must be a BalanceMode"):
         balance_layer(pl, topk, "lplb")
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[-1, 2\)"):
@@ -178,8 +186,12 @@ def test_balance_layer_argument_errors():
         balance_layer(pl, topk, BalanceMode(lplb="per-batch", objective="tiles"))
 
 
-def test_split_table_mode_uses_fractions():
+def test_plan_mode_is_the_maps_gather():
+    """A plan in the chain is exactly ``plan_map[topk_ids, offsets]``: hand-built map, hand-picked slots."""
     pl = Placement(torch.tensor([0, 1, 0, 2]), 2)
-    topk = torch.tensor([[0]] * 10)
-    res = balance_layer(pl, topk, BalanceMode(lplb="table"), split_table=torch.tensor([0.3, 1.0, 0.7, 1.0]))
-    assert res.quotas.tolist() == [3, 0, 7, 0]
+    plan_map = torch.tensor([[0, 0, 2, 2], [1, 1, 1, 1], [3, 3, 3, 3]])  # expert 0: hash slots 0-1 -> slot 0, 2-3 -> 2
+    topk = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    offsets = torch.tensor([[0, 3], [2, 1], [1, 0], [3, 3]])
+    res = balance_layer(pl, topk, BalanceMode(lplb="plan"), plan_map=plan_map, offsets=offsets)
+    assert res.phys_ids.tolist() == [[0, 1], [2, 3], [0, 1]]
+    assert res.quotas is None and res.shared_rank is None

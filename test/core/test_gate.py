@@ -61,4 +61,4 @@ def test_overheads_file_errors(tmp_path):
     with pytest.raises(ValueError, match="not an overheads table"):
         Overheads.measured(str(bad))
     with pytest.raises(KeyError, match="no measured hot-path time"):
-        Overheads(hot_path={}).hot_path_us(BalanceMode(lplb="table"), 10)
+        Overheads(hot_path={}).hot_path_us(BalanceMode(lplb="per-batch"), 10)

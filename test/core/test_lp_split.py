@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from core.oracles import lp_min_max
 from core.strategies import counts_for, placements
-from sglang_moe_lb import Placement, even_split, lower_bound, lp_split, scenario_split, solve_split
+from sglang_moe_lb import Placement, even_split, lower_bound, lp_split, solve_split
 
 
 def _conserved(pl, x, c):
@@ -133,52 +133,6 @@ def test_bad_method_and_shapes():
         solve_split(pl, torch.tensor([1, 1]), method="ipm")
     with pytest.raises(ValueError, match="shape"):
         solve_split(pl, torch.tensor([[1, 1]]))
-
-
-def _mean_step_max(pl, fractions, window):
-    return float(torch.stack([pl.rank_loads(fractions * w[pl.phy2log[0]]).max() for w in window]).mean())
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_scenario_split_matches_grid_search(seed):
-    # Experts 0 and 1 each have two copies; a 41x41 grid over their fractions is the oracle.
-    g = torch.Generator().manual_seed(seed)
-    pl = Placement(torch.tensor([0, 2, 1, 3, 0, 4, 1, 5]), 4)
-    window = torch.randint(0, 20, (6, 6), generator=g)
-    f = scenario_split(pl, window)
-    assert f[[1, 3, 5, 7]].tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert float(f[0] + f[4]) == pytest.approx(1.0) and float(f[2] + f[6]) == pytest.approx(1.0)
-    best = min(
-        _mean_step_max(pl, torch.tensor([a, 1, b, 1, 1 - a, 1, 1 - b, 1], dtype=torch.float64), window)
-        for a in [i / 40 for i in range(41)]
-        for b in [i / 40 for i in range(41)]
-    )
-    got = _mean_step_max(pl, f, window)
-    assert got <= best + 1e-9
-    # and it is never worse than the split that is optimal for the window's average
-    avg = solve_split(pl, window.sum(0))
-    c_avg = window.sum(0).to(torch.float64)[pl.phy2log[0]]
-    f_avg = torch.where(c_avg > 0, avg / c_avg.clamp(min=1), 0.5)
-    assert got <= _mean_step_max(pl, f_avg, window) + 1e-9
-
-
-def test_scenario_split_unseen_expert_keeps_even_split():
-    pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
-    f = scenario_split(pl, torch.tensor([[5, 0], [3, 0]]))
-    assert f[[1, 3]].tolist() == [0.5, 0.5]
-
-
-def test_scenario_split_strict_raises_and_default_falls_back(monkeypatch):
-    pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
-    window = torch.tensor([[5, 1], [3, 2]])
-
-    def boom(*a, **k):
-        raise lp_split.SplitError("synthetic failure")
-
-    monkeypatch.setattr(lp_split, "_scenario_layer", boom)
-    with pytest.raises(lp_split.SplitError, match="layer 0"):
-        scenario_split(pl, window, strict=True)
-    assert scenario_split(pl, window).tolist() == [0.5, 0.5, 0.5, 0.5]
 
 
 def test_placement_to_keeps_single_layer():

@@ -1,6 +1,5 @@
 """balanced_quotas (token and tile objectives) against an independent HiGHS MILP."""
 
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from hypothesis import strategies as st
 
 from core.oracles import brute_integer_min_max, milp_min_max_tiles, milp_min_max_tokens
 from core.strategies import counts_for, placements
-from sglang_moe_lb import CostModel, Placement, balanced_quotas, table_quotas
+from sglang_moe_lb import CostModel, Placement, balanced_quotas
 from sglang_moe_lb.objective import _flow_round, consolidate_tiles, fill_tiles, tile_units
 
 
@@ -127,34 +126,3 @@ def test_bad_counts_and_tiles():
         balanced_quotas(pl, torch.tensor([-1, 2]))
     with pytest.raises(ValueError, match="tile_tokens must be a positive int"):
         balanced_quotas(pl, torch.tensor([1, 2]), tile_tokens=0)
-    with pytest.raises(ValueError, match="split_table has NaN"):
-        table_quotas(pl, torch.tensor([float("nan"), 1.0, 0.5, 0.0]), torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="split_table must be"):
-        table_quotas(pl, torch.tensor([0.5, 0.5]), torch.tensor([1, 2]))
-
-
-@given(st.data())
-def test_table_quotas_follow_exact_rational_rounding(data):
-    """Oracle, in plain Python integers: each copy gets floor(fraction * count * 2**28) from one
-    IEEE double product (the documented arithmetic), the remainder to the largest copy, then
-    largest remainder on the fixed-point values."""
-    p2l, R, E = data.draw(placements(max_ranks=4, max_slots_per_rank=3))
-    pl = Placement(p2l, R, E)
-    c = data.draw(counts_for(E, max_count=1000))
-    raw = torch.tensor(data.draw(st.lists(st.integers(1, 9), min_size=pl.num_physical, max_size=pl.num_physical)),
-                       dtype=torch.float64)
-    f = raw / torch.zeros(E, dtype=torch.float64).scatter_add_(0, p2l, raw)[p2l]  # fractions per expert sum ~ 1
-    q = table_quotas(pl, f, c)
-    assert torch.equal(_per_expert(pl, q), c)
-    unit = 2**28
-    for e in range(E):
-        slots = [p for p in range(pl.num_physical) if int(p2l[p]) == e]
-        cs = int(c[e]) * unit
-        x = {p: math.floor(float(f[p]) * float(cs)) for p in slots}
-        top = max(slots, key=lambda p: (x[p], -p))
-        x[top] += cs - sum(x.values())
-        fl = {p: x[p] // unit for p in slots}
-        short = int(c[e]) - sum(fl.values())
-        ranked = sorted(slots, key=lambda p: (-(x[p] % unit), p))
-        want = {p: fl[p] + (1 if p in ranked[:short] else 0) for p in slots}
-        assert [int(q[p]) for p in slots] == [want[p] for p in slots]

@@ -118,6 +118,7 @@ def _one_mode(rank, idle_rank, server_args, calls, batches):
                 "weights": None if topk_output is None else topk_output.topk_weights.clone(),
             }
         out["batches"].append({"sizes": list(sizes), "layers": layers, "collectives": calls["n"]})
-    out["tables"] = {layer: st.table for layer, st in rt.layers.items() if st.table is not None}
+    out["plans"] = {layer: st.maps.clone() for layer, st in rt.layers.items() if st.maps is not None}
+    out["levels"], out["hash_slots"], out["rank"] = rt.levels, rt.hash_slots, rt.ep.rank
     set_dp_buffer_len(0, 0, False, global_num_tokens=None)
     return out

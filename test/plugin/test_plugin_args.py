@@ -51,7 +51,8 @@ def test_launch_server_help_lists_the_flag():
     assert "--moe-lb {off,lplb,waterfill,waterfill+lplb}" in out
     for o in OPTIONS:
         assert o.flag in out
-    assert "--moe-lb-lplb-schedule {table,per-batch}" in out and "--moe-lb-lplb-sync {local,global}" in out
+    assert "--moe-lb-lplb-schedule {plan,per-batch}" in out and "--moe-lb-lplb-sync {local,global}" in out
+    assert "--moe-lb-placement {eplb,decode}" in out and "--moe-lb-plan-refresh PASSES" in out
 
 
 def test_sglang_serve_parses_the_flag():
@@ -85,9 +86,9 @@ def test_parse_waterfill_turns_on_the_fused_layout(plugin):
 
 
 @pytest.mark.parametrize("name", [
-    "lplb/table", "lplb/per-batch/local/tiles/gate", "lplb/per-batch/global/tokens",
+    "lplb/plan", "lplb/plan/global/tiles/gate", "lplb/per-batch/local/tiles/gate", "lplb/per-batch/global/tokens",
     "waterfill/all_rank/global", "waterfill+lplb/per-batch/local/tokens/conservative",
-    "waterfill+lplb/table/all_rank/local/gate",
+    "waterfill+lplb/plan/all_rank/local", "waterfill+lplb/plan/local/tokens/conservative/gate",
 ])
 def test_every_flag_reaches_the_mode(plugin, name):
     """The flags of a mode (``mode_flags``) parse back to that mode: one vocabulary."""
@@ -109,8 +110,13 @@ def test_default_is_off_and_changes_nothing(plugin):
      "argument --moe-lb-waterfill-sync: invalid choice: 'sometimes'"),
     (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "always"],
      "argument --moe-lb-lplb-schedule: invalid choice: 'always'"),
-    (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "rebalance-only"],  # the old spelling of 'table'
-     "argument --moe-lb-lplb-schedule: invalid choice: 'rebalance-only' (choose from 'table', 'per-batch')"),
+    (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table"],  # the schedule plans replaced
+     "argument --moe-lb-lplb-schedule: invalid choice: 'table' (choose from 'plan', 'per-batch')"),
+    (["--moe-lb", "lplb", "--moe-lb-placement", "everywhere"],
+     "argument --moe-lb-placement: invalid choice: 'everywhere' (choose from 'eplb', 'decode')"),
+    (["--moe-lb", "lplb", "--moe-lb-plan-refresh", "-1"], "--moe-lb-plan-refresh: expected a number of passes >= 0"),
+    (["--moe-lb", "lplb", "--moe-lb-plan-window", "0"], "--moe-lb-plan-window: expected a number of passes >= 1"),
+    (["--moe-lb", "lplb", "--moe-lb-plan-timeout", "nan"], "--moe-lb-plan-timeout: expected a number of seconds > 0"),
     (["--moe-lb", "lplb", "--moe-lb-tile-tokens", "96"], "argument --moe-lb-tile-tokens: invalid choice: 96"),
     (["--moe-lb", "lplb", "--moe-lb-expected-gain", "2"],
      "argument --moe-lb-expected-gain: expected a number in (0, 1], got '2'"),
@@ -152,15 +158,19 @@ def test_ignored_sub_option_warns(plugin, capsys):
     parse("--moe-lb", "lplb", "--moe-lb-waterfill-sync", "global", *EP4, *REDUNDANT)
     parse("--moe-lb", "waterfill+lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-waterfill-sync", "local",
           *DEEPEP4, *REDUNDANT)
-    parse("--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off", "--moe-lb-objective", "tiles",
-          "--moe-lb-gpu", "H100", *EP4, *REDUNDANT)
+    parse("--moe-lb", "lplb", "--moe-lb-lplb-schedule", "plan", "--moe-lb-gate", "off", "--moe-lb-objective", "tiles",
+          *EP4, *REDUNDANT)
+    parse("--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-gate", "off", "--moe-lb-gpu", "H100",
+          "--moe-lb-placement", "decode", *EP4, *REDUNDANT)
     parse("--moe-lb-lplb-sync", "local", *EP4)
     log = capsys.readouterr().err
     assert "--moe-lb-waterfill-sync is ignored with --moe-lb lplb: it only applies to Waterfill" in log
-    assert ("--moe-lb-waterfill-sync is ignored with --moe-lb waterfill+lplb: with per-batch LPLB, Waterfill is "
+    assert ("--moe-lb-waterfill-sync is ignored with --moe-lb waterfill+lplb: with a per-batch split, Waterfill is "
             "decided in the same split and shares --moe-lb-lplb-sync") in log
-    assert "--moe-lb-objective is ignored with --moe-lb lplb: it only applies to --moe-lb-lplb-schedule per-batch" in log
-    assert "--moe-lb-gpu is ignored with --moe-lb lplb: the cost model is only used by" in log
+    assert ("--moe-lb-objective is ignored with --moe-lb lplb: it only applies to the per-batch split "
+            "(--moe-lb-lplb-schedule per-batch, or plan with --moe-lb-gate on)") in log
+    assert "--moe-lb-gpu is ignored with --moe-lb lplb: the cost model is only used by plans" in log
+    assert "--moe-lb-placement is ignored with --moe-lb lplb: it only applies to --moe-lb-lplb-schedule plan" in log
     assert "--moe-lb-lplb-sync is ignored with --moe-lb off: the plugin is off" in log
 
 
@@ -227,8 +237,8 @@ def _make_path(*a, **k):
     raise AssertionError("not built at start-up")
 
 
-CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off", "--device", "cuda",
-             *EP4, *REDUNDANT]
+CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-lplb-sync", "local",
+             "--moe-lb-gate", "off", "--device", "cuda", *EP4, *REDUNDANT]
 
 
 @pytest.mark.parametrize("seam, needle", [
@@ -236,8 +246,8 @@ CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-ga
     (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=False, make_layer_path=_make_path),
      "(kernels v9) does not promise CUDA-graph safety (CUDA_GRAPH_SAFE is not True)"),
     (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
-          supports=lambda m: (False, "no table schedule in this set")),
-     "(kernels v9) does not run lplb/table: no table schedule in this set"),
+          supports=lambda m: (False, "no such mode in this set")),
+     "(kernels v9) does not run lplb/per-batch/local/tokens: no such mode in this set"),
 ])
 def test_cuda_graphs_refused_with_the_reason(plugin, capsys, monkeypatch, seam, needle):
     """Issue 10 (d): the start-up check names why graphs cannot run and which flags turn them off."""
@@ -286,7 +296,20 @@ def test_cuda_graphs_accepted_when_the_kernels_promise_safety(plugin, monkeypatc
                supports=lambda m: (True, ""))
     sa = parse(*CUDA_LPLB, "--cuda-graph-backend-prefill", "breakable")
     sa.resolve_once()
-    assert sa._moe_lb.mode == BalanceMode(lplb="table")
+    assert sa._moe_lb.mode == BalanceMode.parse("lplb/per-batch/local/tokens")
+
+
+def test_plans_alone_run_under_cuda_graphs_without_kernels(plugin, capsys, monkeypatch):
+    """A plan is one gather into fixed maps: graphs need no kernel. The gated plan (the default)
+    opens the per-batch split, which does: refused without kernels, naming that form."""
+    _fake_seam(monkeypatch, absent=True)
+    plan = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "plan", "--moe-lb-gate", "off", "--device", "cuda",
+            *EP4, *REDUNDANT]
+    sa = parse(*plan)
+    sa.resolve_once()
+    assert sa._moe_lb.mode == BalanceMode(lplb="plan")
+    err = expect_exit(capsys, "--moe-lb", "lplb", "--device", "cuda", *EP4, *REDUNDANT, resolve=True)
+    assert "--moe-lb lplb with CUDA graphs in the decode phase" in err and "is not importable" in err
 
 
 def test_redundant_expert_counts_are_checked(plugin, capsys):

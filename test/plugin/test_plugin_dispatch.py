@@ -15,22 +15,25 @@ import pytest
 import torch
 from plugin_helpers import TINY, E, K, make_topk
 
-from sglang_moe_lb import BalanceMode, Placement, fractions_to_split, integer_quotas, solve_split
+from sglang_moe_lb import BalanceMode, integer_quotas, solve_split
 from sglang_moe_lb.chain import balance_layer
 from sglang_moe_lb.cost import CostModel
+from sglang_moe_lb.plan import apply_plan, hash_offsets, level_index
 from sglang_moe_lb.plugin.options import mode_flags
+from sglang_moe_lb.testing.torch_ops import TorchOps, storages
 
 LPLB_EP4 = ["--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4", "--enable-eplb"]
 DEEPEP4 = ["--tp", "4", "--moe-a2a-backend", "deepep", "--ep-num-redundant-experts", "4", "--enable-eplb"]
 MOE_LAYERS = (1, 2, 3)  # tiny_dsv3: layer 0 is dense
 
 MODES = [
-    "lplb/table",
+    "lplb/plan",
+    "lplb/plan/local/tokens/gate",
     "lplb/per-batch/global/tokens",
     "lplb/per-batch/local/tiles",
     "waterfill/conservative/local",
     "waterfill/all_rank/local",
-    "waterfill+lplb/table/conservative/local",
+    "waterfill+lplb/plan/conservative/local",
 ]
 
 
@@ -52,18 +55,23 @@ def tiny_cost() -> CostModel:
 
 def expected_quotas(rt, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """The core's quotas for this batch (``chain.balance_layer`` is the oracle of the wiring),
-    cross-checked against the LP (token objective) or the installed table."""
+    cross-checked against the LP (token objective)."""
     st = rt.layers[layer]
-    mode = rt.mode
+    mode = rt.mode.opened
     cost = tiny_cost() if mode.objective == "tiles" else None
-    quotas = balance_layer(st.placement, ids, mode, split_table=st.table, cost=cost).quotas
+    quotas = balance_layer(st.placement, ids, mode, cost=cost).quotas
     counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
-    if mode.per_batch and mode.objective == "tokens":
+    if mode.objective == "tokens":
         assert torch.equal(quotas, integer_quotas(st.placement, solve_split(st.placement, counts), counts))
-    elif mode.lplb == "table":  # the installed table, rounded
-        frac = fractions_to_split(st.placement, st.table, counts)
-        assert bool(((quotas - frac).abs() < 1).all())
     return quotas
+
+
+def expected_plan_ids(rt, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """The installed plan's gather, rebuilt here: level from ceil(rows / EP size) (no a2a backend,
+    every rank sees the same rows), hash slots of source 0 (ranks must agree)."""
+    st = rt.layers[layer]
+    level = level_index(rt.levels, -(-ids.shape[0] // rt.num_ranks))
+    return apply_plan(st.maps[level], ids, hash_offsets(ids.shape[0], ids.shape[1], rt.hash_slots))
 
 
 def ready(rank0, name: str, *extra: str, topks=()):
@@ -80,7 +88,7 @@ def ready(rank0, name: str, *extra: str, topks=()):
     return rt, md, topks
 
 
-@pytest.mark.parametrize("name", ["lplb/table", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles"])
+@pytest.mark.parametrize("name", ["lplb/plan", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles"])
 def test_dispatcher_maps_back_and_meets_quotas(rank0, name):
     from sglang.srt.eplb import expert_location_dispatch as eld
 
@@ -96,8 +104,11 @@ def test_dispatcher_maps_back_and_meets_quotas(rank0, name):
         phys = eld.topk_ids_logical_to_physical(ids, info)
         assert phys.shape == ids.shape and phys.dtype == ids.dtype
         assert torch.equal(md.physical_to_logical_map[layer][phys.long()], ids.long()), "a token changed expert"
-        got = torch.bincount(phys.reshape(-1).long(), minlength=md.num_physical_experts)
-        assert torch.equal(got, expected_quotas(rt, layer, ids)), "quotas not met"
+        if rt.mode.plan:
+            assert torch.equal(phys, expected_plan_ids(rt, layer, ids)), "not the installed plan's gather"
+        else:
+            got = torch.bincount(phys.reshape(-1).long(), minlength=md.num_physical_experts)
+            assert torch.equal(got, expected_quotas(rt, layer, ids)), "quotas not met"
         # Deterministic: a second call gives the same ids (rank invariance needs this).
         assert torch.equal(eld.topk_ids_logical_to_physical(ids, info), phys)
 
@@ -115,21 +126,6 @@ def test_tile_objective_uses_the_full_tile_without_a2a(rank0):
     got = torch.bincount(phys.reshape(-1).long(), minlength=pl.num_physical)
     active_copies = torch.zeros(E, dtype=torch.long).index_add_(0, pl.phy2log[0].cpu(), (got > 0).long())
     assert bool((active_copies <= 1).all()), "an expert with less than one tile of tokens was split"
-
-
-def test_table_schedule_starts_from_the_init_window(rank0):
-    """Start-up tables come from the scenario LP over the --init-expert-location window."""
-    from plugin_helpers import window
-
-    from sglang_moe_lb.lp_split import scenario_split
-
-    rt, md, _ = ready(rank0, "lplb/table")
-    win = window(0)
-    for layer in MOE_LAYERS:
-        st = rt.layers[layer]
-        assert st.source == "startup-scenario"
-        pl = Placement(md.physical_to_logical_map_cpu[layer], rt.num_ranks, E)
-        assert torch.allclose(st.table, scenario_split(pl, win[:, layer].double()))
 
 
 def _unfuse(fused: torch.Tensor, S: int) -> torch.Tensor:
@@ -211,7 +207,7 @@ def test_hooks_installed_are_the_manifests(rank0, name):
     want = {h.target for h in manifest.hooks_for("light")}
     want |= {h.target for h in manifest.hooks_for("forward", rt.opts.mode, rt.rank_invariant)}
     assert set(_ORIGINALS) == want
-    assert ("sglang.srt.eplb.eplb_manager.EPLBManager.rebalance" in want) == (rt.mode.lplb == "table")
+    assert ("sglang.srt.eplb.eplb_manager.EPLBManager.rebalance" in want) == rt.mode.plan
 
 
 def test_padded_rows_stay_padding(rank0):
@@ -264,3 +260,75 @@ def test_gate_closed_runs_sglangs_own_mapping(rank0, tmp_path):
     assert not torch.equal(got, sglang_pick(big, info))
     q = torch.bincount(got.reshape(-1).long(), minlength=md.num_physical_experts)
     assert torch.equal(q, expected_quotas(rt, 1, big))
+
+
+def test_gated_plan_runs_the_plan_closed_and_the_split_open(rank0, tmp_path):
+    """The default schedule: where the gate is closed the plan's gather runs, where it opens the
+    exact per-batch split (the same decision on every rank: from ceil(rows / EP))."""
+    from sglang.srt.eplb import expert_location_dispatch as eld
+
+    from sglang_moe_lb.gate import uniform_layer_time
+
+    cm = tiny_cost()
+    S = (E + 4) // 4
+    hot = (uniform_layer_time(cm, 25, K, S) + uniform_layer_time(cm, 400, K, S)) / 2
+    rt, md, _ = ready(rank0, "lplb/plan/global/tokens/gate", "--moe-lb-overheads", _overheads(tmp_path, 0.0, hot),
+                      "--moe-lb-expected-gain", "1")
+    info = eld.ExpertLocationDispatchInfo.init_new(1)
+    small, big = logical_batch(100, seed=1), logical_batch(1600, seed=2)  # 25 and 400 tokens per EP rank
+    assert torch.equal(eld.topk_ids_logical_to_physical(small, info), expected_plan_ids(rt, 1, small))
+    q = torch.bincount(eld.topk_ids_logical_to_physical(big, info).reshape(-1).long(), minlength=md.num_physical_experts)
+    assert torch.equal(q, expected_quotas(rt, 1, big))
+
+
+def _compute_ops(calls: list[str]) -> list[str]:
+    """The ops that launch device work (views and metadata ops launch nothing)."""
+    views = ("aten.slice", "aten.view", "aten.select", "aten.expand", "aten.alias", "aten.unsqueeze",
+             "aten.reshape", "aten._unsafe_view", "aten.detach", "aten.t.", "aten.as_strided")
+    return [c for c in calls if not c.startswith(views)]
+
+
+def test_a_plan_call_is_one_gather_like_sglang_static(rank0):
+    """Per MoE layer, the plan path issues no more ATen work than SGLang's static dispatch (one
+    indexing op; SGLang's adds a dtype cast), with no host sync, no collective, and no allocation
+    but its output; the maps and hash slots it reads keep their addresses (what captured graphs
+    replay)."""
+    from sglang.srt.eplb import expert_location_dispatch as eld
+    from sglang.srt.model_executor.model_runner_components import moe_ep_setup
+
+    from sglang_moe_lb.plugin import comm
+    from sglang_moe_lb.plugin.hooks import _ORIGINALS
+    from sglang_moe_lb.plugin.runtime import get_runtime
+
+    # SGLang's static dispatch needs an a2a backend (each rank routes its own tokens).
+    name = "lplb/plan/local/tokens/gate"
+    sa, md, mc = rank0(*mode_flags(BalanceMode.parse(name)), *DEEPEP4, "--ep-dispatch-algorithm", "static")
+    moe_ep_setup.prepare_moe_topk(model=torch.nn.ModuleList([make_topk(layer, False) for layer in MOE_LAYERS]),
+                                  model_config=mc)
+    rt = get_runtime()
+    assert not rt.rank_invariant and not rt.collective
+    info = eld.ExpertLocationDispatchInfo.init_new(1)
+    assert info.ep_dispatch_algorithm == "static"
+    static = _ORIGINALS["sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical"][2]
+    ids = logical_batch(32, seed=4)
+    eld.topk_ids_logical_to_physical(ids, info)  # warm-up (memos of the level and gate)
+    before = storages([rt.layers[1].maps, rt.offsets])
+    gathers = []
+    real = comm.all_gather_rows
+    comm.all_gather_rows = lambda *a, **k: gathers.append(1) or real(*a, **k)
+    try:
+        with TorchOps() as ours:
+            out = eld.topk_ids_logical_to_physical(ids, info)
+        with TorchOps() as theirs:
+            static(ids, info)
+    finally:
+        comm.all_gather_rows = real
+    assert not gathers and not ours.syncs
+    # SGLang's gather: index + a dtype cast (its map is int64, topk ids int32); ours: the index alone
+    assert _compute_ops(ours.calls) == ["aten.index.Tensor"], ours.calls
+    assert _compute_ops(theirs.calls)[0] == "aten.index.Tensor" and len(_compute_ops(theirs.calls)) >= 1
+    assert len(ours.allocs) == 1 <= len(theirs.allocs)  # the output ids only
+    assert storages([rt.layers[1].maps, rt.offsets]) == before
+    level = level_index(rt.levels, ids.shape[0])  # a2a without DP attention: this rank's rows
+    want = apply_plan(rt.layers[1].maps[level], ids, hash_offsets(ids.shape[0], K, rt.hash_slots, salt=rt.ep.rank))
+    assert torch.equal(out, want)

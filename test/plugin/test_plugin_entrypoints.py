@@ -86,10 +86,10 @@ def test_engine_without_our_keywords_is_untouched(engine):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(moe_lb="lpbl"), "sglang.Engine(..., moe_lb=...) (--moe-lb): expected one of off, lplb, waterfill, "
                           "waterfill+lplb, got 'lpbl'"),
-    (dict(moe_lb="lplb", moe_lb_lplb_shedule="table"), "sglang.Engine(..., moe_lb_lplb_shedule=...): not an "
+    (dict(moe_lb="lplb", moe_lb_lplb_shedule="plan"), "sglang.Engine(..., moe_lb_lplb_shedule=...): not an "
                                                        "sglang-moe-lb option. Known: moe_lb, moe_lb_lplb_schedule"),
     (dict(moe_lb="lplb", moe_lb_lplb_schedule="always"), "sglang.Engine(..., moe_lb_lplb_schedule=...) "
-                                                         "(--moe-lb-lplb-schedule): expected one of table, per-batch, got 'always'"),
+                                                         "(--moe-lb-lplb-schedule): expected one of plan, per-batch, got 'always'"),
     (dict(moe_lb="lplb", moe_lb_expected_gain=3), "(--moe-lb-expected-gain): expected a number in (0, 1], got 3"),
     (dict(moe_lb="waterfill"), ERRORS["waterfill_a2a"].format(mode="waterfill", backend="none")),
 ])
@@ -169,7 +169,7 @@ def test_doctor_names_what_is_missing():
     from sglang_moe_lb.plugin import doctor
 
     fake = manifest.Hook("sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step", "AFTER", "cli_hooks.fail",
-                         "forward", "table", "test")
+                         "forward", "plan", "test")
     out = io.StringIO()
     assert doctor.run(out, entries=[*manifest.HOOKS, fake]) == 1
     text = out.getvalue()

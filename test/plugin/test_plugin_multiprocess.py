@@ -23,6 +23,7 @@ from sglang_moe_lb import BalanceMode, Placement, fuse_topk, integer_quotas, rou
 from sglang_moe_lb.chain import balance_layer, local_stats
 from sglang_moe_lb.cost import CostModel
 from sglang_moe_lb.gate import uniform_layer_time
+from sglang_moe_lb.plan import apply_plan, hash_offsets, level_index
 from sglang_moe_lb.plugin.options import mode_flags
 from sglang_moe_lb.testing.gloo_ranks import run_ranks
 
@@ -42,8 +43,9 @@ MODES = {
     "waterfill+lplb/per-batch/global/tokens/all_rank": ONE_BATCH,
     "waterfill+lplb/per-batch/global/tokens/conservative": ONE_BATCH,
     "waterfill/conservative/local": ONE_BATCH,
-    "lplb/table": ONE_BATCH,
+    "lplb/plan": ONE_BATCH,
     "lplb/per-batch/global/tokens/gate": GATE_BATCHES,
+    "lplb/plan/global/tokens/gate": GATE_BATCHES,
     "waterfill+lplb/per-batch/global/tokens/all_rank/gate": GATE_BATCHES,
 }
 TIMEOUT_S = 300
@@ -216,21 +218,32 @@ def test_waterfill_sync_modes(ranks, name, collective):
             assert (routed + shared_load).max() <= local_load.max()
 
 
-def test_table_schedule_is_identical_and_needs_no_collective(ranks):
-    """Every rank solves the same scenario LP from the same window: bit-identical tables."""
-    mode = BalanceMode.parse("lplb/table")
-    res = ranks[mode.name]
+def _check_plan(res, b):
+    """Each rank's routed ids are its plan's gather: the level of the largest DP rank's batch (the
+    size every rank shares), the hash slots of its own rank (ranks may disagree with DeepEP)."""
+    sizes = res[0]["batches"][b]["sizes"]
+    for layer in (1, 2, 3):
+        S, pl, rows, logical = _setup(res, b, layer)
+        for r in range(R):
+            maps = res[r]["plans"][layer]
+            level = level_index(res[r]["levels"], max(sizes))
+            n = logical[r].shape[0]
+            want = apply_plan(maps[level], logical[r], hash_offsets(n, K, res[r]["hash_slots"], salt=res[r]["rank"]))
+            assert torch.equal(rows[r][0], want.long()), f"batch {b} rank {r} layer {layer}: not the plan's gather"
+
+
+def test_plans_are_identical_on_every_rank_and_need_no_collective(ranks):
+    """Every rank solves the same plans from the same window; a plan call runs no collective."""
+    res = ranks["lplb/plan"]
     _check_collectives(res, collective=False)
     for layer in (1, 2, 3):
-        tables = [res[r]["tables"][layer] for r in range(R)]
-        assert all(torch.equal(t, tables[0]) for t in tables[1:]), f"layer {layer}: ranks solved different tables"
-        S, pl, rows, logical = _setup(res, 0, layer)
-        for r in range(R):
-            want = balance_layer(pl, logical[r], mode, split_table=tables[0])
-            assert torch.equal(rows[r][0], want.phys_ids.long()), f"rank {r} layer {layer}: routed ids differ"
+        plans = [res[r]["plans"][layer] for r in range(R)]
+        assert all(torch.equal(p, plans[0]) for p in plans[1:]), f"layer {layer}: ranks solved different plans"
+    _check_plan(res, 0)
 
 
-@pytest.mark.parametrize("name", ["lplb/per-batch/global/tokens/gate", "waterfill+lplb/per-batch/global/tokens/all_rank/gate"])
+@pytest.mark.parametrize("name", ["lplb/per-batch/global/tokens/gate", "waterfill+lplb/per-batch/global/tokens/all_rank/gate",
+                                  "lplb/plan/global/tokens/gate"])
 def test_gate_decides_the_same_on_every_rank(ranks, name):
     """Mixed batch sizes, an idle rank: the gate follows the largest rank's batch (shared by all
     ranks), so a rank with 1 token balances when another has 300, and a closed batch skips the
@@ -241,7 +254,10 @@ def test_gate_decides_the_same_on_every_rank(ranks, name):
     assert any(GATE_OPEN) and not all(GATE_OPEN)
     for b, opened in enumerate(GATE_OPEN):
         if opened:
-            _check_per_batch(mode.with_(gate=False), res, b)
+            _check_per_batch(mode.opened, res, b)
+            continue
+        if mode.plan:  # closed: the plan's gather, no collective
+            _check_plan(res, b)
             continue
         for layer in (1, 2, 3):  # closed: SGLang's own mapping, the shared expert at home
             S, pl, rows, logical = _setup(res, b, layer)

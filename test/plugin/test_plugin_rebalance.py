@@ -1,4 +1,4 @@
-"""LPLB tables inside SGLang's real EPLB cycle (``EPLBManager`` with stub collaborators).
+"""Dispatch plans inside SGLang's real EPLB cycle (``EPLBManager`` with stub collaborators).
 
 SGLang's ``EPLBManager`` runs unmodified: every ``eplb_rebalance_num_iterations`` forward
 passes it dumps the recorder window, computes a placement with ``init_by_eplb``, has the
@@ -15,11 +15,12 @@ import pytest
 import torch
 from plugin_helpers import E, window
 
-from sglang_moe_lb import Placement, fractions_to_split
-from sglang_moe_lb.lp_split import even_fractions, scenario_split
+from sglang_moe_lb import Placement
+from sglang_moe_lb.plan import plan_maps, solve_layer_plan, static_like_weights, window_shares
 
-FLAGS = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--tp", "4", "--ep-size", "4", "--ep-num-redundant-experts", "4", "--enable-eplb",
-         "--eplb-rebalance-num-iterations", "2"]
+FLAGS = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "plan", "--moe-lb-gate", "off", "--tp", "4", "--ep-size", "4",
+         "--ep-num-redundant-experts", "4", "--enable-eplb", "--eplb-rebalance-num-iterations", "2",
+         "--moe-lb-plan-refresh", "0"]
 MOE_LAYERS = (1, 2, 3)
 
 
@@ -81,87 +82,87 @@ def _run_one_rebalance(manager):
         manager.on_forward_pass_end()
 
 
-def _summed_max_load(pl: Placement, table: torch.Tensor, window_layer: torch.Tensor) -> float:
-    """What the scenario LP minimises: the busiest rank's load, summed over the window's steps."""
-    return sum(float(pl.rank_loads(fractions_to_split(pl, table, c.double())).max()) for c in window_layer)
+def _core_plan(rt, row: torch.Tensor, window_: torch.Tensor, layer: int) -> torch.Tensor:
+    """The core's plan for one layer (what the plugin must install): ``[levels, E, W]``."""
+    pl = Placement(row, rt.num_ranks, E)
+    lp = solve_layer_plan(pl, window_shares(window_, window_.shape[1], E)[layer], rt.cost, top_k=rt.topk,
+                          levels=rt.levels, hash_slots=rt.hash_slots)
+    return plan_maps(pl, lp.weights[:, None], rt.hash_slots)[:, 0].to(torch.int32)
 
 
-def test_rebalance_installs_new_tables_for_new_placements(eplb, caplog):
+def test_start_up_solves_from_the_init_window(eplb):
+    rt, _, _ = eplb
+    for layer in MOE_LAYERS:
+        st = rt.layers[layer]
+        assert st.source == "start-up"
+        assert torch.equal(st.maps.cpu(), _core_plan(rt, st.row, window(0), layer))
+
+
+def test_rebalance_installs_new_plans_in_place(eplb, caplog):
     from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
     rt, manager, recorder = eplb
     caplog.set_level(logging.INFO, logger="sglang_moe_lb.plugin")
-    start_tables = {layer: rt.layers[layer].table.clone() for layer in MOE_LAYERS}
-    start_ptrs = {layer: rt.layers[layer].path.table.data_ptr() for layer in MOE_LAYERS}
-    assert all(rt.layers[layer].source == "startup-scenario" for layer in MOE_LAYERS)
+    ptrs = {layer: rt.layers[layer].maps.data_ptr() for layer in MOE_LAYERS}
     recorder.window = window(5)  # traffic moved: EPLB picks a new placement
     _run_one_rebalance(manager)
 
     md = get_global_expert_location_metadata()
     report = rt.last_report
     assert report["label"] == "rebalance #1" and not report["failed"]
-    changed = 0
     for layer in MOE_LAYERS:
         st = rt.layers[layer]
         row = md.physical_to_logical_map_cpu[layer]
         assert torch.equal(st.row, row) and torch.equal(st.placement.phy2log[0].cpu(), row)
-        assert torch.equal(st.path.pl.phy2log[0].cpu(), row), "the layer path serves another placement"
-        assert st.path.table.data_ptr() == start_ptrs[layer], "the table was replaced, not updated in place"
-        assert torch.equal(st.path.table.cpu(), st.table)
-        pl = Placement(row, rt.num_ranks, E)
-        if pl.has_replicas:
-            w = window(5)[:, layer]
-            assert st.source == "scenario" and layer in report["installed"]
-            assert torch.allclose(st.table, scenario_split(pl, w.double()))
-            even = even_fractions(pl)[0]
-            assert _summed_max_load(pl, st.table, w) <= _summed_max_load(pl, even, w) + 1e-6, \
-                "the scenario LP lost to the even split on its own window"
-            assert all(0 < b <= 1 for b in report["balancedness"][layer][1:])
-        changed += not torch.equal(st.table, start_tables[layer])
-    assert changed, "no table changed"
-    assert "[moe-lb] rebalance #1: LPLB tables for" in caplog.text
-    assert "Balancedness old->even->lplb: 1:" in caplog.text
+        assert st.maps.data_ptr() == ptrs[layer], "the maps were replaced, not updated in place"
+        assert st.source == "rebalance #1" and layer in report["installed"]
+        assert torch.equal(st.maps.cpu(), _core_plan(rt, row, window(5), layer))
+        # every entry of every level's map holds its expert
+        assert bool((st.placement.phy2log[0][st.maps.long()] == torch.arange(E)[None, :, None]).all())
+    assert "[moe-lb] rebalance #1: plans installed for 3 layers x 13 levels" in caplog.text
 
 
-def test_failing_solve_keeps_the_old_plan(eplb, monkeypatch, caplog):
+def test_failing_solve_keeps_the_plan(eplb, monkeypatch, caplog):
     from sglang_moe_lb.plugin import rebalance
 
     rt, manager, recorder = eplb
-    before = {layer: rt.layers[layer].table.clone() for layer in MOE_LAYERS}
+    before = {layer: rt.layers[layer].maps.clone() for layer in MOE_LAYERS}
 
-    def broken(pl, window_layer, strict=True):
+    def broken(*args, **kwargs):
         raise RuntimeError("HiGHS exploded")
 
-    monkeypatch.setattr(rebalance, "solve_table", broken)
-    _run_one_rebalance(manager)  # same window -> same placement, so the old tables still apply
+    monkeypatch.setattr(rebalance, "solve_layer_plan", broken)
+    _run_one_rebalance(manager)  # same window -> same placement, so the old plans still apply
     for layer in MOE_LAYERS:
-        assert torch.equal(rt.layers[layer].table, before[layer]), f"layer {layer} lost its table"
-        assert torch.equal(rt.layers[layer].path.table.cpu(), before[layer])
-        assert rt.layers[layer].source == "startup-scenario"
+        assert torch.equal(rt.layers[layer].maps, before[layer]), f"layer {layer} lost its plan"
+        assert rt.layers[layer].source == "start-up"
     assert set(rt.last_report["failed"]) >= set(MOE_LAYERS)
-    assert "LPLB solve failed on layer 1 (RuntimeError: HiGHS exploded); keeping its current table" in caplog.text
+    assert "rebalance #1: plan solve failed on layers [0, 1, 2, 3] (first: layer 0, RuntimeError: HiGHS exploded)" \
+        in caplog.text
 
 
-def test_placement_follows_metadata_update_before_tables(eplb):
-    """Between the weight move and the install, dispatch must already use the new placement."""
+def test_placement_follows_metadata_update_before_plans(eplb):
+    """Between the weight move and the install, dispatch must already use the new placement:
+    the new row's even plan, in the same storage."""
     from sglang.srt.eplb.expert_location import ExpertLocationMetadata, get_global_expert_location_metadata
 
     rt, manager, _ = eplb
     md = get_global_expert_location_metadata()
     new = ExpertLocationMetadata.init_by_eplb(manager._model_config, window(9))
-    path = rt.layers[2].path
+    ptr = rt.layers[2].maps.data_ptr()
     md.update(new, update_layer_ids=[2])
     st = rt.layers[2]
-    assert st.path is path, "the placement was not installed in place"
-    assert torch.equal(st.row, new.physical_to_logical_map_cpu[2])
-    assert torch.equal(st.path.pl.phy2log[0].cpu(), new.physical_to_logical_map_cpu[2])
-    assert st.source == "even"  # not yet solved: the even split of the new placement
-    assert torch.allclose(st.path.table.cpu(), even_fractions(st.placement)[0].cpu())
+    row = new.physical_to_logical_map_cpu[2]
+    assert torch.equal(st.row, row) and st.maps.data_ptr() == ptr and st.source == "even"
+    pl = Placement(row, rt.num_ranks, E)
+    even = plan_maps(pl, static_like_weights(pl, rt.levels, rt.hash_slots), rt.hash_slots)[:, 0]
+    assert torch.equal(st.maps.cpu().long(), even)
     assert torch.equal(rt.layers[1].row, md.physical_to_logical_map_cpu[1])
 
 
 def test_the_rebalancer_is_a_generator_the_pass_hook_advances(eplb):
-    """No install before the rebalance's pass ends; the install happens at that pass's end."""
+    """No install before the rebalance's pass ends; the install happens at that pass's end (no a2a
+    backend: every rank must switch at the same pass)."""
     rt, manager, recorder = eplb
     reb = rt.rebalancer
     assert reb is not None and hasattr(reb._cycle, "__next__")

@@ -20,7 +20,8 @@ from sglang_moe_lb.mode import BalanceMode
 
 REQUIRED = ("balancedness_mean", "balancedness_p5", "gap_to_bound_mean", "moe_time_ratio_vs_static",
             "time_vs_static", "overhead_us_per_layer", "tile_balancedness")
-SWEEP_MODES = "static,dynamic,upstream-waterfill,lplb/table,lplb/per-batch/global/tiles,lplb/per-batch/local/tokens/gate"
+SWEEP_MODES = ("static,dynamic,upstream-waterfill,lplb/plan,lplb/per-batch/global/tiles,lplb/per-batch/local/tokens/gate,"
+               "lplb")
 
 
 def test_replay_table_json_sweep_and_plots(tmp_path, capsys):
@@ -30,7 +31,8 @@ def test_replay_table_json_sweep_and_plots(tmp_path, capsys):
                "--json", str(out_json), "--plot", str(tmp_path / "img")])
     assert rc == 0
     text = capsys.readouterr().out
-    for mode in ("static", "dynamic", "upstream-waterfill*", "lplb/table", "lplb/per-batch/global/tiles",
+    for mode in ("static", "dynamic", "upstream-waterfill*", "lplb/plan", "lplb/per-batch/global/tiles",
+                 BalanceMode.from_flag("lplb").name,
                  "bound (joint LP)", "modelled MoE-layer time with overhead / SGLang static", "preset olmoe"):
         assert mode in text, mode
     js = json.loads(out_json.read_text())
@@ -53,6 +55,10 @@ def test_replay_table_json_sweep_and_plots(tmp_path, capsys):
         assert row["modes"]["static"]["overhead_us_per_layer"] == 0.0
         gated = row["modes"]["lplb/per-batch/local/tokens/gate"]  # OLMoE's tiny experts: never worth 36 µs
         assert gated["time_vs_static"] == 1.0 and gated["overhead_us_per_layer"] == 0.0 and not gated["gate_open"]
+        # the server default: closed, it is the plan (no kernels, no overhead until measured)
+        default = row["modes"][BalanceMode.from_flag("lplb").name]
+        assert not default["gate_open"] and default["overhead_us_per_layer"] == 0.0
+        assert default["time_vs_static"] == row["modes"]["lplb/plan"]["time_vs_static"]
     for name in ("replay_balancedness.png", "replay_worst_step.png", "replay_sweep.png"):
         assert (tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -93,8 +99,12 @@ def _error(argv, capsys) -> str:
 @pytest.mark.parametrize("argv, message", [
     # flag values
     (["--modes", "static,nope"], "first part must be one of"),
-    (["--modes", "lplb-rebalance"], "renamed: use 'lplb/table'"),
-    (["--modes", "lplb/table"], "--modes must include 'static'"),
+    (["--modes", "lplb-rebalance"], "renamed: use 'lplb/plan'"),
+    (["--modes", "static,lplb/table"], "the table schedule is gone"),
+    (["--modes", "lplb"], "--modes must include 'static'"),
+    (["--placement", "best"], "invalid choice: 'best'"),
+    (["--plan-refresh", "-1"], "expected an integer >= 0"),
+    (["--plan-window", "0"], "expected an integer >= 1"),
     (["--modes", "static,static"], "given twice"),
     (["--ep-size", "7"], "not divisible by --ep-size 7"),
     (["--eplb-algorithm", "best"], "--eplb-algorithm must be one of SGLang's auto, deepseek"),
@@ -136,7 +146,7 @@ def test_bad_files_fail_before_any_work(tmp_path, capsys):
     ov.write_text(json.dumps({"format": "other"}))
     assert "--overheads" in _error(["--overheads", str(ov)], capsys)
     ov.write_text(json.dumps({"format": "sglang-moe-lb-overheads/1", "gpu": "x", "kernels_version": "x", "date": "x",
-                              "hot_path_us": {"lplb/table": {"1": 1.0}},
+                              "hot_path_us": {"lplb/plan": {"1": 1.0}},
                               "collective_us": {"intra_node": 1, "inter_node": 1, "ranks_per_node": 8}}))
     assert "no measured hot-path time for" in _error(["--overheads", str(ov)], capsys)
 

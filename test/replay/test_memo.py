@@ -61,7 +61,7 @@ def test_memo_returns_copies_and_credits_saved_time():
 PER_BATCH = ("static", "lplb/per-batch/global/tokens", "lplb/per-batch/global/tiles", "lplb/per-batch/local/tokens",
              "lplb/per-batch/local/tiles", "waterfill+lplb/per-batch/global/tokens/conservative",
              "waterfill+lplb/per-batch/local/tiles/all_rank", "waterfill+lplb/per-batch/global/tiles/all_rank",
-             "lplb/table", "waterfill/conservative/global")
+             "lplb/plan", "waterfill/conservative/global")
 
 
 @pytest.mark.parametrize("lp_method", ["fast", "highs"])

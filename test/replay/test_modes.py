@@ -18,15 +18,27 @@ def test_sglang_names_and_balance_mode_names_round_trip():
     for name in SGLANG_MODES:
         m = parse_mode(name)
         assert m.sglang == name and m.balance is None and m.family == "upstream"
-    for name in ("lplb/table", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles/gate",
+    for name in ("lplb/plan", "lplb/plan/local/tokens/gate", "lplb/per-batch/global/tokens", "lplb/per-batch/local/tiles/gate",
                  "waterfill/conservative/global", "waterfill+lplb/per-batch/global/tokens/all_rank"):
         m = parse_mode(name)
         assert m.balance == BalanceMode.parse(name) and m.name == name and m.family == "ours"
 
 
-def test_gated_mode_runs_its_ungated_mode():
+def test_gated_mode_runs_its_opened_and_closed_forms():
     m = parse_mode("lplb/per-batch/local/tiles/gate")
     assert m.gated and m.ungated.name == "lplb/per-batch/local/tiles" and not m.ungated.gated
+    assert m.closed.name == "static" and m.closed.sglang == "static"
+    h = parse_mode("waterfill+lplb/plan/local/tokens/all_rank/gate")
+    assert h.ungated.name == "waterfill+lplb/per-batch/local/tokens/all_rank"
+    assert h.closed.name == "lplb/plan" and h.closed.balance == BalanceMode(lplb="plan")
+
+
+def test_the_server_flag_values_mean_what_moe_lb_means():
+    for flag in ("lplb", "waterfill", "waterfill+lplb"):
+        m = parse_mode(flag)
+        assert m.balance == BalanceMode.from_flag(flag) and m.name == server_default(flag)
+    assert parse_mode("off").name == "static"
+    assert [m.name for m in parse_modes("static,lplb")] == ["static", server_default("lplb")]
 
 
 def test_server_default_comes_from_mode_server_defaults(monkeypatch):
@@ -42,7 +54,7 @@ def test_server_default_comes_from_mode_server_defaults(monkeypatch):
 
 def test_default_set_covers_the_brief():
     names = default_mode_names()
-    for want in ("static", "dynamic", "upstream-waterfill", "lplb/table",
+    for want in ("static", "dynamic", "upstream-waterfill", "lplb/plan",
                  "lplb/per-batch/global/tokens", "lplb/per-batch/global/tiles",
                  "lplb/per-batch/local/tokens", "lplb/per-batch/local/tiles",
                  "waterfill/conservative/global", "waterfill/all_rank/local",
@@ -54,20 +66,21 @@ def test_default_set_covers_the_brief():
 
 def test_all_is_every_mode_once():
     names = all_mode_names()
-    assert len(names) == len(set(names)) == 4 + 2 * 21  # SGLang's 4; 21 active BalanceModes, gated and not
+    assert len(names) == len(set(names)) == 4 + 21 + 28  # SGLang's 4; 21 ungated BalanceModes, 28 gated
     assert {parse_mode(n).name for n in names} == set(names)
 
 
 @pytest.mark.parametrize("items, message", [
-    (["static", "lplb"], "renamed: use 'lplb/per-batch/global/tokens'"),
-    (["static", "off"], "use 'static'"),
+    (["static", "lplb-rebalance"], "renamed: use 'lplb/plan'"),
+    (["static", "lplb/table"], "the table schedule is gone; plans replace it"),
+    (["static", "off"], "given twice"),
     (["static", "nope"], "first part must be one of"),
     (["static", "lplb/per-batch"], "needs its sync"),
     (["static", "lplb/per-batch/global/tokens/global"], "one sync choice"),
     (["static", "lplb/global/per-batch/tokens"], "write it as 'lplb/per-batch/global/tokens'"),
     (["static", "static"], "given twice"),
     (["all", "static"], "given twice"),
-    (["lplb/table"], "must include 'static'"),
+    (["lplb/plan"], "must include 'static'"),
     ([], "at least one mode"),
 ])
 def test_mode_name_errors(items, message):

@@ -18,7 +18,7 @@ JOINT_ALL = "waterfill+lplb/per-batch/global/tokens/all_rank"
 JOINT_CONS = "waterfill+lplb/per-batch/global/tokens/conservative"
 HAND_MODES = ("static", "dynamic", "upstream-waterfill", "upstream-waterfill-dyn", GLOBAL, LOCAL, WF_ALL, WF_CONS,
               JOINT_ALL, JOINT_CONS, f"{GLOBAL}/gate")
-MANY = ("static", "dynamic", "upstream-waterfill", "upstream-waterfill-dyn", "lplb/table", GLOBAL, LOCAL,
+MANY = ("static", "dynamic", "upstream-waterfill", "upstream-waterfill-dyn", "lplb/plan", GLOBAL, LOCAL,
         "lplb/per-batch/global/tiles", WF_ALL, WF_CONS, "waterfill/conservative/local", "waterfill/all_rank/local",
         JOINT_ALL, JOINT_CONS, "waterfill+lplb/per-batch/local/tokens/all_rank")
 
@@ -276,7 +276,7 @@ def test_upstream_waterfill_is_skipped_with_a_reason_for_odd_ep():
 def test_initial_placements(init, expect):
     tr = synthetic_trace(steps=3, tokens=(256, 256), num_ranks=4, experts=12, top_k=2, layers=1, seed=4)
     res = run_replay(tr, ReplayConfig(ep_size=4, redundant_experts=4, rebalance_every=2, init_placement=init,
-                                      modes=("static", "lplb/table", GLOBAL), workers=1, progress=False))
+                                      modes=("static", "lplb/plan", GLOBAL), workers=1, progress=False))
     assert any(expect in n for n in res.notes), res.notes
     p0 = res.arrays["placements"][0]
     if init == "trivial":

@@ -6,6 +6,7 @@ import torch
 
 from sglang_moe_lb.cost import CostModel
 from sglang_moe_lb.placement import Placement
+from sglang_moe_lb.plan import plan_maps, solve_plans
 from sglang_moe_lb.replay import aggregate as agg
 from sglang_moe_lb.replay import bounds as bd
 from sglang_moe_lb.replay.evaluate import fused_slots, split_sizes
@@ -13,7 +14,7 @@ from sglang_moe_lb.replay.modes import parse_mode
 from sglang_moe_lb.replay.read import count_layers, read_trace
 from sglang_moe_lb.replay.sources import Batch, Trace, bundled_trace, synthetic_trace
 from sglang_moe_lb.replay.sweep import evenly_spaced, resample_counts, resample_tokens, sized_trace
-from sglang_moe_lb.replay.timeline import build_timeline, split_tables
+from sglang_moe_lb.replay.timeline import PlanOptions, build_timeline
 
 
 # ------------------------------------------------------------------------------------------
@@ -41,45 +42,66 @@ def test_count_layers_ignores_padding():
 class _FixedUp:
     """A stand-in for SGLang's EPLB: a fixed new map at every rebalance (records the windows)."""
 
-    def __init__(self, p2l):
-        self.p2l, self.windows = p2l, []
+    def __init__(self, p2l, l2p=None):
+        self.p2l, self.l2p, self.windows, self.installed = p2l, l2p, [], []
 
     def rebalance(self, w):
         self.windows.append(w.clone())
-        return self.p2l, None
+        return self.p2l, self.l2p
 
     def install(self, p2l, l2p):
-        return None
+        self.installed.append(p2l.clone())
+        return len(self.installed)  # a distinct dispatch state per install
 
 
-def test_timeline_rebalances_on_the_window_and_solves_tables():
+_CM = CostModel(weight_bytes=44e6, flops_per_token=1e6, bandwidth=4.4e12, peak_flops=2e12, tile_tokens=8)
+
+
+def test_timeline_rebalances_on_the_window_and_solves_plans():
     E, R = 4, 2
     p2l = torch.tensor([[0, 1, 0, 2, 3, 0]])  # expert 0 on both ranks (slots 0, 2 on rank 0; 5 on rank 1)
     counts = torch.zeros(7, 1, E, dtype=torch.float64)
     counts[:, 0, 0] = 10.0
     counts[:, 0, 3] = 2.0
+    counts[4:, 0, 1] = 30.0  # traffic moves at step 4
     tr = Trace(E, 1, 1, 7, lambda t: None, recorded_placement=p2l)
     up = _FixedUp(p2l)
+    opts = PlanOptions(_CM, top_k=1, refresh=2, window=1, levels=(1, 64))
     tl = build_timeline(tr, counts, up=up, ep_size=R, num_physical=6, init="recorded", rebalance_every=3, window=2,
-                        with_tables=True)
+                        plans=opts)
     assert tl.rebalance_steps == [3, 6] and tl.state_of_step == [0, 0, 0, 1, 1, 1, 2]
     assert [w.shape[0] for w in up.windows] == [2, 2] and torch.equal(up.windows[0], counts[1:3])
-    first, later = tl.states[0].tables[0], tl.states[1].tables[0]
-    assert first.tolist() == pytest.approx([1 / 3, 1, 1 / 3, 1, 1, 1 / 3])  # even split until the first rebalance
-    # Each expert's copies share its tokens; the solved table beats the even one on its window:
-    # rank 0 holds expert 0 twice and expert 1; rank 1 holds experts 2, 3 and a copy of 0.
-    for table in (first, later):
-        assert table[[0, 2, 5]].sum() == pytest.approx(1.0)
+    # plans: the initial one (no counts: uniform shares), refreshes at 2 and 4, rebalances at 3 and 6
+    assert [(p.how, p.window) for p in tl.plans] == [
+        ("initial (uniform shares)", (0, 0)), ("refresh", (1, 2)), ("rebalance", (2, 3)), ("refresh", (3, 4)),
+        ("rebalance", (5, 6))]
+    assert tl.plan_of_step == [0, 0, 1, 2, 3, 3, 4]
     pl = Placement(p2l, R, E)
-    def worst(table):
-        return float(pl.rank_loads(table * counts[0, 0][p2l[0]]).max())
-    assert worst(later) <= worst(first) + 1e-9
-    assert worst(later) == pytest.approx(6.0)  # 10 + 2 tokens over 2 ranks
+    for p in tl.plans[1:]:
+        lo, hi = p.window
+        want = solve_plans(pl, counts[lo:hi], _CM, top_k=1, levels=(1, 64))
+        assert torch.equal(p.plans.weights, want.weights) and p.state == tl.state_of_step[hi]
+        assert torch.equal(p.maps, plan_maps(pl, want.weights, want.hash_slots))
 
 
-def test_split_tables_without_a_window_are_even():
-    pl = Placement(torch.tensor([[0, 1, 0, 1]]), 2, 2)
-    assert split_tables(pl, None).tolist() == [[0.5, 0.5, 0.5, 0.5]]
+def test_decode_placement_is_ours_and_sglangs_modes_keep_eplbs():
+    from sglang_moe_lb.decode_placement import logical_to_all_physical
+
+    E, R = 6, 3
+    p2l = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5, 1]])  # rank 0: three copies of expert 0; rank 1 none to spare
+    counts = torch.zeros(2, 1, E, dtype=torch.float64)
+    counts[:, 0] = torch.tensor([10.0, 9.0, 9.0, 8.0, 8.0, 8.0])
+    tr = Trace(E, 1, 1, 2, lambda t: None, calibration=counts[0])
+    up = _FixedUp(p2l, logical_to_all_physical(p2l, E))
+    for placement, moved in (("eplb", False), ("decode", True)):
+        tl = build_timeline(tr, counts, up=up, ep_size=R, num_physical=9, init="calibration", rebalance_every=0,
+                            window=1, placement=placement, cost=_CM)
+        st = tl.states[0]
+        assert torch.equal(st.ref_pl.phy2log, p2l)
+        assert (st.pl is not st.ref_pl) == moved and (st.up != st.ref_up) == moved
+        if moved:
+            assert sorted(st.pl.phy2log[0].tolist()) == sorted(p2l[0].tolist())  # same replica counts
+            assert "decode-aware post-step" in st.how
 
 
 # ------------------------------------------------------------------------------------------

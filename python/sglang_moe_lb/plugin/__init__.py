@@ -3,7 +3,7 @@
 Installed as the entry point ``moe_lb`` in group ``sglang.srt.plugins``; SGLang's
 ``load_plugins()`` calls ``register()`` once in every process (launcher, schedulers,
 detokenizer, ...). The plugin only translates between SGLang's objects and the core
-(``mode``, ``chain``, ``table``, ``cost``, ``gate``):
+(``mode``, ``chain``, ``plan``, ``cost``, ``gate``):
 
 * ``options``        the flag and sub-options (from ``mode.BalanceMode``), every start-up check
 * ``manifest``       every SGLang touch point (hooks, attributes written and read) and its check
@@ -11,11 +11,11 @@ detokenizer, ...). The plugin only translates between SGLang's objects and the c
 * ``cli_hooks``      argument hooks and ``sglang.Engine(moe_lb=...)``: parse, validate, carry
 * ``activation``     scheduler start-up: the runtime and the forward-path hooks
 * ``forward_hooks``  the forward-path hooks, thin calls into the runtime
-* ``runtime``        per-scheduler state: one layer path per MoE layer, the gate, the collectives
+* ``runtime``        per-scheduler state: each MoE layer's plan maps and layer path, the gate, the collectives
 * ``hot_path``       the layer path (kernels on CUDA, the core's chain otherwise); CUDA-graph rule
 * ``comm``           the one int32 EP all-gather of the global-sync modes
 * ``waterfill_balancer``  our drop-in for SGLang's ``WaterfillBalancer`` on ``TopK``
-* ``rebalance``      split tables inside the EPLB cycle (a generator advanced per forward pass)
+* ``rebalance``      dispatch plans inside the EPLB cycle (a generator advanced per forward pass)
 * ``doctor``         ``sglang-moe-lb doctor``
 
 Usage, every start-up error and the touch-point table: docs/usage.md.

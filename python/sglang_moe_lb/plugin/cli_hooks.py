@@ -177,7 +177,7 @@ def resolved_view(server_args) -> dict:
         hf = None
     if hf is not None:
         view["num_experts"] = _routed_experts(hf)
-        if opts.mode.objective == "tiles" or opts.mode.gate:
+        if opts.mode.plan or opts.mode.objective == "tiles" or opts.mode.gate:
             try:
                 expert_shape(hf)
             except CostModelError as err:

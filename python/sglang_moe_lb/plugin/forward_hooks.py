@@ -11,7 +11,7 @@ import logging
 import torch
 
 from . import hot_path
-from .runtime import call_capacity, fusion_off_error, gate_summary, get_runtime
+from .runtime import call_capacity, fusion_off_error, gate_summary, get_runtime, plan_summary
 
 __all__ = [
     "tag_dispatch_info",
@@ -21,9 +21,11 @@ __all__ = [
     "after_prepare_moe_topk",
     "after_metadata_update",
     "after_set_global_metadata",
-    "after_init_by_eplb",
+    "around_init_by_eplb",
+    "after_rebalance_experts",
     "around_rebalance",
     "after_forward_pass_end",
+    "recent_logical_counts",
 ]
 
 logger = logging.getLogger("sglang_moe_lb.plugin")
@@ -86,6 +88,8 @@ def _top_k(model, model_config) -> int:
     k = getattr(hf, "num_experts_per_tok", None)
     if isinstance(k, int) and k > 0:
         return k
+    if model is None:
+        return 0
     for module in _topks(model):
         cfg = getattr(module, "topk_config", None)
         if cfg is not None:
@@ -108,15 +112,63 @@ def after_prepare_moe_topk(result, *args, model=None, model_config=None, **kwarg
     rt.moe_layers |= {m.layer_id for m in _topks(model)}
     rt.attach_metadata(md)
     if rt.rebalancer is not None:
+        _configure_plans(rt)
         rt.rebalancer.startup()
     if rt.mode.waterfill is not None:
         _install_waterfill(rt, model)
     if rt.collective:
         _tag_dispatchers(model)
-    logger.info("[moe-lb] ready: %s, %d layers, %d ranks x %d slots, hot path %s, %d rows per call (%s)%s",
+    logger.info("[moe-lb] ready: %s, %d layers, %d ranks x %d slots, per-batch path %s, %d rows per call (%s)%s%s",
                 rt.opts.describe(), len(rt.layers), rt.num_ranks, rt.slots_per_rank,
-                hot_path.impl_name(rt.device or "cpu", rt.mode), cap, why, gate_summary(rt))
+                hot_path.impl_name(rt.device or "cpu", rt.mode), cap, why, gate_summary(rt), plan_summary(rt))
     return result
+
+
+def _configure_plans(rt) -> None:
+    """The plan cycle's cadence from the options and SGLang's EPLB settings, and its counts reader."""
+    from sglang.srt.runtime_context import get_exec
+
+    moe = get_exec().moe
+    p = rt.opts.plan
+    every = int(getattr(moe, "eplb_rebalance_num_iterations", 0) or 0) if getattr(moe, "enable_eplb", False) else 0
+    refresh = p.refresh_passes if p.refresh_passes is not None else every // 4
+    rt.rebalancer.counts_source = lambda passes: recent_logical_counts(rt, passes)
+    rt.rebalancer.configure(refresh_passes=refresh, window_passes=p.window_passes or refresh or 1,
+                            timeout_s=p.timeout_s)
+
+
+def recent_logical_counts(rt, passes: int) -> torch.Tensor | None:
+    """The last ``passes`` forward passes of SGLang's recorder, per logical expert, summed over the
+    EP group: ``[L, E]`` float64 on the CPU, or None (no stat recorder running: refresh is off).
+
+    Reads the recorder's ring of per-pass physical counts (``_StatAccumulator``), maps physical
+    slots to logical experts with the placement being served, and, with an a2a backend (each
+    rank counts only its own tokens), all-reduces the sum over the group: one collective per
+    refresh, at a pass boundary every rank reaches together (as EPLB's own dump does)."""
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+
+    rec = get_global_expert_distribution_recorder()
+    buf = getattr(getattr(rec, "_accumulator", None), "_global_physical_count_of_buffered_step", None)
+    if buf is None or not getattr(rec, "recording", False):
+        rt.warn_once("no-recorder", "plan refresh needs SGLang's expert-distribution recorder in stat mode, "
+                     "recording (--enable-eplb sets it up); plans refresh only at rebalance")
+        return None
+    data = buf._buffer
+    if hasattr(buf, "_curr_index"):  # circular: the last `passes` rows before the write index
+        idx = (torch.arange(-passes, 0) + int(buf._curr_index)) % data.shape[0]
+        recent = data[idx.to(data.device)]
+    else:
+        size = int(getattr(buf, "_size", data.shape[0]))
+        recent = data[max(0, size - passes):size]
+    phys = recent.sum(0).to(torch.long)  # [L, P]
+    logical = torch.zeros(phys.shape[0], rt.num_logical, dtype=torch.long, device=phys.device)
+    for layer, st in rt.layers.items():
+        logical[layer].scatter_add_(0, st.placement.phy2log[0].to(phys.device), phys[layer])
+    if not rt.rank_invariant:
+        import torch.distributed as dist
+
+        dist.all_reduce(logical, op=dist.ReduceOp.SUM)
+    return logical.to("cpu", torch.float64)
 
 
 def _topks(model):
@@ -194,17 +246,52 @@ def after_set_global_metadata(result, *args, **kwargs):
     return result
 
 
-def after_init_by_eplb(result, *args, **kwargs):
-    """``ExpertLocationMetadata.init_by_eplb``: a placement computed from a recorded window."""
+def around_init_by_eplb(orig, *args, **kwargs):
+    """``ExpertLocationMetadata.init_by_eplb``: a placement computed from a recorded window.
+
+    The model config is kept for the call (the decode-aware post-step on ``rebalance_experts``
+    needs its expert shape and top-k, also at start-up, before the model is loaded)."""
     rt = get_runtime()
     if rt is None or rt.rebalancer is None:
-        return result
+        return orig(*args, **kwargs)
+    rt.eplb_model_config = _arg(args, kwargs, 0, "model_config")
+    try:
+        result = orig(*args, **kwargs)
+    finally:
+        rt.eplb_model_config = None
     rt.rebalancer.on_new_placement(result, _arg(args, kwargs, 1, "logical_count"))
     return result
 
 
+def after_rebalance_experts(result, *args, **kwargs):
+    """``eplb_algorithms.rebalance_experts``: with ``--moe-lb-placement decode``, EPLB's placement
+    after the decode-aware post-step (same replica counts; ``decode_placement``)."""
+    rt = get_runtime()
+    if rt is None or not rt.mode.plan or rt.opts.plan.placement != "decode" or result is None:
+        return result
+    from ..decode_placement import decode_aware_placement, logical_to_all_physical
+    from .runtime import cost_model_for
+
+    model_config = rt.model_config if rt.model_config is not None else getattr(rt, "eplb_model_config", None)
+    window = _arg(args, kwargs, 0, "tokens_per_expert")
+    P = int(_arg(args, kwargs, 1, "num_physical_experts"))
+    ranks = P // int(_arg(args, kwargs, 2, "num_local_physical_experts"))
+    cost = rt.cost if rt.cost is not None else (cost_model_for(rt.opts, model_config) if model_config is not None else None)
+    top_k = rt.topk or _top_k(None, model_config)
+    if cost is None or not top_k:
+        rt.warn_once("decode-placement", "--moe-lb-placement decode: no model config at this rebalance; "
+                     "keeping EPLB's placement")
+        return result
+    p2l, l2p, count = result
+    ours = decode_aware_placement(p2l, window.to("cpu"), ranks, top_k=top_k, cost=cost).to(p2l)
+    new_l2p = logical_to_all_physical(ours, l2p.shape[1])
+    pad = torch.full_like(l2p, -1, device="cpu")
+    pad[..., : new_l2p.shape[2]] = new_l2p[..., : pad.shape[2]]
+    return ours, pad.to(l2p), count
+
+
 def around_rebalance(orig, manager, *args, **kwargs):
-    """``EPLBManager.rebalance`` (a generator): bracket it so the tables install after it."""
+    """``EPLBManager.rebalance`` (a generator): bracket it so the plans install after it."""
     rt = get_runtime()
     reb = rt.rebalancer if rt is not None else None
     if reb is not None:

@@ -8,15 +8,18 @@ load, before CUDA-graph capture), updated in place at rebalance, and called per 
   (``chain.local_stats``);
 * ``__call__(topk_ids, *, gathered=None, phys_ids=None) -> LayerDispatch``
   (``chain.balance_layer``);
-* ``update_placement(pl)`` / ``set_split_table(fractions)``: in place (``ValueError`` when a
-  placement does not fit the capacities chosen at build time: the caller rebuilds);
+* ``update_placement(pl)``: in place (``ValueError`` when a placement does not fit the
+  capacities chosen at build time: the caller rebuilds);
 * ``counters()``: diagnostics read off the critical path.
 
 ``make_layer_path`` picks the implementation: on CUDA the kernel package's
 ``moe_lb_kernels.seam.make_layer_path`` when it is importable, else ``CoreLayerPath`` (the
 core's torch chain with ``FLOAT_STEPS``; the CPU path and the CUDA fallback; it may allocate
 and synchronise). ``graph_safety()`` is the start-up rule for CUDA graphs: they are allowed
-only when the kernel seam is importable and sets ``CUDA_GRAPH_SAFE = True``.
+only when the mode needs no layer path (a plan alone: one gather) or the kernel seam is
+importable, runs the mode's per-batch form and sets ``CUDA_GRAPH_SAFE = True``.
+
+A layer path runs an ungated mode (``runtime.path_mode``): plans never reach it.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from ..cost import CostModel
 from ..mode import BalanceMode
 from ..objective import FLOAT_STEPS
 from ..placement import Placement
-from ..table import even_table
 from ..waterfill import fuse_topk
 
-__all__ = ["LayerPath", "CoreLayerPath", "make_layer_path", "impl_name", "graph_safety", "fuse_topk", "KERNEL_MODULE"]
+__all__ = ["LayerPath", "CoreLayerPath", "make_layer_path", "path_mode", "impl_name", "graph_safety", "fuse_topk",
+           "KERNEL_MODULE"]
 
 KERNEL_MODULE = "moe_lb_kernels.seam"  # sgl-kernel/python/moe_lb_kernels/seam.py
 
@@ -50,8 +53,6 @@ class LayerPath(Protocol):
 
     def update_placement(self, pl: Placement) -> None: ...
 
-    def set_split_table(self, fractions: torch.Tensor) -> None: ...
-
     def counters(self) -> dict: ...
 
 
@@ -62,14 +63,13 @@ class CoreLayerPath:
         pl: single-layer placement on ``device``. mode: what to do. max_tokens: rows of
         ``topk_ids`` a call may see (informational here: the core path has no fixed buffers).
         topk: routed experts per token. source_rank: this rank in the EP group (0 without an
-        a2a backend). cost: the cost model (tile objective). split_table: ``[P]`` fractions
-        (table mode; default the even split).
+        a2a backend). cost: the cost model (tile objective).
     """
 
     name = "core-torch"
 
     def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int,
-                 device, cost: CostModel | None = None, split_table: torch.Tensor | None = None):
+                 device, cost: CostModel | None = None):
         self.mode = mode
         self.max_tokens = int(max_tokens)
         self.topk = int(topk)
@@ -79,9 +79,6 @@ class CoreLayerPath:
         self._calls = 0
         self._uncertified = 0
         self.pl = self._prepared(pl)
-        self.table = None
-        if mode.lplb == "table":
-            self.set_split_table(even_table(pl) if split_table is None else split_table)
 
     def _prepared(self, pl: Placement) -> Placement:
         if not pl.single_layer:
@@ -99,8 +96,8 @@ class CoreLayerPath:
 
     def __call__(self, topk_ids: torch.Tensor, *, gathered: torch.Tensor | None = None,
                  phys_ids: torch.Tensor | None = None) -> LayerDispatch:
-        res = balance_layer(self.pl, topk_ids, self.mode, source_rank=self.source_rank, split_table=self.table,
-                            gathered=gathered, phys_ids=phys_ids, cost=self.cost, steps=FLOAT_STEPS, check=False)
+        res = balance_layer(self.pl, topk_ids, self.mode, source_rank=self.source_rank, gathered=gathered,
+                            phys_ids=phys_ids, cost=self.cost, steps=FLOAT_STEPS, check=False)
         self._calls += 1
         if not bool(res.certified):
             self._uncertified += 1
@@ -111,15 +108,6 @@ class CoreLayerPath:
         if (pl.num_physical, pl.num_ranks, pl.num_logical) != (old.num_physical, old.num_ranks, old.num_logical):
             raise ValueError(f"placement {pl} does not fit this layer path (built for {old})")
         self.pl = self._prepared(pl)
-
-    def set_split_table(self, fractions: torch.Tensor) -> None:
-        f = torch.as_tensor(fractions).to(device=self.device, dtype=torch.float64).reshape(-1)
-        if f.numel() != self.pl.num_physical:
-            raise ValueError(f"split table has {f.numel()} entries, the placement {self.pl.num_physical} slots")
-        if self.table is None:
-            self.table = f.clone()
-        else:
-            self.table.copy_(f)  # same storage: what a captured graph would read
 
     def counters(self) -> dict:
         return {"calls": self._calls, "uncertified": self._uncertified}
@@ -149,10 +137,9 @@ def _kernels_for(mode: BalanceMode | None):
 
 
 def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
-                    cost: CostModel | None = None, split_table: torch.Tensor | None = None) -> LayerPath:
+                    cost: CostModel | None = None) -> LayerPath:
     """The layer path for ``device``: the kernel seam on CUDA where it runs ``mode``, else the core."""
-    kw = dict(max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=device, cost=cost,
-              split_table=split_table)
+    kw = dict(max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=device, cost=cost)
     if torch.device(device).type == "cuda":
         mod, _ = _kernels_for(mode)
         if mod is not None:
@@ -162,6 +149,10 @@ def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: 
 
 def impl_name(device, mode: BalanceMode | None = None) -> str:
     """Which implementation ``make_layer_path`` uses on ``device`` (for the start-up log line)."""
+    if mode is not None:
+        mode = path_mode(mode)
+        if mode is None:
+            return "none (the plan's gather only)"
     if torch.device(device).type == "cuda":
         mod, _ = _kernels_for(mode)
         if mod is not None:
@@ -169,12 +160,25 @@ def impl_name(device, mode: BalanceMode | None = None) -> str:
     return CoreLayerPath.name
 
 
+def path_mode(mode: BalanceMode) -> BalanceMode | None:
+    """The ungated mode a layer's path runs: the per-batch form where the gate opens; for a plan
+    without a gate, Waterfill on the plan's ids (None without Waterfill: the plan needs no path)."""
+    if mode.plan and not mode.gate:
+        return BalanceMode(waterfill=mode.waterfill, waterfill_sync=mode.waterfill_sync) if mode.waterfill else None
+    return mode.opened
+
+
 def graph_safety(mode: BalanceMode | None = None) -> tuple[bool, str]:
     """Whether ``--moe-lb`` (in ``mode``) may run under CUDA graphs, and the reason when it may not.
 
-    True only when the kernel seam is importable, provides ``make_layer_path``, runs ``mode``
-    (its ``supports``) and promises safety (``CUDA_GRAPH_SAFE is True``: no host sync or
-    allocation per call, in-place updates)."""
+    True when the mode needs no layer path (a plan alone: one gather into fixed maps), or when
+    the kernel seam is importable, provides ``make_layer_path``, runs the mode's path (its
+    ``supports``) and promises safety (``CUDA_GRAPH_SAFE is True``: no host sync or allocation
+    per call, in-place updates)."""
+    if mode is not None:
+        mode = path_mode(mode)
+        if mode is None:
+            return True, ""
     mod, why = _kernels_for(mode)
     if mod is None:
         return False, (f"the per-batch path would be the core's torch reference, which synchronises with the host "

@@ -60,8 +60,8 @@ def _lplb(m: BalanceMode, ri: bool) -> bool:
     return m.lplb != "off"
 
 
-def _table(m: BalanceMode, ri: bool) -> bool:
-    return m.lplb == "table"
+def _plan(m: BalanceMode, ri: bool) -> bool:
+    return m.plan
 
 
 def _waterfill(m: BalanceMode, ri: bool) -> bool:
@@ -73,7 +73,7 @@ def _collective(m: BalanceMode, ri: bool) -> bool:
 
 
 def _lplb_collective(m: BalanceMode, ri: bool) -> bool:
-    return m.lplb != "off" and _collective(m, ri)
+    return m.splits and _collective(m, ri)
 
 
 def _gate(m: BalanceMode, ri: bool) -> bool:
@@ -84,7 +84,7 @@ WHEN: dict[str, tuple[Callable[[BalanceMode, bool], bool], str]] = {
     "always": (_always, "always (argument handling)"),
     "active": (_active, "any active mode"),
     "lplb": (_lplb, "LPLB"),
-    "table": (_table, "LPLB table schedule"),
+    "plan": (_plan, "LPLB plan schedule"),
     "waterfill": (_waterfill, "Waterfill"),
     "collective": (_collective, "global sync with an a2a backend"),
     "lplb_collective": (_lplb_collective, "LPLB with global sync and an a2a backend"),
@@ -144,6 +144,7 @@ _EL = "sglang.srt.eplb.expert_location"
 _EPLB = "sglang.srt.eplb.eplb_manager.EPLBManager"
 _TOPK = "sglang.srt.layers.moe.topk.TopK"
 _DEEPEP = "sglang.srt.layers.moe.token_dispatcher.deepep.DeepEPDispatcher"
+_REC = "sglang.srt.eplb.expert_distribution"
 _ENGINE = "sglang.srt.entrypoints.engine.Engine"
 
 HOOKS: tuple[Hook, ...] = (
@@ -161,26 +162,29 @@ HOOKS: tuple[Hook, ...] = (
          "active", "tags the info with its layer", ("layer_id",)),
     Hook("sglang.srt.model_executor.model_runner_components.moe_ep_setup.prepare_moe_topk", "AFTER",
          "forward_hooks.after_prepare_moe_topk", "forward", "active",
-         "model loaded, before CUDA graphs: one layer path per MoE layer, start-up tables, our Waterfill balancer on each `TopK`, DeepEP dispatchers tagged",
+         "model loaded, before CUDA graphs: each MoE layer's plan maps and layer path, start-up plans, our Waterfill balancer on each `TopK`, DeepEP dispatchers tagged",
          ("model", "model_config")),
     Hook(f"{_EL}.ExpertLocationMetadata.update", "AFTER", "forward_hooks.after_metadata_update", "forward",
          "active", "follows every placement change layer by layer, in place", ("update_layer_ids",)),
     Hook(f"{_EL}.set_global_expert_location_metadata", "AFTER", "forward_hooks.after_set_global_metadata",
          "forward", "active", "a replaced metadata object (elastic EP)", ("value",)),
     Hook(f"{_ELD}.topk_ids_logical_to_physical", "AROUND", "forward_hooks.logical_to_physical", "forward", "lplb",
-         "LPLB: physical ids (and, with Waterfill, shared ranks) from the layer path; SGLang's own pick where the gate is closed",
+         "LPLB: physical ids from the plan's map (one gather), or from the layer path where the gate opens (with Waterfill, shared ranks too); SGLang's own pick where the gate is closed without a plan",
          ("topk_ids", "info", "log2phy_prob")),
     Hook(f"{_TOPK}.empty_topk_output", "AROUND", "forward_hooks.empty_topk_output", "forward", "lplb_collective",
          "an idle rank joins the layer's all-gather", ("device",)),
     Hook(f"{_DEEPEP}.dispatch_a", "BEFORE", "forward_hooks.dispatcher_net", "forward", "collective",
          "joins the layer's all-gather if a model skipped `TopK` on an idle rank", ("topk_output",)),
-    Hook(f"{_EL}.ExpertLocationMetadata.init_by_eplb", "AFTER", "forward_hooks.after_init_by_eplb", "forward",
-         "table", "the recorded window and the new placement: starts the HiGHS solve in a background thread",
-         ("logical_count",)),
-    Hook(f"{_EPLB}.rebalance", "AROUND", "forward_hooks.around_rebalance", "forward", "table",
-         "marks the rebalance; the tables install after it", generator=True),
-    Hook(f"{_EPLB}.on_forward_pass_end", "AFTER", "forward_hooks.after_forward_pass_end", "forward", "table",
-         "advances the rebalance generator: installs solved tables at the same pass on every rank"),
+    Hook(f"{_EL}.ExpertLocationMetadata.init_by_eplb", "AROUND", "forward_hooks.around_init_by_eplb", "forward",
+         "plan", "the recorded window and the new placement: starts the plan solve in a background thread",
+         ("model_config", "logical_count")),
+    Hook("sglang.srt.eplb.eplb_algorithms.rebalance_experts", "AFTER", "forward_hooks.after_rebalance_experts",
+         "forward", "plan", "with `--moe-lb-placement decode`: EPLB's placement after the decode-aware post-step",
+         ("tokens_per_expert", "num_physical_experts", "num_local_physical_experts")),
+    Hook(f"{_EPLB}.rebalance", "AROUND", "forward_hooks.around_rebalance", "forward", "plan",
+         "marks the rebalance; plans install after it", generator=True),
+    Hook(f"{_EPLB}.on_forward_pass_end", "AFTER", "forward_hooks.after_forward_pass_end", "forward", "plan",
+         "advances the plan cycle: installs solved plans at a pass boundary, starts refreshes"),
 )
 
 WRITES: tuple[Attr, ...] = (
@@ -208,6 +212,13 @@ READS: tuple[Attr, ...] = (
     Attr("sglang.srt.eplb.expert_location.ExpertLocationMetadata", "physical_to_logical_map_cpu", "instance", "active",
          "SGLang's placement, one row per layer"),
     Attr(_TOPK, "is_draft", "instance", "active", "draft models keep SGLang's dispatch"),
+    Attr(_REC, "get_global_expert_distribution_recorder", "class", "plan", "plan refresh: the recorder"),
+    Attr(f"{_REC}._ExpertDistributionRecorderReal", "_accumulator", "instance", "plan",
+         "plan refresh: the recorder's accumulator"),
+    Attr(f"{_REC}._StatAccumulator", "_global_physical_count_of_buffered_step", "instance", "plan",
+         "plan refresh: the per-pass physical counts (stat mode)"),
+    Attr(f"{_REC}._CircularBuffer", "_buffer", "instance", "plan", "plan refresh: the ring of per-pass counts"),
+    Attr(f"{_REC}._CircularBuffer", "_curr_index", "instance", "plan", "plan refresh: where the ring's newest pass is"),
 )
 
 

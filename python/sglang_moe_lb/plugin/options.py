@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 from .. import mode as modes
 from ..cost import DTYPE_BYTES, GPUS, CostModelError, load_calibration
-from ..gate import DEFAULT_EXPECTED_GAIN, Overheads
+from ..gate import DEFAULT_EXPECTED_GAIN, PLAN_EXPECTED_GAIN, Overheads
 from ..mode import BalanceMode
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "CostSettings",
+    "PlanSettings",
     "MoeLbOptions",
     "MoeLbConfigError",
     "ERRORS",
@@ -88,9 +89,10 @@ def _file(text) -> str:
 class Option:
     """One ``--moe-lb-*`` sub-option.
 
-    key: the ``BalanceMode.from_flag`` keyword it feeds (mode options) or the ``CostSettings``
-    field (cost/gate options). applies: ``(mode) -> None`` when it matters for that mode, else
-    the reason it is ignored. parse: argparse ``type`` (raises ``ArgumentTypeError``).
+    key: the ``BalanceMode.from_flag`` keyword it feeds (group ``mode``), or the field of
+    ``CostSettings`` (group ``cost``: cost model and gate) or ``PlanSettings`` (group ``plan``).
+    applies: ``(mode) -> None`` when it matters for that mode, else the reason it is ignored.
+    parse: argparse ``type`` (raises ``ArgumentTypeError``).
     """
 
     flag: str
@@ -100,7 +102,7 @@ class Option:
     applies: Callable[[BalanceMode], str | None]
     parse: Callable[[Any], Any] = str
     metavar: str | None = None
-    mode_option: bool = True
+    group: str = "mode"
 
     @property
     def dest(self) -> str:
@@ -111,10 +113,17 @@ def _needs_lplb(m: BalanceMode) -> str | None:
     return None if m.lplb != "off" else "it only applies to LPLB"
 
 
-def _needs_per_batch(m: BalanceMode) -> str | None:
+def _needs_split(m: BalanceMode) -> str | None:
     if m.lplb == "off":
         return "it only applies to LPLB"
-    return None if m.per_batch else "it only applies to --moe-lb-lplb-schedule per-batch"
+    return None if m.splits else ("it only applies to the per-batch split (--moe-lb-lplb-schedule per-batch, or "
+                                  "plan with --moe-lb-gate on)")
+
+
+def _needs_plan(m: BalanceMode) -> str | None:
+    if m.lplb == "off":
+        return "it only applies to LPLB"
+    return None if m.plan else "it only applies to --moe-lb-lplb-schedule plan"
 
 
 def _needs_waterfill(m: BalanceMode) -> str | None:
@@ -124,15 +133,41 @@ def _needs_waterfill(m: BalanceMode) -> str | None:
 def _needs_waterfill_sync(m: BalanceMode) -> str | None:
     if m.waterfill is None:
         return "it only applies to Waterfill"
-    if m.per_batch:
-        return "with per-batch LPLB, Waterfill is decided in the same split and shares --moe-lb-lplb-sync"
+    if m.splits:
+        return "with a per-batch split, Waterfill is decided in the same split and shares --moe-lb-lplb-sync"
     return None
 
 
 def _needs_cost(m: BalanceMode) -> str | None:
     if not m.active:
         return "the plugin is off"
-    return None if (m.objective == "tiles" or m.gate) else "the cost model is only used by --moe-lb-objective tiles and --moe-lb-gate on"
+    return None if (m.plan or m.objective == "tiles" or m.gate) else (
+        "the cost model is only used by plans, --moe-lb-objective tiles and --moe-lb-gate on")
+
+
+def _count(minimum: int, noun: str):
+    def parse(text) -> int:
+        if isinstance(text, bool):
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}")
+        try:
+            v = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}") from None
+        if isinstance(text, float) and text != v or v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _seconds(text) -> float:
+    try:
+        v = float(text) if not isinstance(text, bool) else math.nan
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return v
 
 
 def _needs_gate(m: BalanceMode) -> str | None:
@@ -159,21 +194,24 @@ def _choice(choices):
 
 
 _D = modes.SERVER_DEFAULTS
+# Plan options: where they come from is docs/defaults.md (placement) and docs/design.md (cadence).
+PLAN_DEFAULTS: dict = {"placement": "eplb", "timeout_s": 60.0}
 
 OPTIONS: tuple[Option, ...] = (
     Option("--moe-lb-lplb-schedule", "schedule", modes.SCHEDULES,
-           "LPLB: 'table' applies a split table solved by HiGHS at start-up and after each EPLB rebalance "
-           "(no communication on the forward path); 'per-batch' solves the exact split of each batch "
-           f"(default: {_D['schedule']}).", _needs_lplb, _choice(modes.SCHEDULES)),
+           "LPLB: 'plan' applies dispatch plans solved by HiGHS-checked solvers at start-up, at each EPLB "
+           "rebalance and between rebalances (which copies of each expert serve its tokens, per batch size; "
+           "one gather, like SGLang's static dispatch: no kernel, no collective), and with --moe-lb-gate on "
+           "the exact per-batch split where its kernels pay; 'per-batch' solves the exact split of every "
+           f"batch (default: {_D['schedule']}).", _needs_lplb, _choice(modes.SCHEDULES)),
     Option("--moe-lb-lplb-sync", "lplb_sync", modes.SYNCS,
-           "Per-batch LPLB: 'global' all-gathers each rank's expert counts once per MoE layer (int32) and "
+           "The per-batch split: 'global' all-gathers each rank's expert counts once per MoE layer (int32) and "
            "splits the global counts; 'local' splits only this rank's own tokens, with no collective "
-           f"(default: {_D['lplb_sync']}).", _needs_per_batch, _choice(modes.SYNCS)),
+           f"(default: {_D['lplb_sync']}).", _needs_split, _choice(modes.SYNCS)),
     Option("--moe-lb-objective", "objective", modes.OBJECTIVES,
-           "Per-batch LPLB: minimise the busiest rank's 'tokens', or its grouped-GEMM 'tiles' "
-           "(uses the cost model's tile; on CUDA the default kernels run 'tokens' only, the v2 set "
-           f"(SGLANG_MOE_LB_KERNELS=v2, not yet GPU-verified) both; default: {_D['objective']}).",
-           _needs_per_batch, _choice(modes.OBJECTIVES)),
+           "The per-batch split: minimise the busiest rank's 'tokens', or its grouped-GEMM 'tiles' "
+           "(uses the cost model's tile; on CUDA the kernels run 'tokens' only, so 'tiles' needs CUDA graphs "
+           f"off; default: {_D['objective']}).", _needs_split, _choice(modes.OBJECTIVES)),
     Option("--moe-lb-waterfill-candidates", "candidates", modes.CANDIDATES,
            "Waterfill: ranks that may run a token's shared expert. 'conservative': only ranks the token "
            "already visits, plus its own rank (no extra traffic); 'all_rank': any EP rank "
@@ -183,37 +221,54 @@ OPTIONS: tuple[Option, ...] = (
            "communication); 'global' against the global rank loads, one all-gather over the EP group per "
            f"MoE layer (default: {_D['waterfill_sync']}).", _needs_waterfill_sync, _choice(modes.SYNCS)),
     Option("--moe-lb-gate", "gate", ("on", "off"),
-           "Skip balancing a batch (SGLang's own dispatch runs, and no collective) where the cost model "
-           "predicts less gain than the mode's overhead; decided from batch sizes every rank shares "
-           f"(default: {'on' if _D['gate'] else 'off'}).", lambda m: None if m.active else "the plugin is off",
-           _gate_flag),
+           "Run per-batch work only where the cost model predicts more gain than its overhead; elsewhere the "
+           "plan (plan schedule) or SGLang's own dispatch runs, with no collective; decided from batch sizes "
+           f"every rank shares (default: {'on' if _D['gate'] else 'off'}).",
+           lambda m: None if m.active else "the plugin is off", _gate_flag),
     Option("--moe-lb-gpu", "gpu", tuple(GPUS),
            "Cost model: the GPU's datasheet numbers (default: detected from the device name, else H200 "
-           "with a logged note).", _needs_cost, _choice(tuple(GPUS)), mode_option=False),
+           "with a logged note).", _needs_cost, _choice(tuple(GPUS)), group="cost"),
     Option("--moe-lb-dtype", "dtype", tuple(DTYPE_BYTES),
            "Cost model: expert weight dtype (default: fp8 for an fp8-quantised model, else bf16).",
-           _needs_cost, _choice(tuple(DTYPE_BYTES)), mode_option=False),
+           _needs_cost, _choice(tuple(DTYPE_BYTES)), group="cost"),
     Option("--moe-lb-calibration", "calibration_path", None,
            "Cost model: a calibration file measured on this GPU (format in docs/cost-model.md); overrides "
-           "the datasheet numbers.", _needs_cost, _file, metavar="FILE", mode_option=False),
+           "the datasheet numbers.", _needs_cost, _file, metavar="FILE", group="cost"),
     Option("--moe-lb-tile-tokens", "tile_tokens", TILE_CHOICES,
            f"Cost model: the grouped GEMM's M-tile in tokens (default: the calibration file's, else {DEFAULT_TILE}).",
-           _needs_cost, _tile, mode_option=False),
+           _needs_cost, _tile, group="cost"),
     Option("--moe-lb-overheads", "overheads_path", None,
            "Gate: a table of measured hot-path and collective microseconds per mode (format of "
            "sglang_moe_lb/data/overheads_h200.json, the default).", _needs_gate, _file, metavar="FILE",
-           mode_option=False),
+           group="cost"),
     Option("--moe-lb-expected-gain", "expected_gain", None,
-           f"Gate: the share of a layer's time balancing takes off, in (0, 1] (default: {DEFAULT_EXPECTED_GAIN}; "
-           "replay --batch-sweep measures it).", _needs_gate, _positive_fraction, metavar="FLOAT", mode_option=False),
+           "Gate: the share of a layer's time the per-batch work takes off what runs where the gate is closed, "
+           f"in (0, 1] (default: {PLAN_EXPECTED_GAIN} over a plan, {DEFAULT_EXPECTED_GAIN} over SGLang static; "
+           "replay --batch-sweep measures it).", _needs_gate, _positive_fraction, metavar="FLOAT", group="cost"),
+    Option("--moe-lb-placement", "placement", ("eplb", "decode"),
+           "Plans: 'eplb' keeps SGLang's EPLB placement; 'decode' moves copies after each EPLB placement (same "
+           "replica counts, prefill token balance kept) so plans can switch copies off evenly in decode "
+           f"(default: {PLAN_DEFAULTS['placement']}).", _needs_plan, _choice(("eplb", "decode")), group="plan"),
+    Option("--moe-lb-plan-refresh", "refresh_passes", None,
+           "Plans: forward passes between refreshes from the recent expert counts of SGLang's recorder (no "
+           "weights move; one all-reduce of the counts per refresh); 0 = only at start-up and each EPLB "
+           "rebalance (default: --eplb-rebalance-num-iterations / 4 with --enable-eplb, else 0).",
+           _needs_plan, _count(0, "a number of passes"), metavar="PASSES", group="plan"),
+    Option("--moe-lb-plan-window", "window_passes", None,
+           "Plans: the most recent forward passes of recorded counts a refresh solves from (default: the "
+           "refresh interval).", _needs_plan, _count(1, "a number of passes"), metavar="PASSES", group="plan"),
+    Option("--moe-lb-plan-timeout", "timeout_s", None,
+           "Plans: seconds a background solve may take before it is dropped and every layer keeps its plan "
+           f"(default: {PLAN_DEFAULTS['timeout_s']:g}).", _needs_plan, _seconds, metavar="SECONDS", group="plan"),
 )
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 
 HELP_MODE = (
     "Dispatch-time MoE load balancing for expert parallelism (sglang-moe-lb plugin). "
-    "'lplb' splits the tokens of every replicated expert over its copies so that the busiest "
-    "EP rank carries as little as possible (a split table per EPLB rebalance, or an exact split per "
-    "batch: --moe-lb-lplb-schedule); it needs redundant experts (--ep-num-redundant-experts, usually "
+    "'lplb' decides which copies of every replicated expert serve its tokens so that the busiest "
+    "EP rank takes as little time as possible (dispatch plans per batch size, solved in the EPLB cycle "
+    "and applied by one gather; with the gate, the exact per-batch split where it pays: "
+    "--moe-lb-lplb-schedule); it needs redundant experts (--ep-num-redundant-experts, usually "
     "with --enable-eplb). 'waterfill' runs each token's shared expert on a lightly loaded EP rank as "
     "one extra fused top-k slot; it needs a model with a shared expert (DeepSeek-V3/R1 family) and "
     "--moe-a2a-backend deepep. 'waterfill+lplb' does both. Replaces, and cannot be combined with, "
@@ -232,7 +287,7 @@ ERRORS = {
     "lp_dispatch": (
         "--moe-lb {mode} cannot be combined with --ep-dispatch-algorithm lp: both decide how tokens "
         "are split over expert replicas. Remove --ep-dispatch-algorithm lp (per-batch LP balancing "
-        "is --moe-lb lplb --moe-lb-lplb-schedule per-batch)."
+        "is --moe-lb lplb --moe-lb-lplb-schedule per-batch, or the default plan with its gate)."
     ),
     "waterfill_a2a": (
         "--moe-lb {mode} needs --moe-a2a-backend deepep (got {backend!r}): Waterfill sends a token's "
@@ -276,8 +331,9 @@ ERRORS = {
     ),
     "cost_file": "{flag}: {detail}",
     "cost_model": (
-        "--moe-lb {mode} needs the cost model (--moe-lb-objective tiles, --moe-lb-gate on), which cannot "
-        "read this model's expert shape: {detail}. Use --moe-lb-objective tokens and --moe-lb-gate off."
+        "--moe-lb {mode} needs the cost model (plans, --moe-lb-objective tiles, --moe-lb-gate on), which cannot "
+        "read this model's expert shape: {detail}. Use --moe-lb-lplb-schedule per-batch with "
+        "--moe-lb-objective tokens and --moe-lb-gate off."
     ),
     "overheads_key": (
         "--moe-lb-overheads {path}: no hot-path time for mode {key!r} (the table has {known}). Add it, "
@@ -339,6 +395,22 @@ class CostSettings:
 
 
 @dataclass(frozen=True)
+class PlanSettings:
+    """How plans are made and refreshed (plan schedule).
+
+    placement: ``eplb`` or ``decode`` (``decode_placement.decode_aware_placement`` after each EPLB
+    placement). refresh_passes: forward passes between refreshes (None: a quarter of SGLang's
+    rebalance interval with EPLB on, else 0 = none). window_passes: recent passes a refresh
+    reads (None: the refresh interval). timeout_s: a background solve's limit.
+    """
+
+    placement: str = PLAN_DEFAULTS["placement"]
+    refresh_passes: int | None = None
+    window_passes: int | None = None
+    timeout_s: float = PLAN_DEFAULTS["timeout_s"]
+
+
+@dataclass(frozen=True)
 class MoeLbOptions:
     """What the user asked for, after defaults (carried to every scheduler on ``ServerArgs``).
 
@@ -346,6 +418,7 @@ class MoeLbOptions:
         mode: the effective ``BalanceMode`` (``requested`` downgraded by start-up checks).
         requested: the ``BalanceMode`` of the flags as given.
         cost: cost model and gate settings.
+        plan: plan settings.
         explicit: the sub-option flags the user passed (for "ignored" warnings).
         entry: ``"cli"`` (launch_server / sglang serve) or ``"engine"`` (``sglang.Engine``).
     """
@@ -353,6 +426,7 @@ class MoeLbOptions:
     mode: BalanceMode = BalanceMode()
     requested: BalanceMode = BalanceMode()
     cost: CostSettings = CostSettings()
+    plan: PlanSettings = PlanSettings()
     explicit: tuple[str, ...] = ()
     entry: str = "cli"
 
@@ -368,7 +442,10 @@ class MoeLbOptions:
         if self.requested != self.mode:
             parts.append(f"requested={self.requested.name}")
         c = self.cost
-        if self.mode.objective == "tiles" or self.mode.gate:
+        if self.mode.plan:
+            p = self.plan
+            parts.append(f"placement={p.placement} refresh={p.refresh_passes if p.refresh_passes is not None else 'auto'}")
+        if self.mode.plan or self.mode.objective == "tiles" or self.mode.gate:
             parts.append(f"gpu={c.gpu or 'auto'} dtype={c.dtype or 'auto'} tile={c.tile_tokens or 'auto'}")
             if c.calibration_path:
                 parts.append(f"calibration={c.calibration_path}")
@@ -396,7 +473,7 @@ def mode_flags(mode: BalanceMode) -> list[str]:
     out = [FLAG, mode.flag]
     if mode.lplb != "off":
         out += ["--moe-lb-lplb-schedule", mode.lplb]
-    if mode.per_batch:
+    if mode.splits:
         out += ["--moe-lb-lplb-sync", mode.lplb_sync, "--moe-lb-objective", mode.objective]
     if mode.waterfill is not None:
         out += ["--moe-lb-waterfill-candidates", mode.waterfill]
@@ -428,11 +505,13 @@ def options_from_values(values: Mapping[str, Any], *, entry: str = "cli",
         except argparse.ArgumentTypeError as err:
             raise MoeLbConfigError(f"{name(o)}: {err}") from None
         parsed[o.dest] = v
-    kw = {OPTION_BY_DEST[d].key: v for d, v in parsed.items() if OPTION_BY_DEST[d].mode_option}
-    requested = BalanceMode.from_flag(flag, **kw)
-    cost = CostSettings(**{OPTION_BY_DEST[d].key: v for d, v in parsed.items() if not OPTION_BY_DEST[d].mode_option})
+    def group(g: str) -> dict:
+        return {OPTION_BY_DEST[d].key: v for d, v in parsed.items() if OPTION_BY_DEST[d].group == g}
+
+    requested = BalanceMode.from_flag(flag, **group("mode"))
     explicit = tuple(OPTION_BY_DEST[d].flag for d in parsed)
-    return MoeLbOptions(mode=requested, requested=requested, cost=cost, explicit=explicit, entry=entry)
+    return MoeLbOptions(mode=requested, requested=requested, cost=CostSettings(**group("cost")),
+                        plan=PlanSettings(**group("plan")), explicit=explicit, entry=entry)
 
 
 def options_from_namespace(args: argparse.Namespace) -> MoeLbOptions:
@@ -486,9 +565,12 @@ def _check_overheads_cover(opts: MoeLbOptions) -> None:
     ov = opts.cost.overheads
     if not opts.mode.gate or ov is None:
         return
-    key = Overheads.key(opts.mode)
-    if ov.fixed_us is None and key not in ov.hot_path:
-        raise _err("overheads_key", path=opts.cost.overheads_path, key=key, known=", ".join(sorted(ov.hot_path)))
+    for form in (opts.mode.opened, opts.mode.closed):
+        try:
+            ov.mode_us(form, 1, 2)
+        except KeyError:
+            raise _err("overheads_key", path=opts.cost.overheads_path, key=Overheads.key(form),
+                       known=", ".join(sorted(ov.hot_path))) from None
 
 
 def _check_redundant(opts: MoeLbOptions, args) -> None:

@@ -1,32 +1,34 @@
-"""LPLB split tables inside SGLang's EPLB cycle: a small generator, like ``EPLBManager``'s.
+"""Dispatch plans inside SGLang's EPLB cycle: a small generator, like ``EPLBManager``'s.
 
 Sequence (hooks in ``manifest.HOOKS``):
 
-1. ``EPLBManager.rebalance`` starts (wrapped): ``begin()``.
-2. ``ExpertLocationMetadata.init_by_eplb`` returns the new placement computed from the
-   recorder's window (``logical_count [steps, layers, experts]``, identical on every rank):
-   ``on_new_placement`` starts a background thread that solves each layer's table with the
-   core (``table.solve_table``: the scenario LP in HiGHS over the window's recent steps).
-3. SGLang moves weights and updates its metadata layer by layer; the runtime follows each
-   new placement at once, with the even split, so dispatch always matches the weights.
-4. ``EPLBManager.rebalance`` finishes: ``end()``. ``EPLBManager.on_forward_pass_end`` advances
-   our generator once per pass (``on_forward_pass_end``); at the end of the pass where the
-   rebalance ended, every rank installs the solved tables, waiting for its thread only if the
-   solve is still running. Every rank solves the same LP from the same window and installs at
-   the same pass, so all ranks switch together (needed without an a2a backend, where ranks
-   must agree on every token's copy).
+1. Start-up (``prepare_moe_topk``, before the first forward): every layer's plans are solved
+   from the ``--init-expert-location`` window when one was given (SGLang places from it with
+   ``init_by_eplb``), else from uniform shares (``startup``).
+2. ``EPLBManager.rebalance`` starts (wrapped): ``begin()``.
+3. ``ExpertLocationMetadata.init_by_eplb`` returns the new placement computed from the
+   recorder's window (``logical_count [steps, layers, experts]``, the same on every rank):
+   ``on_new_placement`` starts a background solve of every layer's plans for the new rows.
+4. SGLang moves weights and updates its metadata layer by layer; the runtime follows each new
+   placement at once with the even plan (every copy used), so dispatch always matches weights.
+5. ``EPLBManager.rebalance`` finishes: ``end()``. ``EPLBManager.on_forward_pass_end``
+   advances the generator once per pass: a finished solve installs at the first pass end
+   after it (in place, into the maps captured graphs read). With an a2a backend ranks may
+   switch plans at different passes (each rank dispatches its own tokens to copies that hold
+   their experts); without one every rank must pick the same copy for every token, so each
+   installs at the first pass end after the solve started, waiting for it if it still runs
+   (the same inputs give the same plans on every rank).
+6. Every ``refresh_passes`` passes, when no solve runs: the last ``window_passes`` passes of
+   recorded counts (``counts_source``: SGLang's recorder, summed over the EP group) start a
+   background solve for the rows being served. No weights move.
 
-A layer whose solve raises keeps the table it is serving. At start-up, a window passed
-through ``--init-expert-location`` (a file with ``logical_count``) is solved synchronously
-before the first forward (``startup``); without one the tables start even.
+A layer whose solve raises keeps the plan it serves (one log line per solve names them); a
+solve that runs past ``timeout_s`` is dropped, and every layer keeps its plan (one log line).
+One log line per install names the layers, levels and solve time. ``Runtime.last_report``
+keeps the same numbers.
 
-One log line per rebalance (EP rank 0) gives each MoE layer's balancedness on the recorded
-window (``table.table_balancedness``: SGLang's mean/max per step, averaged) with the old
-placement and table, with the even split on the new placement, and with the new table, plus
-the solve time. ``Runtime.last_report`` keeps the same numbers.
-
-The runtime owns its ``Rebalancer`` (created with it); the rebalancer only calls
-``runtime.install_table`` and reads the runtime's current tables.
+The solve runs in a thread: the core's numpy and HiGHS code releases the GIL for most of its
+time (docs/design.md measures what it costs the forward thread).
 """
 
 from __future__ import annotations
@@ -34,73 +36,97 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import torch
 
 from ..placement import Placement
-from ..table import even_table, solve_table, table_balancedness
+from ..plan import PlanError, plan_maps, solve_layer_plan, window_shares
 
-__all__ = ["Rebalancer"]
+__all__ = ["Rebalancer", "PlanJob"]
 
 logger = logging.getLogger("sglang_moe_lb.plugin")
 
 
-class _Job:
-    """One solve: new placement rows + window -> per-layer tables (in a thread, or inline)."""
+class PlanJob:
+    """One solve: placement rows + a counts window -> each layer's maps ``[levels, E, W]`` int32 (CPU).
 
-    def __init__(self, rows: torch.Tensor, window: torch.Tensor, old: dict, layers: list[int],
-                 num_ranks: int, num_logical: int, label: str):
+    ``results[layer] = (row, maps | None, error | None)``; ``run()`` inline or ``start()`` a thread.
+    """
+
+    def __init__(self, rows: dict[int, torch.Tensor], window: torch.Tensor, label: str, *, num_ranks: int,
+                 num_logical: int, cost, top_k: int, levels: tuple[int, ...], hash_slots: int):
         self.rows, self.window, self.label = rows, window, label
-        self.old = old  # layer -> (row, table) being served when the job started
-        self.layers, self.R, self.E = layers, num_ranks, num_logical
-        self.results: dict[int, tuple] = {}  # layer -> (row, table | None, seconds, error | None)
-        self.report: dict[int, tuple] = {}  # layer -> (before, even, after)
+        self.R, self.E, self.cost, self.top_k = num_ranks, num_logical, cost, top_k
+        self.levels, self.hash_slots = levels, hash_slots
+        self.results: dict[int, tuple] = {}
         self.seconds = 0.0
-        self.thread = threading.Thread(target=self._run, name="moe-lb-lplb-solve", daemon=True)
+        self.started = 0.0
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="moe-lb-plan-solve", daemon=True)
 
-    def _run(self) -> None:
-        t_all = time.perf_counter()
-        for layer in self.layers:
-            row = self.rows[layer]
-            t0 = time.perf_counter()
-            try:
-                pl = Placement(row, self.R, self.E)
-                if not pl.has_replicas:
-                    continue
-                table = solve_table(pl, self.window[:, layer], strict=True)
-                self.results[layer] = (row, table, time.perf_counter() - t0, None)
-            except Exception as err:  # a failing layer keeps its current table
-                self.results[layer] = (row, None, time.perf_counter() - t0, err)
-                continue
-            try:  # the log line only; never costs a layer its table
-                w = self.window[:, layer]
-                old = self.old.get(layer)
-                before = None
-                if old is not None and old[1] is not None:
-                    before = table_balancedness(Placement(old[0], self.R, self.E), old[1], w)
-                self.report[layer] = (before, table_balancedness(pl, even_table(pl), w), table_balancedness(pl, table, w))
-            except Exception as err:
-                logger.debug("[moe-lb] balancedness report failed on layer %d: %s", layer, err)
-        self.seconds = time.perf_counter() - t_all
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self.thread.start()
 
-    def wait(self) -> float:
-        """Join the thread; the seconds waited."""
-        t0 = time.perf_counter()
-        if self.thread.is_alive() or self.thread.ident is not None:
-            self.thread.join()
-        return time.perf_counter() - t0
+    def run(self) -> None:
+        self.started = self.started or time.perf_counter()
+        try:
+            w = self.window.to(torch.float64)
+            if w.dim() == 2:
+                w = w[None]
+            shares = window_shares(w, w.shape[1], self.E)
+            for layer, row in sorted(self.rows.items()):
+                if self.cancel.is_set():
+                    return
+                try:
+                    if layer >= shares.shape[0]:
+                        raise PlanError(f"the counts window has {shares.shape[0]} layers, no layer {layer}")
+                    pl = Placement(row, self.R, self.E)
+                    lp = solve_layer_plan(pl, shares[layer], self.cost, top_k=self.top_k, levels=self.levels,
+                                          hash_slots=self.hash_slots)
+                    maps = plan_maps(pl, lp.weights[:, None], self.hash_slots)[:, 0].to(torch.int32)
+                    self.results[layer] = (row, maps, None)
+                except Exception as err:  # a failing layer keeps its plan
+                    self.results[layer] = (row, None, err)
+        except Exception as err:  # a bad window: every layer keeps its plan
+            for layer, row in self.rows.items():
+                self.results.setdefault(layer, (row, None, err))
+        finally:
+            self.seconds = time.perf_counter() - self.started
+            self.done.set()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started if self.started else 0.0
 
 
 class Rebalancer:
-    """The table schedule of one runtime through SGLang's EPLB cycle (module docstring)."""
+    """Plans of one runtime through SGLang's EPLB cycle (module docstring).
 
-    def __init__(self, runtime):
+    counts_source: ``(passes) -> [L, E] counts | None``, the recent recorded counts summed over
+    the EP group (the plugin's reader of SGLang's recorder), or None (no refresh).
+    """
+
+    def __init__(self, runtime, counts_source: Callable[[int], torch.Tensor | None] | None = None):
         self._rt = runtime
+        self.counts_source = counts_source
+        self.refresh_passes = 0
+        self.window_passes = 1
+        self.timeout_s = 60.0
         self._in_rebalance = False
-        self._job: _Job | None = None
-        self._startup: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, window)
-        self.count = 0
+        self._job: PlanJob | None = None
+        self._install_at: int | None = None  # the pass a rank-invariant runtime installs at
+        self._startup: tuple[dict, torch.Tensor] | None = None  # (rows, window) from init_by_eplb at start-up
+        self.count = 0  # rebalances
+        self.refreshes = 0
+        self.passes = 0
+        self._last_solve_pass = 0
+        self.stall_s = 0.0  # seconds this rank's forward thread spent in install (and waits)
         self._cycle = self._steps()
+
+    def configure(self, *, refresh_passes: int, window_passes: int, timeout_s: float) -> None:
+        self.refresh_passes, self.window_passes, self.timeout_s = refresh_passes, max(1, window_passes), timeout_s
 
     # -- hook entry points --------------------------------------------------------------------
     def begin(self) -> None:
@@ -114,78 +140,125 @@ class Rebalancer:
         if metadata is None or logical_count is None:
             return
         window = torch.as_tensor(logical_count).detach().to("cpu")
-        if window.dim() == 2:
-            window = window.unsqueeze(0)
         rows = metadata.physical_to_logical_map_cpu.clone()
         if not self._in_rebalance:
             self._startup = (rows, window)
             return
-        if self._job is not None:
-            self._job.wait()
+        self._drop_job("a new rebalance")
         self.count += 1
-        self._job = self._new_job(rows, window, f"rebalance #{self.count}")
-        self._job.thread.start()
+        self._start({layer: rows[layer] for layer in self._layers(rows)}, window, f"rebalance #{self.count}")
 
     def on_forward_pass_end(self) -> None:
         """One forward pass ended (the same pass on every rank): advance the cycle."""
         next(self._cycle)
 
     def startup(self) -> None:
-        """Solve the ``--init-expert-location`` window (if any) before the first forward."""
-        if self._startup is None:
-            return
-        rows, window = self._startup
+        """Solve plans before the first forward: from the start-up window, else uniform shares."""
+        rt = self._rt
+        if self._startup is not None:
+            rows, window = self._startup
+            label = "start-up"
+        else:
+            rows = {layer: st.row for layer, st in rt.layers.items()}
+            window = torch.ones(1, max(rows, default=0) + 1, rt.num_logical)
+            label = "start-up (uniform shares: no --init-expert-location counts)"
         self._startup = None
-        job = self._new_job(rows, window, "start-up")
-        job._run()
-        self._install(job, waited=0.0, source="startup-scenario")
+        job = self._new_job({layer: rows[layer] for layer in self._layers(rows)}, window, label)
+        job.run()
+        self._install(job, waited=0.0)
 
     def shutdown(self) -> None:
-        if self._job is not None and self._job.thread.is_alive():
-            self._job.thread.join(timeout=30)
+        if self._job is not None:
+            self._job.cancel.set()
+            if self._job.thread.is_alive():
+                self._job.thread.join(timeout=30)
 
     # -- the cycle ----------------------------------------------------------------------------
     def _steps(self):
-        """Yields once per forward pass; installs a solve at the first pass end after its rebalance."""
+        """Yields once per forward pass: installs finished solves, drops late ones, starts refreshes."""
         while True:
-            if self._job is not None and not self._in_rebalance:
-                job, self._job = self._job, None
-                self._install(job, waited=job.wait())
+            self.passes += 1
+            job = self._job
+            if job is not None and not self._in_rebalance:
+                if self._install_at is not None and self.passes >= self._install_at:
+                    t0 = time.perf_counter()
+                    job.done.wait()  # rank-invariant: every rank installs at this pass
+                    self._job, self._install_at = None, None
+                    self._install(job, waited=time.perf_counter() - t0)
+                elif self._install_at is None and job.done.is_set():
+                    self._job = None
+                    self._install(job, waited=0.0)
+                elif self._install_at is None and job.elapsed() > self.timeout_s:
+                    self._drop_job(f"it ran past --moe-lb-plan-timeout {self.timeout_s:g}s")
+            elif job is None and not self._in_rebalance and self._refresh_due():
+                self._refresh()
             yield
 
-    def _new_job(self, rows: torch.Tensor, window: torch.Tensor, label: str) -> _Job:
-        rt = self._rt
-        layers = sorted(rt.moe_layers) if rt.moe_layers else list(range(rows.shape[0]))
-        return _Job(rows, window, rt.served_tables(), layers, rt.num_ranks, rt.num_logical, label)
+    def _refresh_due(self) -> bool:
+        return (self.refresh_passes > 0 and self.counts_source is not None
+                and self.passes - self._last_solve_pass >= self.refresh_passes)
 
-    def _install(self, job: _Job, waited: float, source: str = "scenario") -> None:
+    def _refresh(self) -> None:
+        self._last_solve_pass = self.passes
+        counts = self.counts_source(self.window_passes)
+        if counts is None:
+            return
+        self.refreshes += 1
+        rt = self._rt
+        rows = {layer: st.row for layer, st in rt.layers.items()}
+        self._start(rows, counts, f"refresh #{self.refreshes}")
+
+    def _layers(self, rows) -> list[int]:
+        rt = self._rt
+        n = rows.shape[0] if isinstance(rows, torch.Tensor) else len(rows)
+        return sorted(rt.moe_layers) if rt.moe_layers else (list(range(n)) if isinstance(rows, torch.Tensor) else sorted(rows))
+
+    def _new_job(self, rows: dict, window: torch.Tensor, label: str) -> PlanJob:
+        rt = self._rt
+        return PlanJob(rows, window, label, num_ranks=rt.num_ranks, num_logical=rt.num_logical, cost=rt.cost,
+                       top_k=rt.topk or 1, levels=rt.levels, hash_slots=rt.hash_slots)
+
+    def _start(self, rows: dict, window: torch.Tensor, label: str) -> None:
+        self._last_solve_pass = self.passes
+        self._job = self._new_job(rows, window, label)
+        self._install_at = self.passes + 1 if self._rt.rank_invariant else None
+        self._job.start()
+
+    def _drop_job(self, why: str) -> None:
+        job = self._job
+        if job is None:
+            return
+        self._job, self._install_at = None, None
+        job.cancel.set()
+        if self._rt.is_log_rank():
+            logger.warning("[moe-lb] %s: plan solve dropped after %.1fs (%s); every layer keeps its plan",
+                           job.label, job.elapsed(), why)
+
+    def _install(self, job: PlanJob, waited: float) -> None:
+        t0 = time.perf_counter()
         installed, failed, stale = [], [], []
-        for layer, (row, table, _secs, err) in sorted(job.results.items()):
-            if err is not None or table is None:
+        for layer, (row, maps, err) in sorted(job.results.items()):
+            if err is not None or maps is None:
                 failed.append((layer, err))
-                continue
-            (installed if self._rt.install_table(layer, row, table, source) else stale).append(layer)
-        for layer, err in failed:
-            logger.warning("[moe-lb] %s: LPLB solve failed on layer %d (%s: %s); keeping its current table",
-                           job.label, layer, type(err).__name__, err)
-        worst = max((r[2] for r in job.results.values()), default=0.0)
-        per_layer = " ".join(
-            f"{layer}:{_fmt(b)}->{_fmt(e)}->{_fmt(a)}" for layer, (b, e, a) in sorted(job.report.items())
-            if layer in installed
-        )
+            elif self._rt.install_plan(layer, row, maps, job.label):
+                installed.append(layer)
+            else:
+                stale.append(layer)
+        copy_s = time.perf_counter() - t0
+        self.stall_s += waited + copy_s
+        lv = self._rt.levels
         self._rt.last_report = {
             "label": job.label, "installed": installed, "failed": [lay for lay, _ in failed], "stale": stale,
-            "solve_seconds": job.seconds, "max_layer_seconds": worst, "waited_seconds": waited,
-            "balancedness": {lay: v for lay, v in job.report.items() if lay in installed},
-            "counters": self._rt.counters(),
+            "solve_seconds": job.seconds, "waited_seconds": waited, "install_seconds": copy_s,
+            "levels": list(lv), "counters": self._rt.counters(),
         }
-        if self._rt.is_log_rank():
-            logger.info(
-                "[moe-lb] %s: LPLB tables for %d layers (%d failed, %d stale) solved in %.3fs "
-                "(slowest layer %.3fs, waited %.3fs). Balancedness old->even->lplb: %s",
-                job.label, len(installed), len(failed), len(stale), job.seconds, worst, waited, per_layer or "-",
-            )
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+        if not self._rt.is_log_rank():
+            return
+        logger.info("[moe-lb] %s: plans installed for %d layers x %d levels (%d..%d tokens/rank), solved in %.3fs "
+                    "(waited %.3fs, install %.4fs); %d failed, %d stale",
+                    job.label, len(installed), len(lv), lv[0], lv[-1], job.seconds, waited, copy_s,
+                    len(failed), len(stale))
+        if failed:
+            layer, err = failed[0]
+            logger.warning("[moe-lb] %s: plan solve failed on layers %s (first: layer %d, %s: %s); they keep their "
+                           "plans", job.label, [lay for lay, _ in failed], layer, type(err).__name__, err)

@@ -1,25 +1,33 @@
-"""Per-scheduler-process state of the plugin: one layer path per MoE layer, the gate, and
+"""Per-scheduler-process state of the plugin: one layer state per MoE layer, the gate, and
 the bookkeeping that keeps every EP rank's collectives in step.
 
-Each MoE layer has one ``LayerPath`` (``hot_path.make_layer_path``: the kernels on CUDA
-where installed, the core's chain otherwise), built at ``prepare_moe_topk`` (model loaded,
-before CUDA-graph capture) for SGLang's placement of that layer
-(``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) and sized by
-``call_capacity``. Placements and split tables are then written into it in place
-(``update_placement`` / ``set_split_table``); a placement that does not fit rebuilds the
-path, with a log line. The placement follows SGLang's metadata in lockstep (hooked at
+Each MoE layer has, as its mode needs:
+
+* a plan's maps (plan schedule): ``[levels, E, W]`` physical slots on the device, solved in
+  the EPLB cycle (``rebalance.py``) and written in place; a batch gathers its ids from the
+  level of its size (``plan.apply_plan``: one indexing op, as SGLang's static dispatch);
+* one ``LayerPath`` for per-batch work (``hot_path.make_layer_path``: the kernels on CUDA where
+  installed, the core's chain otherwise): the per-batch split where a gated plan opens, or
+  every batch with the per-batch schedule; Waterfill on fixed ids.
+
+Both are built at ``prepare_moe_topk`` (model loaded, before CUDA-graph capture) for SGLang's
+placement of that layer (``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) and
+sized by ``call_capacity``, then updated in place; a placement that does not fit its path
+rebuilds it, with a log line. The placement follows SGLang's metadata in lockstep (hooked at
 ``ExpertLocationMetadata.update``): a token must never be sent to a slot that no longer
-holds its expert. Tables follow later, from the background solve (``rebalance.py``).
+holds its expert, so a new placement gets the even plan (every copy used, as SGLang's
+dispatch) at once, and its solved plan at a later pass boundary.
 
 Sync: with ``mode.collective`` and an a2a backend, every MoE layer runs one int32
 all-gather of ``LayerPath.stats`` rows over the EP group (``comm.py``) on every rank, idle
 ranks included (``join_empty``, and the DeepEP dispatcher safety net ``ensure_joined``).
-Local sync, the table schedule and runs without an a2a backend (every rank sees every token,
+Local sync, plans and runs without an a2a backend (every rank sees every token,
 so the counts are already global) run no collective.
 
 The gate (``mode.gate``): per batch, ``gate.Gate.open(tokens_per_rank)`` on a batch size
-every rank shares (``shared_tokens``); closed, the dispatch hook returns None (SGLang's own
-mapping runs), the shared expert stays on its home rank, and no rank enters the collective.
+every rank shares (``shared_tokens``); closed, the plan runs (plan schedule) or the dispatch
+hook returns None (SGLang's own mapping runs), the shared expert stays on its home rank, and
+no rank enters the collective. A plan's level comes from the same shared size.
 
 Nothing here decides anything about balancing: each per-batch decision is one layer-path call.
 """
@@ -34,10 +42,18 @@ import torch
 
 from ..chain import stats_width
 from ..cost import GPUS, CostModel
-from ..gate import DEFAULT_EXPECTED_GAIN, Gate, Overheads
+from ..gate import Gate, Overheads
 from ..mode import BalanceMode
 from ..placement import Placement
-from ..table import even_table
+from ..plan import (
+    DEFAULT_HASH_SLOTS,
+    DEFAULT_LEVELS,
+    apply_plan,
+    hash_offsets,
+    level_index,
+    plan_maps,
+    static_like_weights,
+)
 from . import comm, hot_path
 from .options import ERRORS, MoeLbConfigError, MoeLbOptions
 from .rebalance import Rebalancer
@@ -58,17 +74,18 @@ def get_runtime() -> "Runtime | None":
 
 @dataclass
 class LayerState:
-    """One MoE layer: its layer path and what it was built from.
+    """One MoE layer and what it was built from.
 
-    row: the CPU physical->logical row being served. placement: the single-layer ``Placement``
-    on the serving device. table: ``[P]`` float64 CPU copy of the installed split table
-    (table schedule) or None. source: ``"even"``, ``"scenario"`` or ``"startup-scenario"``.
+    path: the per-batch ``LayerPath`` or None (a plan alone). row: the CPU physical->logical row
+    being served. placement: the single-layer ``Placement`` on the serving device. maps: the
+    plan's ``[levels, E, W]`` map on the device (plan schedule) or None. source: where the
+    maps came from (``even`` until a solve installs, then the solve's label).
     """
 
-    path: hot_path.LayerPath
+    path: hot_path.LayerPath | None
     row: torch.Tensor
     placement: Placement
-    table: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
     source: str = "even"
 
 
@@ -120,9 +137,9 @@ def _model_dtype(model_config) -> str:
 
 
 def cost_model_for(opts: MoeLbOptions, model_config) -> CostModel | None:
-    """The cost model the mode needs (tile objective or gate), or None."""
+    """The cost model the mode needs (plans, tile objective or gate), or None."""
     m = opts.mode
-    if not (m.objective == "tiles" or m.gate):
+    if not (m.plan or m.objective == "tiles" or m.gate):
         return None
     c = opts.cost
     gpu = c.gpu
@@ -146,7 +163,8 @@ class Runtime:
         m = opts.mode
         # Without an a2a backend this rank's tokens are the whole batch: a per-batch split of
         # them is the global split (full tile, no collective).
-        self.mode: BalanceMode = m.with_(lplb_sync="global") if (rank_invariant and m.per_batch) else m
+        self.mode: BalanceMode = m.with_(lplb_sync="global") if (rank_invariant and m.splits) else m
+        self.path_mode = hot_path.path_mode(self.mode)
         self.collective = m.collective and not rank_invariant
         self.layers: dict[int, LayerState] = {}
         self.num_logical = self.num_ranks = self.slots_per_rank = None
@@ -162,7 +180,13 @@ class Runtime:
         self.joined: dict[int, int] = {}  # layer -> collectives done by the TopK path, not yet matched
         self._ep: comm.EpGroup | None = None
         self._warned: set[str] = set()
-        self.rebalancer = Rebalancer(self) if m.lplb == "table" else None
+        self.levels: tuple[int, ...] = DEFAULT_LEVELS
+        self.hash_slots = DEFAULT_HASH_SLOTS
+        self.offsets: torch.Tensor | None = None  # [rows, k] hash slots (plan.hash_offsets), built once
+        self._level_memo: dict[int, int] = {}
+        self.model_config = None
+        self.eplb_model_config = None  # the model config of an init_by_eplb call in progress
+        self.rebalancer = Rebalancer(self) if m.plan else None
         self.last_report: dict | None = None
 
     # -- topology --------------------------------------------------------------------------
@@ -193,24 +217,31 @@ class Runtime:
         self.topk = int(topk)
         self.max_tokens = int(max_tokens)
         if model_config is not None:
+            self.model_config = model_config
             self.cost = cost_model_for(self.opts, model_config)
 
     def _gate_mode(self) -> BalanceMode:
         """The mode as the gate prices it: no collective where none runs (no a2a backend)."""
         m = self.mode
         if m.collective and not self.collective:
-            m = m.with_(lplb_sync="local") if m.per_batch else m.with_(waterfill_sync="local")
+            m = m.with_(lplb_sync="local") if m.splits else m.with_(waterfill_sync="local")
         return m
 
-    def _new_path(self, pl: Placement, table: torch.Tensor | None) -> hot_path.LayerPath:
-        return hot_path.make_layer_path(pl, self.mode, max_tokens=max(1, self.max_tokens), topk=self.topk or 1,
-                                        source_rank=self.source_rank, device=self.device, cost=self.cost,
-                                        split_table=table)
+    def _new_path(self, pl: Placement) -> hot_path.LayerPath | None:
+        if self.path_mode is None:
+            return None
+        return hot_path.make_layer_path(pl, self.path_mode, max_tokens=max(1, self.max_tokens), topk=self.topk or 1,
+                                        source_rank=self.source_rank, device=self.device, cost=self.cost)
+
+    def even_maps(self, pl: Placement) -> torch.Tensor:
+        """``[levels, E, W]`` int32 on the device: the plan that uses every copy evenly (before a solve)."""
+        w = static_like_weights(pl.to("cpu"), self.levels, self.hash_slots)  # [B, 1, P]
+        return plan_maps(pl.to("cpu"), w, self.hash_slots)[:, 0].to(device=self.device, dtype=torch.int32)
 
     def _layer(self, row_cpu: torch.Tensor) -> LayerState:
         pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
-        table = even_table(pl).cpu() if self.mode.lplb == "table" else None
-        return LayerState(self._new_path(pl, table), row_cpu.clone(), pl, table, "even")
+        maps = self.even_maps(pl) if self.mode.plan else None
+        return LayerState(self._new_path(pl), row_cpu.clone(), pl, maps, "even")
 
     def attach_metadata(self, metadata) -> None:
         """(Re)build every MoE layer's path from SGLang's expert-location metadata."""
@@ -223,8 +254,11 @@ class Runtime:
         if self.mode.gate and self.cost is not None:
             self.gate = Gate(self._gate_mode(), self.cost, self.opts.cost.overheads or Overheads.measured(),
                              top_k=self.topk or 1, slots_per_rank=self.slots_per_rank, num_ranks=self.num_ranks,
-                             expected_gain=self.opts.cost.expected_gain or DEFAULT_EXPECTED_GAIN)
+                             expected_gain=self.opts.cost.expected_gain)
             self._gate_memo.clear()
+        if self.mode.plan and (self.offsets is None or self.offsets.shape[0] < max(1, self.max_tokens)):
+            self.offsets = hash_offsets(max(1, self.max_tokens), self.topk or 1, self.hash_slots,
+                                        salt=self.source_rank).to(self.device)
         wanted = sorted(self.moe_layers) if self.moe_layers else range(p2l.shape[0])
         layers = {}
         for layer in wanted:
@@ -234,40 +268,42 @@ class Runtime:
         self.attached = True
 
     def set_placement(self, layer: int, row_cpu: torch.Tensor) -> bool:
-        """Follow SGLang's placement of one layer, in place (even table until the solve arrives)."""
+        """Follow SGLang's placement of one layer, in place (the even plan until a solve arrives)."""
         st = self.layers.get(layer)
         if st is None or torch.equal(st.row, row_cpu):
             return False
         pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
-        table = even_table(pl).cpu() if self.mode.lplb == "table" else None
-        try:
-            st.path.update_placement(pl)
-            if table is not None:
-                st.path.set_split_table(table)
-        except ValueError as err:
-            logger.info("[moe-lb] layer %d: new placement does not fit its layer path (%s); rebuilding it", layer, err)
-            st.path = self._new_path(pl, table)
-        st.row, st.placement, st.table, st.source = row_cpu.clone(), pl, table, "even"
+        if st.path is not None:
+            try:
+                st.path.update_placement(pl)
+            except ValueError as err:
+                logger.info("[moe-lb] layer %d: new placement does not fit its layer path (%s); rebuilding it",
+                            layer, err)
+                st.path = self._new_path(pl)
+        if st.maps is not None:
+            st.maps.copy_(self.even_maps(pl))  # same storage: what captured graphs read
+        st.row, st.placement, st.source = row_cpu.clone(), pl, "even"
         return True
 
-    def install_table(self, layer: int, row_cpu: torch.Tensor, table: torch.Tensor, source: str) -> bool:
-        """Install a solved table if its layer still serves the placement it was solved for."""
+    def install_plan(self, layer: int, row_cpu: torch.Tensor, maps: torch.Tensor, source: str) -> bool:
+        """Install a solved plan ``[levels, E, W]`` if its layer still serves the placement it was solved for."""
         st = self.layers.get(layer)
-        if st is None or not torch.equal(st.row, row_cpu):
+        if st is None or st.maps is None or not torch.equal(st.row, row_cpu):
             return False
-        table = table.to(dtype=torch.float64).cpu()
-        st.path.set_split_table(table)
-        st.table, st.source = table, source
+        st.maps.copy_(maps)
+        st.source = source
         return True
 
-    def served_tables(self) -> dict:
-        """layer -> (row, table) being served now (CPU), for the rebalance report."""
-        return {layer: (st.row, st.table) for layer, st in self.layers.items()}
+    def served_rows(self) -> dict:
+        """layer -> the physical->logical row being served now (CPU)."""
+        return {layer: st.row for layer, st in self.layers.items()}
 
     def counters(self) -> dict:
         """Summed layer-path counters (read off the critical path: at rebalance, in reports)."""
         total: dict = {}
         for st in self.layers.values():
+            if st.path is None:
+                continue
             for k, v in st.path.counters().items():
                 v = int(v)
                 total[k] = max(total.get(k, v), v) if k.startswith("max") else total.get(k, 0) + v
@@ -279,7 +315,7 @@ class Runtime:
         self.warn_once(f"grow-{layer}", "layer %d: a batch of %d rows exceeds the %d rows its layer path was sized "
                        "for; rebuilt larger (eager only)", layer, rows, st.path.max_tokens)
         self.max_tokens = max(self.max_tokens, 2 * rows)
-        st.path = self._new_path(st.placement, st.table)
+        st.path = self._new_path(st.placement)
 
     # -- the gate --------------------------------------------------------------------------
     def shared_tokens(self, rows: int) -> int | None:
@@ -302,6 +338,15 @@ class Runtime:
         if dp:
             return int(max(dp))
         return None if self.collective else rows
+
+    def level(self, rows: int) -> int:
+        """The plan level of a batch of ``rows`` (from the size every rank shares, else this rank's rows)."""
+        n = self.shared_tokens(rows)
+        n = rows if n is None else n
+        got = self._level_memo.get(n)
+        if got is None:
+            got = self._level_memo[n] = level_index(self.levels, n)
+        return got
 
     def gate_open(self, rows: int) -> bool:
         if self.gate is None:
@@ -337,17 +382,34 @@ class Runtime:
         return out
 
     def _zero_row(self, layer: int, device) -> torch.Tensor:
-        return torch.zeros(stats_width(self.layers[layer].placement, self.mode), dtype=torch.int32, device=device)
+        return torch.zeros(stats_width(self.layers[layer].placement, self.path_mode), dtype=torch.int32, device=device)
+
+    def plan_ids(self, st: LayerState, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The plan's physical ids: one gather from the map of this batch's level (as SGLang's
+        static dispatch, padded rows included: SGLang masks them after)."""
+        rows = topk_ids.shape[0]
+        if rows > self.offsets.shape[0]:  # eager only: graphs are captured within the capacity
+            self.warn_once("grow-offsets", "a batch of %d rows exceeds the %d rows the plan's hash slots were built "
+                           "for; rebuilt larger (eager only)", rows, self.offsets.shape[0])
+            self.offsets = hash_offsets(2 * rows, topk_ids.shape[1], self.hash_slots,
+                                        salt=self.source_rank).to(self.offsets.device)
+        out = apply_plan(st.maps[self.level(rows)], topk_ids, self.offsets)
+        return out if out.dtype == topk_ids.dtype else out.to(topk_ids.dtype)
 
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor | None:
-        """LPLB (and, with Waterfill, the shared ranks) for one layer: logical ``[T, k]`` -> physical.
+        """LPLB (and, with a per-batch split, the shared ranks) for one layer: logical ``[T, k]`` -> physical.
 
-        Returns None when this layer has no path or the gate is closed (the caller then keeps
-        SGLang's mapping)."""
+        Returns None when this layer has no state or the gate is closed without a plan (the
+        caller then keeps SGLang's mapping)."""
         st = self.layers.get(layer)
         if st is None:
             return None
-        if not self.gate_open(topk_ids.shape[0]):
+        opened = self.gate_open(topk_ids.shape[0])
+        if self.mode.plan and not (self.mode.gate and opened):
+            if self.mode.gate and self.mode.waterfill is not None:
+                self.stash[layer] = _LOCAL  # the closed form keeps the shared expert at home
+            return self.plan_ids(st, topk_ids)
+        if not opened:
             if self.mode.waterfill is not None:
                 self.stash[layer] = _LOCAL
             return None
@@ -361,8 +423,8 @@ class Runtime:
         return res.phys_ids.to(topk_ids.dtype)
 
     def join_empty(self, layer: int, device) -> None:
-        """An idle rank's share of a layer's collective (LPLB modes): the same all-gather, a zero row."""
-        if not self.collective or self.mode.lplb == "off" or layer not in self.layers:
+        """An idle rank's share of a layer's collective (per-batch split): the same all-gather, a zero row."""
+        if not self.collective or not self.mode.splits or layer not in self.layers:
             return
         if not self.gate_open(0):
             if self.mode.waterfill is not None:
@@ -380,7 +442,7 @@ class Runtime:
         st = self.layers.get(layer)
         if st is None:
             return self._home(phys_ids)
-        if self.mode.lplb != "off":  # decided with the split, in the dispatch hook
+        if self.mode.splits:  # decided with the split (or the plan: home), in the dispatch hook
             got = self.stash.pop(layer, None)
             if got is _LOCAL:
                 return self._home(phys_ids)
@@ -440,6 +502,16 @@ def deactivate() -> None:
 
 def fusion_off_error(mode: BalanceMode) -> MoeLbConfigError:
     return MoeLbConfigError(ERRORS["fusion_off_at_load"].format(mode=mode.flag))
+
+
+def plan_summary(rt: Runtime) -> str:
+    """For the ready line: the plan cycle's cadence."""
+    reb = rt.rebalancer
+    if reb is None:
+        return ""
+    refresh = f"every {reb.refresh_passes} passes from the last {reb.window_passes}" if reb.refresh_passes else "off"
+    return (f", plans at {len(rt.levels)} levels x {rt.hash_slots} hash slots (placement {rt.opts.plan.placement}, "
+            f"refresh {refresh})")
 
 
 def gate_summary(rt: Runtime) -> str:

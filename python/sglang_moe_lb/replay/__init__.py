@@ -11,12 +11,12 @@ timeline (``timeline``) -> evaluate (``evaluate``) -> aggregate (``aggregate``) 
 
 from .dumps import load_recorder
 from .modes import ReplayMode, parse_mode, parse_modes, server_default
-from .simulate import DEFAULT_MODES, ReplayConfig, ReplayResult, make_plan, run_replay
+from .simulate import DEFAULT_MODES, ReplayConfig, ReplayResult, make_setup, run_replay
 from .sources import Batch, Trace, TraceFormatError, bundled_trace, synthetic_trace
 
 __all__ = [
     "run_replay",
-    "make_plan",
+    "make_setup",
     "ReplayConfig",
     "ReplayResult",
     "ReplayMode",

@@ -15,9 +15,10 @@ Every number below comes from them through the core's ``metrics`` and ``cost`` m
 * break-even overhead: the largest per-layer µs, on the layers where the mode balances, at
   which its summed time would still equal static's: ``(sum static - sum mode) / layers``.
 
-Gated modes take their ungated mode's slots where ``gate.Gate(...).open(N)`` is true for the
-step's batch size N (the largest DP rank's tokens, as the server decides) and static's where
-it is false (time ratio exactly 1 on those steps, no overhead).
+Gated modes take their opened form's slots where ``gate.Gate(...).open(N)`` is true for the
+step's batch size N (the largest DP rank's tokens, as the server decides) and their closed
+form's where it is false: SGLang static (time ratio exactly 1 on those steps, no overhead),
+or for a plan schedule the plan (with the plan's overhead, 0 until measured).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["gate_open", "gated_slots", "rank_loads", "mean_over_max", "step_bala
 
 
 def gate_open(mode: ReplayMode, tokens_per_rank: np.ndarray, cost: CostModel, ov: Overheads, top_k: int,
-              S: int, R: int, expected_gain: float) -> np.ndarray:
+              S: int, R: int, expected_gain: float | None) -> np.ndarray:
     """``[N]`` bool: does the mode balance each step (always True without a gate)."""
     if not mode.gated:
         return np.ones(len(tokens_per_rank), dtype=bool)
@@ -44,14 +45,15 @@ def gate_open(mode: ReplayMode, tokens_per_rank: np.ndarray, cost: CostModel, ov
     return np.array([g.open(float(n)) for n in tokens_per_rank], dtype=bool)
 
 
-def gated_slots(ungated: np.ndarray, static: np.ndarray, open_: np.ndarray) -> np.ndarray:
-    """``[N, L, R, S+1]``: the ungated mode's slots on open steps, static's on closed ones."""
-    return np.where(open_[:, None, None, None], ungated, static)
+def gated_slots(opened: np.ndarray, closed: np.ndarray, open_: np.ndarray) -> np.ndarray:
+    """``[N, L, R, S+1]``: the opened form's slots on open steps, the closed form's on closed ones."""
+    return np.where(open_[:, None, None, None], opened, closed)
 
 
 def step_overheads(mode: ReplayMode, tokens_per_rank: np.ndarray, open_: np.ndarray, ov: Overheads, R: int) -> np.ndarray:
-    """``[N]`` µs per layer the mode adds on each step (0 where its gate is closed)."""
-    return np.array([mode_overhead_us(ov, mode, float(n), R) if o else 0.0 for n, o in zip(tokens_per_rank, open_)])
+    """``[N]`` µs per layer the mode adds on each step (its closed form's where the gate is closed)."""
+    return np.array([mode_overhead_us(ov, mode.ungated if o else mode.closed, float(n), R)
+                     for n, o in zip(tokens_per_rank, open_)])
 
 
 def rank_loads(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

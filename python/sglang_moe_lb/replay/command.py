@@ -174,9 +174,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "first window; auto picks the first available in that order",
     )
     sim.add_argument(
+        "--placement", default="eplb", choices=["eplb", "decode"],
+        help="our modes' placement: SGLang's EPLB (default), or EPLB followed by the decode-aware post-step "
+        "(same replica counts, copies moved so plans can switch them off evenly); SGLang's modes always run on EPLB's",
+    )
+    sim.add_argument("--plan-refresh", type=_nonneg, default=None, metavar="STEPS",
+                     help="steps between plan refreshes from recent counts (no weights move); 0 = only at each "
+                     "rebalance (default: --rebalance-every / 4)")
+    sim.add_argument("--plan-window", type=_positive, default=None, metavar="STEPS",
+                     help="recorded steps a plan is solved from (default: max(2, --plan-refresh))")
+    sim.add_argument(
         "--modes", type=_csv, default=None, metavar="M1,M2,...|all|default",
-        help="modes to run: names (see above), 'default' (the set above) or 'all' (every SGLang mode and every "
-        "--moe-lb mode, gated or not); must include static",
+        help="modes to run: names (see above), the --moe-lb values lplb, waterfill, waterfill+lplb (their server "
+        "defaults), 'default' (the set above) or 'all' (every SGLang mode and every --moe-lb mode, gated or not); "
+        "must include static",
     )
     sim.add_argument(
         "--upstream-waterfill-steps", type=_steps_k, default=None, metavar="K",
@@ -205,7 +216,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cm.add_argument("--tile-tokens", type=_positive, default=None, help="grouped-GEMM M-tile in tokens (default: the calibration's, else 128)")
     cm.add_argument("--overheads", default=None, metavar="FILE", help="per-mode overhead table (default: the shipped H200 measurements)")
     cm.add_argument("--collective-us", type=_nonneg_float, default=None, help="override the all-gather µs per layer of global-sync modes")
-    cm.add_argument("--expected-gain", type=_share, default=None, help="gated modes: share of the layer time balancing is expected to save (default 0.05)")
+    cm.add_argument("--expected-gain", type=_share, default=None,
+                    help="gated modes: share of the layer time the per-batch work is expected to save over what runs "
+                    "when the gate is closed (default: 0.05 over static; 0.02 over a plan)")
 
     out = rp.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON (schema in docs/replay.md)")
@@ -356,14 +369,13 @@ def make_trace(args, source: str):
 
 
 def make_config(args, num_steps: int | None):
-    from ..gate import DEFAULT_EXPECTED_GAIN
     from .costs import CostOptions
     from .simulate import DEFAULT_MODES, ReplayConfig
 
     every = args.rebalance_every if args.rebalance_every is not None else max(1, (num_steps or BUNDLED_STEPS) // 3)
     cost = CostOptions(config=args.cost_model_config, gpu=args.gpu, dtype=args.dtype, calibration=args.calibration,
                        tile_tokens=args.tile_tokens, overheads=args.overheads, collective_us=args.collective_us,
-                       expected_gain=DEFAULT_EXPECTED_GAIN if args.expected_gain is None else args.expected_gain)
+                       expected_gain=args.expected_gain)
     return ReplayConfig(
         ep_size=args.ep_size, redundant_experts=args.redundant_experts, rebalance_every=every,
         window=args.window, eplb_algorithm=args.eplb_algorithm, num_groups=args.num_groups, nnodes=args.nnodes,
@@ -371,13 +383,14 @@ def make_config(args, num_steps: int | None):
         upstream_waterfill_steps=args.upstream_waterfill_steps, lp_method=args.lp_method, seed=args.seed,
         threads=args.threads, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
         cost=cost, batch_sweep=tuple(args.batch_sweep or ()), sweep_steps=args.sweep_steps,
+        placement=args.placement, plan_refresh=args.plan_refresh, plan_window=args.plan_window,
     )
 
 
 def _checked_run(args) -> int:
     from ..placement import PlacementError
     from .report import format_sweep, format_table, write_json, write_plots
-    from .simulate import make_plan, run_replay
+    from .simulate import make_setup, run_replay
     from .sources import TraceFormatError
 
     t0 = time.perf_counter()
@@ -391,9 +404,9 @@ def _checked_run(args) -> int:
         cfg = make_config(args, trace.num_steps)
         for n in cfg.batch_sweep:
             check_batch_memory(trace.num_layers, n * cfg.ep_size, trace.num_logical, f"--batch-sweep {n}")
-        plan = make_plan(trace, cfg)
-        plan.notes[:0] = notes
-        res = run_replay(trace, cfg, plan)
+        setup = make_setup(trace, cfg)
+        setup.notes[:0] = notes
+        res = run_replay(trace, cfg, setup)
     except (TraceFormatError, PlacementError, ReplayCliError, ValueError) as err:
         raise ReplayCliError(str(err)) from None
     res.wall_s = time.perf_counter() - t0

@@ -4,8 +4,9 @@ A layer's modelled time is the busiest rank's ``cost.CostModel.rank_time`` on th
 tokens per slot (the fused layout: each rank's routed copies plus one shared-expert slot,
 modelled as one more expert of the same shape), plus the mode's per-layer overhead:
 ``gate.Overheads.mode_us`` for our modes (measured H200 kernels + one collective with global
-sync), SGLang's measured Waterfill for ``upstream-waterfill`` (+ its all-reduce for the
-dynamic variant), and 0 for SGLang's static and dynamic dispatch (the reference).
+sync; a plan's gather minus SGLang's, 0 until measured), SGLang's measured Waterfill for
+``upstream-waterfill`` (+ its all-reduce for the dynamic variant), and 0 for SGLang's static
+and dynamic dispatch (the reference).
 
 Presets: the expert shape of public model configs (``config.json`` on the Hugging Face hub):
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..cost import DTYPE_BYTES, GPUS, CostModel, CostModelError
-from ..gate import DEFAULT_EXPECTED_GAIN, Overheads
+from ..gate import Overheads
 from .modes import ReplayMode
 
 __all__ = ["PRESETS", "CostOptions", "default_preset", "build_cost_model", "build_overheads", "mode_overhead_us",
@@ -60,7 +61,7 @@ class CostOptions:
     tile_tokens: int | None = None
     overheads: str | None = None
     collective_us: float | None = None
-    expected_gain: float = DEFAULT_EXPECTED_GAIN
+    expected_gain: float | None = None  # None: gate.default_expected_gain per mode
 
     def validate(self) -> None:
         """Flag values alone (files are read by ``build_*``); raises ``ValueError`` naming the flag."""
@@ -72,7 +73,7 @@ class CostOptions:
             raise ValueError(f"--tile-tokens must be >= 1, got {self.tile_tokens}")
         if self.collective_us is not None and not (math.isfinite(self.collective_us) and self.collective_us >= 0):
             raise ValueError(f"--collective-us must be a finite number >= 0, got {self.collective_us}")
-        if not (math.isfinite(self.expected_gain) and 0 <= self.expected_gain <= 1):
+        if self.expected_gain is not None and not (math.isfinite(self.expected_gain) and 0 <= self.expected_gain <= 1):
             raise ValueError(f"--expected-gain must be in [0, 1], got {self.expected_gain}")
 
 
@@ -117,7 +118,7 @@ def build_overheads(opts: CostOptions) -> Overheads:
 
 
 def mode_overhead_us(ov: Overheads, mode: ReplayMode, tokens_per_rank: float, num_ranks: int) -> float:
-    """µs per layer a mode adds at this batch size (gate open); SGLang's static/dynamic: 0."""
+    """µs per layer an ungated mode adds at this batch size; SGLang's static/dynamic: 0."""
     if mode.balance is not None:
         return ov.mode_us(mode.balance, tokens_per_rank, num_ranks)
     if mode.upstream_waterfill:
@@ -130,6 +131,7 @@ def check_overheads(ov: Overheads, modes: tuple[ReplayMode, ...], num_ranks: int
     """Every mode has a measured overhead (before any work); raises ``ValueError`` naming ``--overheads``."""
     for m in modes:
         try:
-            mode_overhead_us(ov, m, 1, num_ranks)
+            for form in (m.ungated, m.closed):
+                mode_overhead_us(ov, form, 1, num_ranks)
         except KeyError as err:
             raise ValueError(f"--overheads: mode {m.name}: {err.args[0]}") from None

@@ -5,10 +5,12 @@ batch's tokens (its *source* tokens). Per MoE layer:
 
 1. SGLang maps each rank's logical ids to physical ids (``static``: the rank's own
    nearest-copy table; ``dynamic``: a random copy, seeded per step and layer), optionally
-   followed by SGLang's ``WaterfillBalancer`` (``upstream-waterfill*``).
-2. Our modes call ``chain.balance_layer`` once per rank, exactly as the server plugin does:
-   global sync with the stacked int32 ``local_stats`` rows of all ranks (the one all-gather),
-   local sync with ``gathered=None``. Waterfill alone runs on SGLang's static ids.
+   followed by SGLang's ``WaterfillBalancer`` (``upstream-waterfill*``), on SGLang's own
+   placement (``PlacementState.ref_pl``).
+2. Our modes call ``chain.balance_layer`` once per rank, exactly as the server plugin does,
+   on our placement: global sync with the stacked int32 ``local_stats`` rows of all ranks (the
+   one all-gather), local sync with ``gathered=None``. Waterfill alone runs on SGLang's static
+   ids; a plan on the step's plans at the level of the batch's largest DP rank.
    One ``MemoSteps`` per step is passed as the chain's ``steps``: each distinct split problem
    is solved once (all of the step's problems batched ahead, ``prewarm``), and every rank
    still runs the whole chain.
@@ -25,7 +27,7 @@ decided from the batch size (``aggregate.gate_open``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,12 +37,13 @@ from ..cost import CostModel
 from ..mode import BalanceMode
 from ..objective import SplitSteps, tile_units
 from ..placement import Placement
+from ..plan import apply_plan, hash_offsets, level_index
 from .bounds import layer_bounds
 from .memo import MemoSteps
 from .modes import ReplayMode
 from .read import count_layers
 from .sources import Batch
-from .timeline import PlacementState, Timeline
+from .timeline import PlacementState, PlanState, Timeline
 
 __all__ = ["EvalContext", "StepResult", "evaluate_step", "split_sizes", "fused_slots"]
 
@@ -62,6 +65,7 @@ class EvalContext:
     memo: bool = True
     upstream_steps: frozenset = frozenset()  # steps where SGLang's Waterfill runs
     with_bounds: bool = True
+    offsets: dict = field(default_factory=dict)  # (rows, k, rank, W) -> plan.hash_offsets, built once per process
 
 
 @dataclass
@@ -107,44 +111,65 @@ def _upstream_slots(fused: list[torch.Tensor], R: int, S: int) -> torch.Tensor:
 
 
 class _Rows:
-    """The stacked ``local_stats`` rows of one layer (the all-gather), built once per kind."""
+    """The stacked ``local_stats`` rows of one layer (the all-gather), built once per kind:
+    logical counts (per-batch split), or routed loads of fixed physical ids (SGLang's static
+    ids, or the plan's)."""
 
-    def __init__(self, pl, parts, static_phys):
-        self.pl, self.parts, self.static_phys = pl, parts, static_phys
-        self._rows: dict[bool, torch.Tensor] = {}
+    def __init__(self, pl, parts, static_phys, plan_phys):
+        self.pl, self.parts, self.static_phys, self.plan_phys = pl, parts, static_phys, plan_phys
+        self._rows: dict[str, torch.Tensor] = {}
 
     def get(self, mode: BalanceMode) -> torch.Tensor:
-        lplb = mode.lplb != "off"
-        if lplb not in self._rows:
-            self._rows[lplb] = torch.stack([
-                local_stats(self.pl, p, mode, None if lplb else self.static_phys[r]) for r, p in enumerate(self.parts)
-            ])
-        return self._rows[lplb]
+        kind = "logical" if mode.per_batch else "plan" if mode.plan else "static"
+        if kind not in self._rows:
+            phys = {"logical": [None] * len(self.parts), "plan": self.plan_phys, "static": self.static_phys}[kind]
+            self._rows[kind] = torch.stack([local_stats(self.pl, p, mode, phys[r]) for r, p in enumerate(self.parts)])
+        return self._rows[kind]
 
 
 @dataclass
 class LayerInputs:
-    """One layer of a batch as the ranks see it: the layer's placement, each source rank's
-    ids ``[T_r, k]`` and valid-token mask ``[T_r]``, SGLang's static physical ids per rank
-    (and the seconds per rank they took), and the all-gather rows."""
+    """One layer of a batch as the ranks see it: the layer's placement (ours), each source rank's
+    ids ``[T_r, k]`` and valid-token mask ``[T_r]``, SGLang's static physical ids per rank on our
+    placement and on SGLang's (the same list when they are one placement; with the seconds per
+    rank they took), the plan's physical ids per rank (None without plans), and the all-gather rows."""
 
     layer: int
     lp: Placement
     parts: list
     valid: list
     static_phys: list
+    ref_static_phys: list
     t_static: float
+    plan_phys: list | None
     rows: _Rows
 
 
-def layer_inputs(ctx: EvalContext, state: PlacementState, layer: int, ids: torch.Tensor, sizes: list[int]) -> LayerInputs:
+def _offsets(ctx: EvalContext, rows: int, k: int, salt: int, W: int) -> torch.Tensor:
+    key = (rows, k, salt, W)
+    if key not in ctx.offsets:
+        ctx.offsets[key] = hash_offsets(rows, k, W, salt=salt)
+    return ctx.offsets[key]
+
+
+def layer_inputs(ctx: EvalContext, state: PlacementState, plans: PlanState | None, layer: int, ids: torch.Tensor,
+                 sizes: list[int]) -> LayerInputs:
     lp = state.pl.layer(layer)
     parts = list(torch.split(ids, sizes))
     t0 = time.perf_counter()
-    static_phys = [ctx.up.to_physical(p, state.up.static_info[r][layer]) for r, p in enumerate(parts)]
+    ref_phys = [ctx.up.to_physical(p, state.ref_up.static_info[r][layer]) for r, p in enumerate(parts)]
     t_static = (time.perf_counter() - t0) / ctx.R
-    return LayerInputs(layer, lp, parts, [(p >= 0).any(1) for p in parts], static_phys, t_static,
-                       _Rows(lp, parts, static_phys))
+    static_phys = ref_phys if state.up is state.ref_up else [
+        ctx.up.to_physical(p, state.up.static_info[r][layer]) for r, p in enumerate(parts)]
+    plan_phys = None
+    if plans is not None:
+        level = level_index(plans.plans.levels, max(sizes))  # the largest DP rank's tokens: rank-consistent
+        m = plans.maps[level, layer]
+        W = plans.plans.hash_slots
+        plan_phys = [apply_plan(m, p.clamp(min=0), _offsets(ctx, p.shape[0], p.shape[1], r, W)).masked_fill(p < 0, -1)
+                     for r, p in enumerate(parts)]
+    return LayerInputs(layer, lp, parts, [(p >= 0).any(1) for p in parts], static_phys, ref_phys, t_static,
+                       plan_phys, _Rows(lp, parts, static_phys, plan_phys))
 
 
 def prewarm(ctx: EvalContext, inputs: list[LayerInputs], memo: MemoSteps) -> None:
@@ -170,19 +195,22 @@ def prewarm(ctx: EvalContext, inputs: list[LayerInputs], memo: MemoSteps) -> Non
     memo.solve_many(problems)
 
 
-def _ours(ctx: EvalContext, li: LayerInputs, mode: BalanceMode, table, steps):
-    """Every rank's ``balance_layer`` call for one of our modes: (phys ids, shared ranks or None, rank 0's s)."""
+def _ours(ctx: EvalContext, li: LayerInputs, mode: BalanceMode, steps):
+    """Every rank's ``balance_layer`` call for one of our modes: (phys ids, shared ranks or None, rank 0's s).
+
+    A plan's ids were gathered once per rank (``layer_inputs``: the same gather every plan mode
+    runs); they are passed as the chain's ``phys_ids``."""
     gathered = li.rows.get(mode) if mode.collective else None
     phys, shared, dt = [], [], 0.0
     for r, ids in enumerate(li.parts):
-        own_phys = li.static_phys[r] if mode.lplb == "off" else None
+        own_phys = li.plan_phys[r] if mode.plan else None if mode.per_batch else li.static_phys[r]
         if r == 0 and isinstance(steps, MemoSteps):
             steps.take_credit()  # hits before this call belong to other modes' ranks
         t0 = time.perf_counter()
         if r == 0 and gathered is not None:
             local_stats(li.lp, ids, mode, own_phys)  # rank 0's own row of the all-gather
-        d = balance_layer(li.lp, ids, mode, source_rank=r, split_table=table[li.layer] if mode.lplb == "table" else None,
-                          gathered=gathered, phys_ids=own_phys, cost=ctx.cost, steps=steps)
+        d = balance_layer(li.lp, ids, mode, source_rank=r, gathered=gathered, phys_ids=own_phys, cost=ctx.cost,
+                          steps=steps)
         if r == 0:
             dt = time.perf_counter() - t0 + (steps.take_credit() if isinstance(steps, MemoSteps) else 0.0)
         phys.append(d.phys_ids)
@@ -198,23 +226,23 @@ def _evaluate_layer(ctx: EvalContext, state: PlacementState, t: int, li: LayerIn
     for m in ctx.modes:
         shared = None
         if m.sglang == "static":
-            phys, dt = li.static_phys, li.t_static
+            phys, dt = li.ref_static_phys, li.t_static
         elif m.sglang == "dynamic":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((ctx.seed * 1_000_003 + t * 131 + layer) % (2**63))
                 t0 = time.perf_counter()
-                phys = [up.to_physical(p, state.up.dynamic_info[r][layer]) for r, p in enumerate(li.parts)]
+                phys = [up.to_physical(p, state.ref_up.dynamic_info[r][layer]) for r, p in enumerate(li.parts)]
                 dt = (time.perf_counter() - t0) / R
         elif m.upstream_waterfill:
             if not run_upstream:
                 continue
             t0 = time.perf_counter()
-            fused = up.waterfill(li.static_phys, layer, dynamic=m.sglang == "upstream-waterfill-dyn")
+            fused = up.waterfill(li.ref_static_phys, layer, dynamic=m.sglang == "upstream-waterfill-dyn")
             cpu[m.name] = (time.perf_counter() - t0) / R
             slots[m.name] = _upstream_slots(fused, R, S)
             continue
         else:
-            phys, shared, dt = _ours(ctx, li, m.balance, state.tables, steps)
+            phys, shared, dt = _ours(ctx, li, m.balance, steps)
         slots[m.name] = fused_slots(phys, shared, li.valid, R, S)
         cpu[m.name] = dt
     return slots, cpu
@@ -222,14 +250,16 @@ def _evaluate_layer(ctx: EvalContext, state: PlacementState, t: int, li: LayerIn
 
 def evaluate_step(ctx: EvalContext, t: int, batch: Batch) -> StepResult:
     """Every mode on step ``t``'s batch (module docstring)."""
-    state = ctx.timeline.states[ctx.timeline.state_of_step[t]]
+    tl = ctx.timeline
+    state = tl.states[tl.state_of_step[t]]
+    plans = tl.plans[tl.plan_of_step[t]] if tl.plans else None
     topk = batch.topk.to(torch.long)
     sizes = split_sizes(topk.shape[1], ctx.R, batch.rank_sizes)
     run_upstream = t in ctx.upstream_steps
     names = [m.name for m in ctx.modes if run_upstream or not m.upstream_waterfill]
     slots = {n: np.zeros((ctx.L, ctx.R, ctx.S + 1), dtype=np.int64) for n in names}
     cpu = dict.fromkeys(names, 0.0)
-    inputs = [layer_inputs(ctx, state, layer, topk[layer], sizes) for layer in range(ctx.L)]
+    inputs = [layer_inputs(ctx, state, plans, layer, topk[layer], sizes) for layer in range(ctx.L)]
     steps = MemoSteps(ctx.steps) if ctx.memo else ctx.steps
     if ctx.memo:
         prewarm(ctx, inputs, steps)

@@ -75,10 +75,6 @@ class MemoSteps:
         q, cert = self._get(key, lambda: self.inner.split_round(pl, units))
         return q.clone(), cert.clone()
 
-    def table_round(self, pl: Placement, fractions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        key = _key("table", pl.phy2log, pl.num_ranks, fractions, counts)
-        return self._get(key, lambda: self.inner.table_round(pl, fractions, counts)).clone()
-
     def solve_many(self, problems: list[tuple[Placement, torch.Tensor]]) -> None:
         """Cache the answers of single-layer problems ``(placement, units [1, E])``, batched per shape."""
         todo: dict[tuple, tuple[Placement, torch.Tensor]] = {}

@@ -3,10 +3,12 @@
 * SGLang: ``static`` (each rank's nearest copy), ``dynamic`` (a random copy),
   ``upstream-waterfill`` (SGLang's ``WaterfillBalancer`` on top of static, its default static
   variant) and ``upstream-waterfill-dyn`` (the same with ``SGLANG_DISABLE_STATIC_WATERFILL=1``).
-* Ours: any ``BalanceMode`` name (``mode.py``), e.g. ``lplb/table``,
-  ``lplb/per-batch/global/tokens``, ``lplb/per-batch/local/tiles/gate``,
+* Ours: any ``BalanceMode`` name (``mode.py``), e.g. ``lplb/plan``,
+  ``lplb/plan/local/tokens/gate``, ``lplb/per-batch/global/tokens``,
   ``waterfill/conservative/global``, ``waterfill+lplb/per-batch/global/tokens/all_rank``.
   They run through ``chain.balance_layer`` exactly as the server plugin does.
+* The server's flag values: ``lplb``, ``waterfill`` and ``waterfill+lplb`` mean what
+  ``--moe-lb`` means (the mode it runs with default sub-options); ``off`` is ``static``.
 
 ``server_default(flag)`` is the name ``--moe-lb FLAG`` runs with no sub-options, read from
 ``mode.SERVER_DEFAULTS`` (never written here).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
-from ..mode import CANDIDATES, OBJECTIVES, SYNCS, BalanceMode, ModeError, every_mode
+from ..mode import CANDIDATES, FLAGS, OBJECTIVES, SYNCS, BalanceMode, ModeError, every_mode
 
 __all__ = [
     "ReplayMode",
@@ -39,8 +41,7 @@ SGLANG_MODES: dict[str, str] = {
 
 # Names replay used before the one mode vocabulary: rejected with the new name as a hint.
 RENAMED: dict[str, str] = {
-    "lplb": "lplb/per-batch/global/tokens",
-    "lplb-rebalance": "lplb/table",
+    "lplb-rebalance": "lplb/plan",
     "waterfill-cons": "waterfill/conservative/global",
     "waterfill-all": "waterfill/all_rank/global",
     "waterfill-cons-static": "waterfill/conservative/local",
@@ -77,11 +78,17 @@ class ReplayMode:
 
     @property
     def ungated(self) -> "ReplayMode":
-        """The same mode without the gate (what runs when the gate is open)."""
+        """What runs where the gate is open (``BalanceMode.opened``); itself without a gate."""
         if not self.gated:
             return self
-        b = self.balance.with_(gate=False)
+        b = self.balance.opened
         return ReplayMode(b.name, balance=b)
+
+    @property
+    def closed(self) -> "ReplayMode":
+        """What runs where the gate is closed: the plan for a plan schedule, else SGLang static."""
+        b = self.balance.closed if self.gated else None
+        return ReplayMode(b.name, balance=b) if b is not None else ReplayMode("static", sglang="static")
 
     @property
     def description(self) -> str:
@@ -93,32 +100,42 @@ class ReplayMode:
 def describe(m: BalanceMode) -> str:
     """One line on what a ``BalanceMode`` does per batch."""
     parts = []
-    if m.lplb == "table":
-        parts.append("LPLB split table solved at each EPLB rebalance, applied to each rank's own counts")
+    whose = "all-gathered" if m.lplb_sync == "global" else "rank's own"
+    if m.plan and m.gate:
+        parts.append(f"dispatch plans per batch size (solved in the EPLB cycle, one gather); where the cost model "
+                     f"says it pays, the exact per-batch split of the {whose} counts, {m.objective} objective")
+    elif m.plan:
+        parts.append("dispatch plans per batch size, solved in the EPLB cycle, applied by one gather")
     elif m.per_batch:
-        whose = "all-gathered" if m.lplb_sync == "global" else "rank's own"
         parts.append(f"exact per-batch LPLB split of the {whose} counts, {m.objective} objective")
     else:
         parts.append("SGLang static dispatch")
     if m.waterfill is not None:
-        how = "joint with the split (shared expert = one more expert)" if m.waterfill == "all_rank" and m.per_batch else (
+        how = "joint with the split (shared expert = one more expert)" if m.waterfill == "all_rank" and m.splits else (
             f"{m.waterfill} candidates")
         sync = f", {m.waterfill_sync} loads" if m.waterfill_sync else ""
         parts.append(f"our Waterfill, {how}{sync}")
     if m.gate:
-        parts.append("gated by the cost model (closed: SGLang static)")
+        closed = "the plan, shared expert at home" if m.plan else "SGLang static"
+        parts.append(f"gated by the cost model (closed: {closed})")
     return "; ".join(parts)
 
 
 def parse_mode(name: str) -> ReplayMode:
     """A replay mode from its name; raises ``ModeError`` naming the problem."""
     text = name.strip()
+    if text == "off":
+        text = "static"  # --moe-lb off: SGLang's own dispatch
     if text in SGLANG_MODES:
         return ReplayMode(text, sglang=text)
+    if text in FLAGS:  # --moe-lb lplb|waterfill|waterfill+lplb: the server's default sub-options
+        b = BalanceMode.from_flag(text)
+        return ReplayMode(b.name, balance=b)
     if text in RENAMED:
         raise ModeError(f"mode {text!r} was renamed: use {RENAMED[text]!r}")
-    if text == "off":
-        raise ModeError("mode 'off' is SGLang's static dispatch: use 'static'")
+    if "/table" in text:
+        raise ModeError(f"mode {text!r}: the table schedule is gone; plans replace it (lplb/plan, or the "
+                        f"server default {server_default('lplb')!r})")
     mode = BalanceMode.parse(text)
     if mode.name != text:
         raise ModeError(f"mode {text!r}: write it as {mode.name!r} (the one spelling of that mode)")
@@ -136,17 +153,18 @@ def all_mode_names() -> list[str]:
 
 
 def default_mode_names() -> list[str]:
-    """The no-``--modes`` set: SGLang's static, dynamic and Waterfill; our table; per-batch LPLB
-    in both syncs and objectives; Waterfill alone in both syncs; the joint modes (token
-    objective) in both syncs; and the two server defaults."""
+    """The no-``--modes`` set: SGLang's static, dynamic and Waterfill; our plan alone; per-batch
+    LPLB in both syncs and objectives; Waterfill alone in both syncs; the joint per-batch modes
+    (token objective) in both syncs; the gated per-batch split; and the two server defaults."""
     names: dict[str, None] = dict.fromkeys(["static", "dynamic", "upstream-waterfill"])
-    names[BalanceMode(lplb="table").name] = None
+    names[BalanceMode(lplb="plan").name] = None
     for sync, obj in product(SYNCS[::-1], OBJECTIVES):
         names[BalanceMode(lplb="per-batch", lplb_sync=sync, objective=obj).name] = None
     for sync, cand in product(SYNCS[::-1], CANDIDATES):
         names[BalanceMode(waterfill=cand, waterfill_sync=sync).name] = None
     for sync, cand in product(SYNCS[::-1], CANDIDATES):
         names[BalanceMode(lplb="per-batch", lplb_sync=sync, objective="tokens", waterfill=cand).name] = None
+    names[BalanceMode(lplb="per-batch", lplb_sync="local", objective="tokens", gate=True).name] = None
     for flag in ("lplb", "waterfill+lplb"):
         names[server_default(flag)] = None
     return list(names)

@@ -2,9 +2,9 @@
 
 * read: ``sources`` / ``dumps`` give a ``Trace`` (the caller), ``read.read_trace`` draws every
   batch once (in parallel) and counts it;
-* plan (``make_plan``): every check that needs the trace's shapes, SGLang's layout, the cost
+* setup (``make_setup``): every check that needs the trace's shapes, SGLang's layout, the cost
   model and the overheads, before any work;
-* placement timeline (``timeline.build_timeline``): placements and split tables of every step;
+* placement timeline (``timeline.build_timeline``): placements and dispatch plans of every step;
 * evaluate (``evaluate.evaluate_step``, per step, in forked workers): tokens per fused slot
   of every mode, and the LP bounds;
 * aggregate (``aggregate``): token metrics, modelled time with overhead, tile balancedness,
@@ -35,9 +35,9 @@ from .pool import cpu_count, run_jobs
 from .read import Read, read_trace
 from .sources import Trace
 from .sweep import evenly_spaced, sized_trace
-from .timeline import Timeline, build_timeline, resolve_init
+from .timeline import PLACEMENTS, PlanOptions, Timeline, build_timeline, resolve_init
 
-__all__ = ["ReplayConfig", "ReplayResult", "Plan", "make_plan", "run_replay", "DEFAULT_MODES", "INIT_PLACEMENTS"]
+__all__ = ["ReplayConfig", "ReplayResult", "Setup", "make_setup", "run_replay", "DEFAULT_MODES", "INIT_PLACEMENTS"]
 
 DEFAULT_MODES = tuple(default_mode_names())
 INIT_PLACEMENTS = ("auto", "calibration", "recorded", "trivial", "first-window")
@@ -71,6 +71,15 @@ class ReplayConfig:
     batch_sweep: tuple[int, ...] = ()
     sweep_steps: int = 8
     memo: bool = True  # share each split problem's solve between ranks and modes (MemoSteps)
+    placement: str = "eplb"  # our modes' placement: SGLang's EPLB, or EPLB + the decode-aware post-step
+    plan_refresh: int | None = None  # steps between plan refreshes (0: only at rebalance; None: rebalance_every / 4)
+    plan_window: int | None = None  # recorded steps a plan is solved from (None: max(2, plan_refresh))
+
+    def plan_cadence(self) -> tuple[int, int]:
+        """(refresh, window) in steps, defaults resolved."""
+        refresh = self.plan_refresh if self.plan_refresh is not None else max(1, (self.rebalance_every or 0) // 4)
+        window = self.plan_window if self.plan_window is not None else max(2, refresh)
+        return refresh, window
 
     def validate(self) -> None:
         """Flag values alone; raises ``ValueError`` naming the flag."""
@@ -88,6 +97,10 @@ class ReplayConfig:
         at_least("nnodes", self.nnodes, 1)
         at_least("upstream-waterfill-steps", self.upstream_waterfill_steps, -1)
         at_least("sweep-steps", self.sweep_steps, 1)
+        at_least("plan-refresh", self.plan_refresh, 0)
+        at_least("plan-window", self.plan_window, 1)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         self.replay_modes()
         if self.init_placement not in INIT_PLACEMENTS:
             raise ValueError(f"--init-placement must be one of {', '.join(INIT_PLACEMENTS)}, got {self.init_placement!r}")
@@ -168,10 +181,10 @@ class ReplayResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan: every check before any work
+# Setup: every check before any work
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Plan:
+class Setup:
     cfg: ReplayConfig
     modes: tuple[ReplayMode, ...]  # as asked (gated ones included)
     eval_modes: tuple[ReplayMode, ...]  # what runs per step: ungated, static first
@@ -191,14 +204,15 @@ class Plan:
     sampled_steps: list[int]
     notes: list[str]
     skipped: dict[str, str]
-    seconds: float = 0.0  # time make_plan took (SGLang's import and context included)
+    seconds: float = 0.0  # time make_setup took (SGLang's import and context included)
 
 
 def _eval_modes(modes: tuple[ReplayMode, ...]) -> tuple[ReplayMode, ...]:
+    """What runs per step: every asked mode's opened form and, for gated ones, its closed form."""
     out: dict[str, ReplayMode] = {}
     for m in sorted(modes, key=lambda m: m.name != "static"):
-        u = m.ungated
-        out.setdefault(u.name, u)
+        for form in (m.ungated, m.closed) if m.gated else (m,):
+            out.setdefault(form.name, form)
     return tuple(out.values())
 
 
@@ -263,7 +277,7 @@ def _upstream_sampling(cfg: ReplayConfig, modes, up, R: int, N: int, notes: list
     return modes, sampled
 
 
-def make_plan(trace: Trace, cfg: ReplayConfig) -> Plan:
+def make_setup(trace: Trace, cfg: ReplayConfig) -> Setup:
     """Every check that needs the trace (shapes, SGLang's layout, cost model, overheads)."""
     from .upstream import UpstreamSGLang
 
@@ -284,16 +298,16 @@ def make_plan(trace: Trace, cfg: ReplayConfig) -> Plan:
     skipped: dict[str, str] = {}
     modes, sampled = _upstream_sampling(cfg, modes, up, R, N, notes, skipped)
     window = cfg.window or cfg.rebalance_every or N
-    return Plan(cfg, modes, _eval_modes(modes), E, k, L, N, R, P, S, window, init, up, cost, cost_note, overheads,
+    return Setup(cfg, modes, _eval_modes(modes), E, k, L, N, R, P, S, window, init, up, cost, cost_note, overheads,
                 sampled, notes, skipped, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluate every step
 # ---------------------------------------------------------------------------------------------
-def _context(plan: Plan, timeline: Timeline, upstream_steps, with_bounds: bool) -> EvalContext:
-    return EvalContext(plan.eval_modes, plan.up, timeline, plan.cost, FloatSteps(plan.cfg.lp_method),
-                       plan.E, plan.L, plan.R, plan.S, seed=plan.cfg.seed, memo=plan.cfg.memo,
+def _context(setup: Setup, timeline: Timeline, upstream_steps, with_bounds: bool) -> EvalContext:
+    return EvalContext(setup.eval_modes, setup.up, timeline, setup.cost, FloatSteps(setup.cfg.lp_method),
+                       setup.E, setup.L, setup.R, setup.S, seed=setup.cfg.seed, memo=setup.cfg.memo,
                        upstream_steps=frozenset(upstream_steps), with_bounds=with_bounds)
 
 
@@ -331,16 +345,16 @@ def _workers(cfg: ReplayConfig, jobs: int) -> int:
     return max(1, min(cfg.workers or cpu_count(), jobs))
 
 
-def evaluate_all(plan: Plan, trace: Trace, read: Read, timeline: Timeline) -> StepArrays:
+def evaluate_all(setup: Setup, trace: Trace, read: Read, timeline: Timeline) -> StepArrays:
     """Every mode on every step (sampled steps first, so the slow upstream ones are shared out)."""
-    ctx = _context(plan, timeline, plan.sampled_steps, with_bounds=True)
-    out = StepArrays.empty(plan.eval_modes, plan.N, plan.L, plan.R, plan.S)
-    order = sorted(range(plan.N), key=lambda t: (t not in ctx.upstream_steps, t))
+    ctx = _context(setup, timeline, setup.sampled_steps, with_bounds=True)
+    out = StepArrays.empty(setup.eval_modes, setup.N, setup.L, setup.R, setup.S)
+    order = sorted(range(setup.N), key=lambda t: (t not in ctx.upstream_steps, t))
 
     def task(t: int):
         return evaluate_step(ctx, t, read.batch(trace, t))
 
-    jobs = run_jobs(task, order, _workers(plan.cfg, plan.N), plan.cfg.threads, "replay" if plan.cfg.progress else None)
+    jobs = run_jobs(task, order, _workers(setup.cfg, setup.N), setup.cfg.threads, "replay" if setup.cfg.progress else None)
     with contextlib.closing(jobs):
         for t, res in jobs:
             out.put(t, res)
@@ -350,9 +364,9 @@ def evaluate_all(plan: Plan, trace: Trace, read: Read, timeline: Timeline) -> St
 # ---------------------------------------------------------------------------------------------
 # Aggregate
 # ---------------------------------------------------------------------------------------------
-def _mode_slots(plan: Plan, arr: StepArrays, tokens_per_rank: np.ndarray) -> tuple[dict, dict, dict]:
+def _mode_slots(setup: Setup, arr: StepArrays, tokens_per_rank: np.ndarray) -> tuple[dict, dict, dict]:
     """(slots, gate-open mask, overhead µs per step) of every asked mode; gated ones derived."""
-    c = plan.cfg.cost
+    c = setup.cfg.cost
     f64: dict[str, np.ndarray] = {}  # one float64 copy per evaluated (ungated) mode
 
     def as_f64(name: str) -> np.ndarray:
@@ -360,14 +374,13 @@ def _mode_slots(plan: Plan, arr: StepArrays, tokens_per_rank: np.ndarray) -> tup
             f64[name] = arr.slots[name].astype(np.float64)
         return f64[name]
 
-    static = as_f64("static")
     slots, open_, ovh = {}, {}, {}
-    for m in plan.modes:
+    for m in setup.modes:
         base = as_f64(m.ungated.name)
-        o = agg.gate_open(m, tokens_per_rank, plan.cost, plan.overheads, plan.k, plan.S, plan.R, c.expected_gain)
-        slots[m.name] = agg.gated_slots(base, static, o) if m.gated else base
+        o = agg.gate_open(m, tokens_per_rank, setup.cost, setup.overheads, setup.k, setup.S, setup.R, c.expected_gain)
+        slots[m.name] = agg.gated_slots(base, as_f64(m.closed.name), o) if m.gated else base
         open_[m.name] = o
-        ovh[m.name] = agg.step_overheads(m, tokens_per_rank, o, plan.overheads, plan.R)
+        ovh[m.name] = agg.step_overheads(m, tokens_per_rank, o, setup.overheads, setup.R)
     return slots, open_, ovh
 
 
@@ -378,11 +391,11 @@ def _bound_summary(bound: np.ndarray, mean_load: np.ndarray, static_max: np.ndar
                                                            torch.from_numpy(static_max[mask]))}
 
 
-def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict) -> dict:
+def _summaries(setup: Setup, arr: StepArrays, slots: dict, open_: dict, ovh: dict) -> dict:
     bj, bl = arr.bounds["joint"], arr.bounds["local"]
     static = slots["static"]
     out = {}
-    for m in plan.modes:
+    for m in setup.modes:
         s = slots[m.name]
         mask = ~np.isnan(s).any((1, 2, 3))
         if not mask.any():
@@ -392,7 +405,7 @@ def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict)
         rb = agg.step_balancedness(routed)
         base_cpu = arr.cpu[m.ungated.name][mask]
         closed = ~open_[m.name][mask] if m.gated else np.zeros(int(mask.sum()), dtype=bool)
-        cpu = np.where(closed, arr.cpu["static"][mask], base_cpu)
+        cpu = np.where(closed, arr.cpu[m.closed.name][mask], base_cpu)
         res.update(
             class_bound="joint" if m.moves_shared else "local_shared",
             routed_balancedness_mean=float(rb.mean()),
@@ -401,7 +414,7 @@ def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict)
             family=m.family,
             description=m.description,
         )
-        res.update(agg.time_summary(s, static, mask, ovh[m.name], open_[m.name], plan.cost))
+        res.update(agg.time_summary(s, static, mask, ovh[m.name], open_[m.name], setup.cost))
         if m.gated:
             res["gate_open_share"] = float(open_[m.name][mask].mean())
         if m.upstream_waterfill:
@@ -410,9 +423,9 @@ def _summaries(plan: Plan, arr: StepArrays, slots: dict, open_: dict, ovh: dict)
     return out
 
 
-def _series_and_worst(plan: Plan, slots: dict, mean_load: np.ndarray, bj: np.ndarray, bl: np.ndarray):
+def _series_and_worst(setup: Setup, slots: dict, mean_load: np.ndarray, bj: np.ndarray, bl: np.ndarray):
     series, worst = {}, {}
-    for m in plan.modes:
+    for m in setup.modes:
         s = slots[m.name]
         scored = ~np.isnan(s).any((1, 2, 3))
         if not scored.any():
@@ -432,12 +445,12 @@ def _series_and_worst(plan: Plan, slots: dict, mean_load: np.ndarray, bj: np.nda
     return series, worst
 
 
-def _on_sampled(plan: Plan, slots: dict, arr: StepArrays, mean_load, static_max) -> dict:
-    mask = np.zeros(plan.N, dtype=bool)
-    mask[plan.sampled_steps] = True
+def _on_sampled(setup: Setup, slots: dict, arr: StepArrays, mean_load, static_max) -> dict:
+    mask = np.zeros(setup.N, dtype=bool)
+    mask[setup.sampled_steps] = True
     bj = arr.bounds["joint"]
     out = {}
-    for m in plan.modes:
+    for m in setup.modes:
         s = slots[m.name]
         if np.isnan(s[mask]).any():
             continue
@@ -448,23 +461,23 @@ def _on_sampled(plan: Plan, slots: dict, arr: StepArrays, mean_load, static_max)
     return out
 
 
-def aggregate_run(plan: Plan, arr: StepArrays) -> dict:
+def aggregate_run(setup: Setup, arr: StepArrays) -> dict:
     """Summaries, bounds, per-step series and worst steps of the main replay."""
     tokens_per_rank = arr.tokens.max(1).astype(np.float64)
-    slots, open_, ovh = _mode_slots(plan, arr, tokens_per_rank)
+    slots, open_, ovh = _mode_slots(setup, arr, tokens_per_rank)
     static_total, static_routed = agg.rank_loads(slots["static"])
-    mean_load = static_total.sum(-1) / plan.R
+    mean_load = static_total.sum(-1) / setup.R
     static_max = static_total.max(-1)
-    modes = _summaries(plan, arr, slots, open_, ovh)
-    all_steps = np.ones(plan.N, dtype=bool)
+    modes = _summaries(setup, arr, slots, open_, ovh)
+    all_steps = np.ones(setup.N, dtype=bool)
     bj, bl, br = arr.bounds["joint"], arr.bounds["local"], arr.bounds["routed"]
-    brt = agg.mean_over_max(static_routed.sum(-1) / plan.R, br).mean(1)
-    if plan.sampled_steps and len(plan.sampled_steps) < plan.N:
-        on = _on_sampled(plan, slots, arr, mean_load, static_max)
-        for m in plan.modes:
+    brt = agg.mean_over_max(static_routed.sum(-1) / setup.R, br).mean(1)
+    if setup.sampled_steps and len(setup.sampled_steps) < setup.N:
+        on = _on_sampled(setup, slots, arr, mean_load, static_max)
+        for m in setup.modes:
             if m.upstream_waterfill and m.name in modes:
                 modes[m.name]["on_sampled_steps"] = on
-    series, worst = _series_and_worst(plan, slots, mean_load, bj, bl)
+    series, worst = _series_and_worst(setup, slots, mean_load, bj, bl)
     return {
         "modes": modes,
         "bound": _bound_summary(bj, mean_load, static_max, all_steps),
@@ -480,18 +493,18 @@ def aggregate_run(plan: Plan, arr: StepArrays) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The batch sweep
 # ---------------------------------------------------------------------------------------------
-def run_sweep(plan: Plan, trace: Trace, timeline: Timeline) -> tuple[list[dict], list[str]]:
+def run_sweep(setup: Setup, trace: Trace, timeline: Timeline) -> tuple[list[dict], list[str]]:
     """One row per ``--batch-sweep`` size (schema in docs/replay.md), and notes."""
-    cfg = plan.cfg
-    steps = evenly_spaced(plan.N, cfg.sweep_steps)
+    cfg = setup.cfg
+    steps = evenly_spaced(setup.N, cfg.sweep_steps)
     explicit = cfg.upstream_waterfill_steps is not None
     up_k = cfg.upstream_waterfill_steps if explicit else AUTO_SWEEP_UPSTREAM_STEPS
-    up_steps = [steps[i] for i in evenly_spaced(len(steps), up_k)] if any(m.upstream_waterfill for m in plan.modes) else []
-    sized = {n: sized_trace(trace, n, plan.R, cfg.seed) for n in cfg.batch_sweep}
+    up_steps = [steps[i] for i in evenly_spaced(len(steps), up_k)] if any(m.upstream_waterfill for m in setup.modes) else []
+    sized = {n: sized_trace(trace, n, setup.R, cfg.seed) for n in cfg.batch_sweep}
     # SGLang's Waterfill in the Triton interpreter costs ~3 s per rank and layer at 16k tokens per rank.
     up_sizes = [n for n in cfg.batch_sweep if explicit or n <= AUTO_SWEEP_UPSTREAM_MAX_TOKENS] if up_steps else []
-    ctxs = {n: _context(plan, timeline, up_steps if n in up_sizes else [], with_bounds=False) for n in cfg.batch_sweep}
-    arrays = {n: StepArrays.empty(plan.eval_modes, len(steps), plan.L, plan.R, plan.S) for n in cfg.batch_sweep}
+    ctxs = {n: _context(setup, timeline, up_steps if n in up_sizes else [], with_bounds=False) for n in cfg.batch_sweep}
+    arrays = {n: StepArrays.empty(setup.eval_modes, len(steps), setup.L, setup.R, setup.S) for n in cfg.batch_sweep}
     index = {t: i for i, t in enumerate(steps)}
     # Slow items first (SGLang's Waterfill, big batches), so the workers share them out.
     items = sorted(((n, t) for n in cfg.batch_sweep for t in steps),
@@ -505,7 +518,7 @@ def run_sweep(plan: Plan, trace: Trace, timeline: Timeline) -> tuple[list[dict],
     with contextlib.closing(jobs):
         for (n, t), res in jobs:
             arrays[n].put(index[t], res)
-    rows = [_sweep_row(plan, n, arrays[n], steps) for n in cfg.batch_sweep]
+    rows = [_sweep_row(setup, n, arrays[n], steps) for n in cfg.batch_sweep]
     how = sorted({h for _, h in sized.values()})
     notes = [f"batch sweep: {len(steps)} steps per size {steps}, {'; '.join(how)}; placements of the recorded trace"]
     if up_sizes:
@@ -516,16 +529,16 @@ def run_sweep(plan: Plan, trace: Trace, timeline: Timeline) -> tuple[list[dict],
     return rows, notes
 
 
-def _sweep_row(plan: Plan, n: int, arr: StepArrays, steps: list[int]) -> dict:
+def _sweep_row(setup: Setup, n: int, arr: StepArrays, steps: list[int]) -> dict:
     tokens_per_rank = np.full(len(steps), float(n))
-    slots, open_, ovh = _mode_slots(plan, arr, tokens_per_rank)
+    slots, open_, ovh = _mode_slots(setup, arr, tokens_per_rank)
     row_modes = {}
-    for m in plan.modes:
+    for m in setup.modes:
         s = slots[m.name]
         mask = ~np.isnan(s).any((1, 2, 3))
         if not mask.any():
             continue
-        t = agg.time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], plan.cost)
+        t = agg.time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], setup.cost)
         total, _ = agg.rank_loads(s[mask])
         static_total, _ = agg.rank_loads(slots["static"][mask])
         t.update(balancedness_mean=float(agg.step_balancedness(total).mean()),
@@ -552,48 +565,51 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def run_replay(trace: Trace, cfg: ReplayConfig, plan: Plan | None = None) -> ReplayResult:
-    """Replay ``trace`` through ``cfg.modes`` (module docstring); ``plan`` if already made."""
+def run_replay(trace: Trace, cfg: ReplayConfig, setup: Setup | None = None) -> ReplayResult:
+    """Replay ``trace`` through ``cfg.modes`` (module docstring); ``setup`` if already made."""
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
 
     def lap(name: str) -> None:
-        stages[name] = round(time.perf_counter() - t_start - sum(v for k, v in stages.items() if k != "plan"), 3)
+        stages[name] = round(time.perf_counter() - t_start - sum(v for k, v in stages.items() if k != "setup"), 3)
 
-    plan = plan or make_plan(trace, cfg)
+    setup = setup or make_setup(trace, cfg)
     t_start = time.perf_counter()
-    stages["plan"] = round(plan.seconds, 3)
+    stages["setup"] = round(setup.seconds, 3)
     with _torch_threads(cfg.threads):
-        read = read_trace(trace, _workers(cfg, plan.N), cfg.threads, cfg.progress)
+        read = read_trace(trace, _workers(cfg, setup.N), cfg.threads, cfg.progress)
         lap("read")
-        timeline = build_timeline(trace, read.counts, up=plan.up, ep_size=plan.R, num_physical=plan.P, init=plan.init,
-                                  rebalance_every=cfg.rebalance_every, window=plan.window,
-                                  with_tables=any(m.balance is not None and m.balance.lplb == "table" for m in plan.modes))
+        refresh, plan_window = cfg.plan_cadence()
+        with_plans = any(m.balance is not None and m.balance.plan for m in setup.eval_modes)
+        timeline = build_timeline(trace, read.counts, up=setup.up, ep_size=setup.R, num_physical=setup.P, init=setup.init,
+                                  rebalance_every=cfg.rebalance_every, window=setup.window, placement=cfg.placement,
+                                  cost=setup.cost,
+                                  plans=PlanOptions(setup.cost, setup.k, refresh, plan_window) if with_plans else None)
         lap("timeline")
-        notes = plan.notes + [f"initial placement: {timeline.states[0].how}"]
-        arr = evaluate_all(plan, trace, read, timeline)
+        notes = setup.notes + [f"initial placement: {timeline.states[0].how}"]
+        arr = evaluate_all(setup, trace, read, timeline)
         lap("evaluate")
-        summary = aggregate_run(plan, arr)
+        summary = aggregate_run(setup, arr)
         lap("aggregate")
-        sweep, sweep_notes = run_sweep(plan, trace, timeline) if cfg.batch_sweep else ([], [])
+        sweep, sweep_notes = run_sweep(setup, trace, timeline) if cfg.batch_sweep else ([], [])
         if cfg.batch_sweep:
             lap("sweep")
-    workers = _workers(cfg, plan.N)
+    workers = _workers(cfg, setup.N)
     if workers > 1:
         notes.append(f"batches drawn and steps evaluated by {workers} forked worker processes "
                      "(placements computed in between, in order)")
-    notes.append(f"cost model: {plan.cost_note}; overheads: {plan.overheads.source}")
+    notes.append(f"cost model: {setup.cost_note}; overheads: {setup.overheads.source}")
     config = asdict(cfg)
     config.update(
-        modes=[m.name for m in plan.modes], batch_sweep=list(cfg.batch_sweep),
-        num_logical_experts=plan.E, top_k=plan.k, num_layers=plan.L, num_steps=plan.N, num_physical_experts=plan.P,
-        slots_per_rank=plan.S, window=plan.window, init_placement_used=plan.init, trace=trace.info,
+        modes=[m.name for m in setup.modes], batch_sweep=list(cfg.batch_sweep),
+        num_logical_experts=setup.E, top_k=setup.k, num_layers=setup.L, num_steps=setup.N, num_physical_experts=setup.P,
+        slots_per_rank=setup.S, window=setup.window, init_placement_used=setup.init, trace=trace.info,
         sglang_version=_sglang_version(), torch_version=torch.__version__,
-        eplb_algorithm_resolved=plan.up.algorithm.name, cost_model=plan.cost_note,
-        cost_model_params={"weight_bytes": plan.cost.weight_bytes, "flops_per_token": plan.cost.flops_per_token,
-                           "bandwidth": plan.cost.bandwidth, "peak_flops": plan.cost.peak_flops,
-                           "tile_tokens": plan.cost.tile_tokens},
-        overheads_source=plan.overheads.source,
+        eplb_algorithm_resolved=setup.up.algorithm.name, cost_model=setup.cost_note,
+        cost_model_params={"weight_bytes": setup.cost.weight_bytes, "flops_per_token": setup.cost.flops_per_token,
+                           "bandwidth": setup.cost.bandwidth, "peak_flops": setup.cost.peak_flops,
+                           "tile_tokens": setup.cost.tile_tokens},
+        overheads_source=setup.overheads.source,
         memo={"hits": arr.memo_hits, "misses": arr.memo_misses}, stage_s=stages,
         shared_expert="one per token, same cost as one routed expert slot; runs on the source rank unless a Waterfill mode moves it",
         load_unit="token-slots per rank (routed top-k entries received + shared-expert tokens executed)",
@@ -601,7 +617,7 @@ def run_replay(trace: Trace, cfg: ReplayConfig, plan: Plan | None = None) -> Rep
     return ReplayResult(
         config=config, modes=summary["modes"], bound=summary["bound"], bound_local_shared=summary["bound_local_shared"],
         bound_routed=summary["bound_routed"], rebalance_steps=timeline.rebalance_steps, phases=list(trace.phases),
-        sampled_steps=plan.sampled_steps, notes=notes + sweep_notes, skipped=plan.skipped,
+        sampled_steps=setup.sampled_steps, notes=notes + sweep_notes, skipped=setup.skipped,
         wall_s=time.perf_counter() - t_start, sweep=sweep,
         server_default={"lplb": server_default("lplb"), "waterfill+lplb": server_default("waterfill+lplb")},
         series=summary["series"], worst=summary["worst"],

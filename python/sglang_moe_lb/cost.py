@@ -20,7 +20,6 @@ the same shape (true for DeepSeek-V3/R1).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from .cost_files import CALIBRATION_FORMAT, CostFileError, check_calibration, read_json_object
+
 __all__ = ["CostModel", "GPUS", "DTYPE_BYTES", "expert_shape", "load_calibration", "CALIBRATION_FORMAT", "CostModelError"]
 
-CALIBRATION_FORMAT = "sglang-moe-lb-calibration/1"
 
 
 class CostModelError(ValueError):
@@ -167,11 +167,9 @@ def _config_dict(config) -> dict:
         if path.is_dir():
             path = path / "config.json"
         try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CostModelError(f"{path}: no such model config file") from None
-        except json.JSONDecodeError as err:
-            raise CostModelError(f"{path}: not a JSON model config ({err})") from None
+            return read_json_object(path, "model config file")
+        except CostFileError as err:
+            raise CostModelError(str(err)) from None
     hf = getattr(config, "hf_config", None)  # SGLang ModelConfig
     obj = hf if hf is not None else config
     if hasattr(obj, "to_dict"):
@@ -188,7 +186,7 @@ def expert_shape(config) -> tuple[int, int]:
     d = _config_dict(config)
     hidden = d.get("hidden_size")
     inter = d.get("moe_intermediate_size") or d.get("intermediate_size")
-    if not isinstance(hidden, int) or not isinstance(inter, int) or hidden <= 0 or inter <= 0:
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (hidden, inter)):
         raise CostModelError(
             "model config needs positive integer hidden_size and moe_intermediate_size (or intermediate_size); "
             f"got hidden_size={hidden!r}, moe_intermediate_size/intermediate_size={inter!r}"
@@ -197,25 +195,12 @@ def expert_shape(config) -> tuple[int, int]:
 
 
 def load_calibration(source: str | os.PathLike | dict) -> dict:
-    """Read and check a calibration file (docs/cost-model.md); returns its dict."""
-    if isinstance(source, dict):
-        cal, where = dict(source), "calibration dict"
-    else:
-        where = str(source)
-        try:
-            cal = json.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise CostModelError(f"{where}: no such calibration file") from None
-        except json.JSONDecodeError as err:
-            raise CostModelError(f"{where}: not a JSON calibration file ({err})") from None
-        cal["_path"] = where
-    if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT:
-        raise CostModelError(f"{where}: not a calibration file (needs \"format\": \"{CALIBRATION_FORMAT}\")")
-    for key in ("bandwidth", "peak_flops"):
-        v = cal.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
-            raise CostModelError(f"{where}: {key!r} must be a positive number, got {v!r}")
-    tile = cal.get("tile_tokens", 128)
-    if not isinstance(tile, int) or tile < 1:
-        raise CostModelError(f"{where}: 'tile_tokens' must be a positive int, got {tile!r}")
-    return cal
+    """Read and check a calibration file (docs/cost-model.md; ``cost_files.check_calibration``)."""
+    try:
+        if isinstance(source, dict):
+            return check_calibration(dict(source), "calibration dict")
+        cal = read_json_object(source, "calibration file")
+        cal["_path"] = str(source)
+        return check_calibration(cal, str(source))
+    except CostFileError as err:
+        raise CostModelError(str(err)) from None

@@ -36,6 +36,7 @@ from importlib import resources
 import torch
 
 from .cost import CostModel
+from .cost_files import check_overheads, read_json_object
 from .mode import BalanceMode
 
 __all__ = ["Overheads", "Gate", "uniform_layer_time", "DEFAULT_EXPECTED_GAIN", "PLAN_EXPECTED_GAIN",
@@ -82,19 +83,15 @@ class Overheads:
 
     @classmethod
     def measured(cls, path: str | None = None) -> "Overheads":
-        """The measured table shipped with the package (or another file of the same format)."""
+        """The measured table shipped with the package (or another file of the same format);
+        ``cost_files.CostFileError`` names the file and what is wrong with it."""
         if path is None:
-            text = resources.files("sglang_moe_lb").joinpath("data/overheads_h200.json").read_text()
+            where = "data/overheads_h200.json"
+            d = json.loads(resources.files("sglang_moe_lb").joinpath(where).read_text())
         else:
-            with open(path) as f:
-                text = f.read()
-        d = json.loads(text)
-        if d.get("format") != "sglang-moe-lb-overheads/1":
-            raise ValueError(f"{path or 'data/overheads_h200.json'}: not an overheads table (format sglang-moe-lb-overheads/1)")
-        hot = {k: {int(t): float(v) for t, v in pts.items()} for k, pts in d["hot_path_us"].items()}
-        col = d["collective_us"]
-        return cls(hot, float(col["intra_node"]), float(col["inter_node"]), int(col["ranks_per_node"]),
-                   source=f"{d['gpu']} kernels {d['kernels_version']} ({d['date']})")
+            where, d = str(path), read_json_object(path, "overheads table")
+        v = check_overheads(d, where)
+        return cls(v["hot_path"], v["intra"], v["inter"], v["ranks_per_node"], source=v["source"])
 
     @staticmethod
     def key(mode: BalanceMode) -> str:

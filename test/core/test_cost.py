@@ -79,7 +79,7 @@ def test_calibration_errors(tmp_path):
     with pytest.raises(CostModelError, match="not a JSON calibration file"):
         CostModel.for_model({"hidden_size": 1, "intermediate_size": 1}, calibration=bad)
     bad.write_text(json.dumps({"format": CALIBRATION_FORMAT, "bandwidth": -1, "peak_flops": 1}))
-    with pytest.raises(CostModelError, match="'bandwidth' must be a positive number"):
+    with pytest.raises(CostModelError, match="'bandwidth' must be a number > 0, got -1"):
         CostModel.for_model({"hidden_size": 1, "intermediate_size": 1}, calibration=bad)
     bad.write_text(json.dumps({"bandwidth": 1, "peak_flops": 1}))
     with pytest.raises(CostModelError, match="not a calibration file"):

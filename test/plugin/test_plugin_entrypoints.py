@@ -111,6 +111,32 @@ def test_engine_resolve_time_errors_raise_instead_of_exiting(engine, tmp_path):
                                                                  detail="n_shared_experts=0")
 
 
+@pytest.mark.parametrize("kind, key, flag", [("calibration", "moe_lb_calibration", "--moe-lb-calibration"),
+                                               ("overheads", "moe_lb_overheads", "--moe-lb-overheads")])
+def test_damaged_cost_files_fail_the_same_way_as_flag_and_engine_keyword(engine, plugin, capsys, tmp_path, kind, key,
+                                                                          flag):
+    """One validator (cost_files.py) behind replay, the flags and the Engine keywords: each
+    damaged file is one line naming the flag and the file, from the launcher, before any process."""
+    from plugin_helpers import base_argv
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_moe_lb.testing.bad_cost_files import bad_files
+
+    mode = dict(moe_lb="lplb", moe_lb_lplb_schedule="per-batch", moe_lb_objective="tiles", moe_lb_gate="on")
+    flags = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-objective", "tiles",
+             "--moe-lb-gate", "on", "--ep-num-redundant-experts", "4", "--enable-eplb", "--tp", "4", "--ep-size", "4"]
+    for name, path, message in bad_files(tmp_path, kind):
+        with pytest.raises(MoeLbConfigError) as info:
+            engine(**EP4, **mode, **{key: str(path)})
+        text = str(info.value)
+        assert "\n" not in text and f"{flag}: {path}: " in text and message in text, (name, text)
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_server_args(base_argv(*flags, flag, str(path)))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{flag}: {path}: " in err and message in err, (name, err)
+
+
 # ---------------------------------------------------------------------------------------------
 # The manifest and doctor
 # ---------------------------------------------------------------------------------------------

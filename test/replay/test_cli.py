@@ -286,3 +286,13 @@ def test_no_flag_combination_ends_in_a_traceback(source, ep, red, groups, nnodes
     err = buf.getvalue()
     assert rc == 2 and "Traceback" not in err, (argv, err)
     assert len(err.strip().splitlines()) <= 2, err  # argparse: usage + error; ours: one line
+
+
+@pytest.mark.parametrize("kind, flag", [("calibration", "--calibration"), ("overheads", "--overheads")])
+def test_damaged_cost_files_are_one_line_naming_flag_and_file(tmp_path, capsys, kind, flag):
+    """The validator the plugin and ``Engine`` use too (cost_files.py; test/core/test_cost_files.py)."""
+    from sglang_moe_lb.testing.bad_cost_files import bad_files
+
+    for name, path, message in bad_files(tmp_path, kind):
+        last = _error([flag, str(path)], capsys)
+        assert last.startswith(f"sglang-moe-lb replay: error: {flag}: {path}: ") and message in last, (name, last)

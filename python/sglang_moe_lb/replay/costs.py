@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..cost import DTYPE_BYTES, GPUS, CostModel, CostModelError
+from ..cost_files import CostFileError
 from ..gate import Overheads
 from .modes import ReplayMode
 
@@ -98,8 +99,6 @@ def build_cost_model(opts: CostOptions, trace_info: dict) -> tuple[CostModel, st
     except CostModelError as err:
         flag = "--calibration" if opts.calibration and "calibration" in str(err) else "--cost-model-config"
         raise ValueError(f"{flag}: {err}") from None
-    except OSError as err:
-        raise ValueError(f"--cost-model-config / --calibration: cannot read {err.filename} ({err.strerror})") from None
     where = (f"preset {name} ({preset['source']})" if preset else f"config {name}")
     default = "" if opts.config else " [default for this input]"
     return cm, f"{where}{default}, {cm.source}, tile {cm.tile_tokens}"
@@ -108,10 +107,8 @@ def build_cost_model(opts: CostOptions, trace_info: dict) -> tuple[CostModel, st
 def build_overheads(opts: CostOptions) -> Overheads:
     try:
         ov = Overheads.measured(opts.overheads)
-    except OSError as err:
-        raise ValueError(f"--overheads: {opts.overheads}: cannot read it ({err.strerror or err})") from None
-    except (ValueError, KeyError, TypeError) as err:  # malformed JSON or fields
-        raise ValueError(f"--overheads: {opts.overheads}: not an overheads table ({type(err).__name__}: {err})") from None
+    except CostFileError as err:
+        raise ValueError(f"--overheads: {err}") from None
     if opts.collective_us is not None:
         ov = replace(ov, collective_intra_us=opts.collective_us, collective_inter_us=opts.collective_us)
     return ov

@@ -8,7 +8,7 @@ same random-ids prompts (same seed) against it, stop it, and tabulate. On a tiny
 CPU the numbers measure the serving path and the balancer's overhead, not the benefit
 of balancing GPU experts.
 
-    python benchmark/bench_serving_ab.py                       # off, lplb, lplb-table, lplb-per-batch (+ waterfill rows: skipped)
+    python benchmark/bench_serving_ab.py                       # off, lplb, lplb-plan-only, lplb-per-batch (+ waterfill rows: skipped)
     python benchmark/bench_serving_ab.py --modes off,lplb --num-prompts 64 --output-len 32
 
 Waterfill modes cannot run on the CPU server: the plugin refuses them without
@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 # mode -> server flags. "lplb" and the Waterfill rows are the server defaults
-# (mode.SERVER_DEFAULTS: per-batch, local sync, token objective, gated); "lplb-table" applies
-# split tables solved by HiGHS in every EPLB rebalance; "lplb-per-batch" is the ungated exact
-# split of the global counts of every batch.
+# (mode.SERVER_DEFAULTS: plans, local sync, token objective, gated: plans where the gate is
+# closed, the per-batch split where it opens); "lplb-plan-only" serves plans at every size
+# (gate off); "lplb-per-batch" is the ungated exact split of the global counts of every batch.
 MODE_FLAGS = {
     "off": [],
     "lplb": ["--moe-lb", "lplb"],
-    "lplb-table": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table", "--moe-lb-gate", "off"],
+    "lplb-plan-only": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "plan", "--moe-lb-gate", "off"],
     "lplb-per-batch": ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-lplb-sync", "global",
                        "--moe-lb-objective", "tokens", "--moe-lb-gate", "off"],
     "waterfill": ["--moe-lb", "waterfill"],

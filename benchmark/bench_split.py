@@ -1,8 +1,9 @@
 """CPU timing of the exact split: fast block-coordinate solver vs HiGHS, measured in one run.
 
 Reports ratios (HiGHS time / fast time) per configuration, since absolute times depend on the
-machine. Also times a full rebalance (61 layers) with HiGHS: the per-batch LP for every layer
-and the scenario LP over a recorded window, which is what the rebalance cycle runs.
+machine. Also times a full rebalance (61 layers): the HiGHS LP on a window's total counts and
+the plan solve over the same window (``plan.solve_plans``, what the rebalance cycle runs;
+``benchmark/bench_plan.py`` times it on SGLang's own placement).
 
     .venv/bin/python benchmark/bench_split.py [--repeats 20] [--md docs/benchmarks_split.md]
 
@@ -17,7 +18,8 @@ import argparse
 import torch
 from _timing import median_time as timeit
 
-from sglang_moe_lb import Placement, integer_quotas, scenario_split, solve_split
+from sglang_moe_lb import CostModel, Placement, integer_quotas, solve_split
+from sglang_moe_lb.plan import solve_plans
 from sglang_moe_lb.testing.workloads import greedy_placement as _greedy
 
 
@@ -72,13 +74,14 @@ def main() -> None:
     pl_l = Placement(greedy_placement(pop, red, R).expand(args.layers, -1).clone(), R, E)
     window = torch.stack([torch.stack([zipf_counts(E, args.tokens, K, gen) for _ in range(args.layers)]) for _ in range(args.window)])
     t_lp = timeit(lambda: solve_split(pl_l, window.sum(0), "highs"), 3)
-    t_sc = timeit(lambda: scenario_split(pl_l, window), 1)
+    cost = CostModel.for_model({"hidden_size": 7168, "moe_intermediate_size": 2048}, gpu="H200", dtype="fp8")
+    t_sc = timeit(lambda: solve_plans(pl_l, window, cost, top_k=K), 1)
     t_q = timeit(lambda: integer_quotas(pl_l, solve_split(pl_l, window[0]), window[0]), 3)
     full = [
         f"| full rebalance, {args.layers} layers, E={E}, red={red}, R={R} | time (s) |",
         "|---|---|",
         f"| HiGHS min-max LP on the window's total counts | {t_lp:.3f} |",
-        f"| HiGHS scenario LP over {args.window} recorded steps (the rebalance cycle's solve) | {t_sc:.3f} |",
+        f"| plans of 13 levels from {args.window} recorded steps (the rebalance cycle's solve) | {t_sc:.3f} |",
         f"| fast split + integer quotas, all layers of one batch | {t_q:.3f} |",
     ]
     print("\n".join(full))

@@ -7,7 +7,8 @@ Three runs of ``sglang-moe-lb replay`` on the bundled OLMoE data (see docs/repla
 2. the same configuration with every mode (``--modes all``: SGLang's four, every ``--moe-lb``
    mode gated and not), SGLang's Waterfill scored on *every* step (``--upstream-waterfill-steps
    -1``: minutes, SGLang's Triton kernels run in the Triton interpreter). Its JSON becomes the
-   results table, and its plots go to docs/img;
+   results table (of the gated modes, the two server defaults) and the reading of it, and its
+   plots go to docs/img;
 3. the batch sweep ``--batch-sweep 1,16,64,256,1024,4096,16384`` (default modes): the modelled
    time table and docs/img/replay_sweep.png.
 
@@ -57,13 +58,14 @@ def markdown_table(js: dict) -> str:
         "| modelled time vs static (with overhead) | overhead µs/layer | CPU ms/batch (this CPU) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    defaults = set(js["server_default"].values())
     for name, m in js["modes"].items():
-        if name.endswith("/gate"):
-            continue  # gated modes: static or their ungated mode per batch; see the sweep
+        if name.endswith("/gate") and name not in defaults:
+            continue  # other gated modes: their closed or opened form per batch; see the sweep
         cls = "joint" if m["class_bound"] == "joint" else "shared-local"
         ovh = f"{m['overhead_ms_per_batch']:.2f}" + (" (Triton interpreter)" if "overhead_note" in m else "")
         rows.append(
-            f"| `{name}` | {'SGLang' if m['family'] == 'upstream' else 'ours'} | {m['balancedness_mean']:.4f} | "
+            f"| `{name}`{' (server default)' if name in defaults else ''} | {'SGLang' if m['family'] == 'upstream' else 'ours'} | {m['balancedness_mean']:.4f} | "
             f"{m['balancedness_p5']:.4f} | {100 * m['gap_to_bound_mean']:.2f}% | {100 * m['gap_to_class_bound_mean']:.2f}% ({cls}) | "
             f"{m['moe_time_ratio_vs_static']:.4f} | {m['time_vs_static']:.4f} | {m['overhead_us_per_layer']:.1f} | {ovh} |"
         )
@@ -125,11 +127,23 @@ def reading(js: dict) -> str:
                   ("waterfill/all_rank/global", "upstream-waterfill-dyn"),
                   ("waterfill/conservative/local", "upstream-waterfill"), ("waterfill/all_rank/local", "upstream-waterfill"),
                   ("lplb/per-batch/global/tokens", "dynamic"), ("lplb/per-batch/local/tokens", "dynamic"),
-                  ("lplb/table", "static")):
+                  ("lplb/plan", "static")):
         if a in m and b_ in m:
             out.append(
                 f"- `{a}` vs `{b_}`: {m[a]['balancedness_mean']:.4f} vs {m[b_]['balancedness_mean']:.4f} balancedness, "
                 f"MoE time x{m[a]['moe_time_ratio_vs_static']:.3f} vs x{m[b_]['moe_time_ratio_vs_static']:.3f}."
+            )
+    for flag, name in js["server_default"].items():
+        if name in m:
+            x = m[name]
+            # A gated mode runs its opened form where the gate opens, its closed one elsewhere
+            # (the plan for a plan schedule, else SGLang static).
+            closed = "the plan" if "/plan/" in name else "SGLang static"
+            gate = (f" (gate open on {100 * x['gate_open_share']:.0f}% of the steps, {closed} on the rest)"
+                    if "gate_open_share" in x else "")
+            out.append(
+                f"- `--moe-lb {flag}` runs `{name}`: {x['balancedness_mean']:.4f} balancedness, MoE time "
+                f"x{x['moe_time_ratio_vs_static']:.3f}, modelled time x{x['time_vs_static']:.3f} of `static`{gate}."
             )
     return "\n".join(out)
 

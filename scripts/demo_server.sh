@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The full loop on this CPU, with the real SGLang 0.5.23 server (TEST AND DEMO harness, not a
 # deployment; see docs/cpu-demo.md):
-#   1. serve the tiny DeepSeek-V3 (dummy weights) with --moe-lb lplb (table schedule), EP=2, EPLB, recorder on
-#   2. warm-up traffic until SGLang's EPLB has rebalanced; show the LPLB split tables our plugin
-#      solved with HiGHS in that rebalance (its log line)
+#   1. serve the tiny DeepSeek-V3 (dummy weights) with --moe-lb lplb (the server default,
+#      lplb/plan/local/tokens/gate: dispatch plans per batch-size level), EP=2, EPLB, recorder on;
+#      show the plugin's ready line and the plans it installed at start-up (its log line)
+#   2. warm-up traffic until SGLang's EPLB has rebalanced; show the plans our plugin solved for
+#      the new placement and installed at the next forward-pass boundary (its log line)
 #   3. reset the expert-distribution recorder and drive the server with sglang.bench_serving
 #   4. dump the recorder (the bench's forward passes)
-#   5. replay that dump through SGLang's dispatch modes and ours: sglang-moe-lb replay -> table
+#   5. replay that dump through SGLang's dispatch modes and ours (the plan modes included):
+#      sglang-moe-lb replay -> table
 # The server is stopped by PID at the end, on error and on Ctrl-C.
 #
 # Usage: bash scripts/demo_server.sh [OUT_DIR]        (default OUT_DIR: out/demo)
 # Knobs (environment): DEMO_PROMPTS (32), DEMO_INPUT_LEN (64), DEMO_OUTPUT_LEN (16),
-#   DEMO_MOE_LB ("--moe-lb lplb --moe-lb-lplb-schedule table --moe-lb-gate off"; e.g. "--moe-lb lplb" for the
-#               server defaults, or "" for off)
+#   DEMO_MOE_LB ("--moe-lb lplb": the server defaults; e.g. "--moe-lb lplb --moe-lb-placement decode",
+#               "--moe-lb lplb --moe-lb-lplb-schedule per-batch", or "" for off)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,9 +24,9 @@ out=$(mkdir -p "${1:-$root/out/demo}" && cd "${1:-$root/out/demo}" && pwd)
 prompts=${DEMO_PROMPTS:-32}
 input_len=${DEMO_INPUT_LEN:-64}
 output_len=${DEMO_OUTPUT_LEN:-16}
-# The table schedule: the demo shows the EPLB cycle (HiGHS tables at every rebalance). The
-# server default (per-batch, gated) keeps a model this small on SGLang's static dispatch.
-moe_lb=${DEMO_MOE_LB---moe-lb lplb --moe-lb-lplb-schedule table --moe-lb-gate off}
+# The server defaults: plans solved at start-up, at every EPLB rebalance and refreshed between
+# rebalances (every 40 / 4 = 10 passes here); the gate keeps a model this small on the plans.
+moe_lb=${DEMO_MOE_LB---moe-lb lplb}
 
 t_start=$(date +%s)
 say() { printf '[demo %4ss] %s\n' "$(($(date +%s) - t_start))" "$*"; }
@@ -90,6 +93,10 @@ until [ -f "$out/server.json" ]; do
 done
 ready_s=$(($(date +%s) - t1))
 say "    ready after ${ready_s} s; plugin: $(grep -m1 -o '\[moe-lb\] ready: .*' "$out/server.log" || echo 'off (no [moe-lb] ready line)')"
+if grep -q '\[moe-lb\] start-up.*plans installed' "$out/server.log"; then
+  say "    plans installed before the first forward pass (EP rank 0's line):"
+  grep -m1 -o '\[moe-lb\] start-up.*plans installed.*' "$out/server.log" | sed 's/^/    /'
+fi
 
 post() {  # post PATH [JSON]: POST to the server (loopback), print the start of the response
   "$py" - "$port" "$1" "${2:-{\}}" <<'EOF'
@@ -103,20 +110,23 @@ EOF
 # --------------------------------------------------------------------------------------- 2
 say "2/5 warm-up traffic until SGLang's EPLB rebalances (every $rebalance_every forward passes)"
 t2=$(date +%s)
-tables_before=$(grep -c '\[moe-lb\] rebalance #' "$out/server.log" || true)
+plans_before=$(grep -c '\[moe-lb\] rebalance #[0-9]*: plans installed' "$out/server.log" || true)
 eplb_before=$(grep -c 'TP0.*\[EPLBManager\] rebalance end' "$out/server.log" || true)
 warm='{"text": ["def f(x):", "import os", "class A:", "for i in range(3):"], "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": true}}'
 for i in $(seq 30); do
   post /generate "$warm" >/dev/null
   eplb_now=$(grep -c 'TP0.*\[EPLBManager\] rebalance end' "$out/server.log" || true)
-  tables_now=$(grep -c '\[moe-lb\] rebalance #' "$out/server.log" || true)
-  if [ "$eplb_now" -gt "$eplb_before" ] && { [ -z "$moe_lb" ] || [ "$tables_now" -gt "$tables_before" ]; }; then break; fi
+  plans_now=$(grep -c '\[moe-lb\] rebalance #[0-9]*: plans installed' "$out/server.log" || true)
+  if [ "$eplb_now" -gt "$eplb_before" ] && { ! grep -q '\[moe-lb\] ready: mode=lplb/plan' "$out/server.log" \
+       || [ "$plans_now" -gt "$plans_before" ]; }; then break; fi
 done
 [ "$eplb_now" -gt "$eplb_before" ] || die "no EPLB rebalance after $i warm-up requests"
 say "    SGLang rebalanced after $i warm-up requests ($(($(date +%s) - t2)) s): $(grep -o '\[EPLBManager\] rebalance end.*' "$out/server.log" | tail -n 1)"
-if [ -n "$moe_lb" ]; then
-  say "    our LPLB split tables for the new placement (HiGHS scenario LP over the recorded window; EP rank 0):"
-  grep -o '\[moe-lb\] rebalance #.*' "$out/server.log" | tail -n 1 | sed 's/^/    /'
+if grep -q '\[moe-lb\] rebalance #[0-9]*: plans installed' "$out/server.log"; then
+  say "    our plans for the new placement (solved from EPLB's window off the forward thread, installed at the"
+  say "    next pass boundary on every rank; EP rank 0's line):"
+  grep -o '\[moe-lb\] rebalance #[0-9]*: plans installed.*' "$out/server.log" | tail -n 1 | sed 's/^/    /'
+  say "    plan refreshes from the recorder so far: $(grep -c '\[moe-lb\] refresh #[0-9]*: plans installed' "$out/server.log" || true)"
 fi
 
 # --------------------------------------------------------------------------------------- 3
@@ -154,6 +164,12 @@ t5=$(date +%s)
 "$py" -m sglang_moe_lb replay "$dump" --ep-size 2 --redundant-experts 2 --top-k 4 \
   --no-progress --json "$out/replay.json" | tee "$out/replay.txt"
 replay_s=$(($(date +%s) - t5))
-say "    replay took ${replay_s} s"
+say "    replay took ${replay_s} s; the plan rows (lplb/plan, and the server default that --moe-lb lplb runs):"
+{ grep -E '^lplb/plan' "$out/replay.txt" || echo '(no plan rows)'; } | sed 's/^/    /'
+if [ -n "$moe_lb" ]; then
+  say "    plans installed during the whole run (EP rank 0): $(grep -c '\[moe-lb\] .*: plans installed' "$out/server.log" || true)" \
+      "($(grep -c '\[moe-lb\] rebalance #[0-9]*: plans installed' "$out/server.log" || true) at rebalances," \
+      "$(grep -c '\[moe-lb\] refresh #[0-9]*: plans installed' "$out/server.log" || true) refreshes)"
+fi
 
 say "wall times: server start ${ready_s} s, warm-up to the first rebalance $((t3 - t2)) s, bench_serving ${bench_s} s, replay ${replay_s} s"

@@ -32,9 +32,25 @@ import torch
 
 from .cost import CostModel
 
-__all__ = ["DECODE_LEVEL", "crossover_tokens", "decode_aware_placement", "logical_to_all_physical"]
+__all__ = ["DECODE_LEVEL", "PLACEMENT_CHOICES", "DECODE_MIN_RANKS", "resolve_placement", "crossover_tokens",
+           "decode_aware_placement", "logical_to_all_physical"]
 
 DECODE_LEVEL = 16  # tokens per rank the surplus copies are counted at
+PLACEMENT_CHOICES = ("auto", "eplb", "decode")
+# ``auto``: the post-step from this many EP ranks on. Measured (docs/defaults.md, the defaults
+# study's 10 layouts): at EP 16 and 32 it lowers the modelled time at 1-16 tokens per rank on
+# every layout (by up to 0.13 of static), at EP 8 it gains nothing there and costs up to 0.04
+# at prefill sizes.
+DECODE_MIN_RANKS = 16
+
+
+def resolve_placement(choice: str, num_ranks: int) -> str:
+    """``eplb`` or ``decode`` for a ``--moe-lb-placement`` / ``replay --placement`` value."""
+    if choice not in PLACEMENT_CHOICES:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENT_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "decode" if num_ranks >= DECODE_MIN_RANKS else "eplb"
+    return choice
 
 
 def _homes(copies: np.ndarray, shares: np.ndarray, num_ranks: int, top_k: int, crossover: float,

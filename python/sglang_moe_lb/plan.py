@@ -56,6 +56,7 @@ from .lp_split import new_highs
 from .placement import Placement
 
 __all__ = [
+    "plan_cadence",
     "DEFAULT_LEVELS",
     "DEFAULT_HASH_SLOTS",
     "PlanError",
@@ -65,6 +66,7 @@ __all__ = [
     "copy_costs",
     "solve_layer_plan",
     "solve_plans",
+    "solve_rows",
     "plan_lower_bound",
     "expected_rank_times",
     "plan_maps",
@@ -80,6 +82,15 @@ DEFAULT_HASH_SLOTS = 16
 _SWEEPS = 3  # block-coordinate sweeps after the greedy (the objective stops moving after 2 on the corpora)
 _NEAR = 1e-3  # the max objective treats options this close (relative) as tied
 _SOFT_KAPPA = 1.0  # beta = kappa / (spread of a rank's time); 0.5-2 give the same plans on the corpora
+
+
+def plan_cadence(rebalance_every: int, refresh: int | None = None, window: int | None = None) -> tuple[int, int]:
+    """(refresh, window) in forward passes (replay: steps), defaults resolved; the plugin and
+    ``replay`` both use this. Default refresh: a quarter of the EPLB interval (0: plans only at
+    start-up and rebalances; docs/design.md measured the cadence). Default window: the refresh
+    interval (a plan solved from the passes since the last one), at least 1."""
+    r = refresh if refresh is not None else max(0, int(rebalance_every)) // 4
+    return r, window if window is not None else max(1, r)
 
 
 class PlanError(ValueError):
@@ -484,7 +495,6 @@ def _mip_model(lay: _Layer, act: np.ndarray, til: np.ndarray, cost: CostModel, W
                 cols.append((int(p), e, w))
     n = len(cols)
     h = new_highs()
-    h.setOptionValue("threads", 1)
     inf = highspy.kHighsInf
     lower = np.zeros(n + 1)
     upper = np.ones(n + 1)
@@ -600,6 +610,40 @@ def solve_plans(pl: Placement, window: torch.Tensor, cost: CostModel, *, top_k: 
                             objective=objective, method=method) for i in range(pl.num_layers)]
     return PlanSet(per[0].levels, per[0].hash_slots, torch.stack([p.weights for p in per], 1),
                    torch.stack([p.expected_us for p in per], 1))
+
+
+def solve_rows(rows: dict[int, torch.Tensor], window: torch.Tensor, cost: CostModel, *, num_ranks: int,
+               num_logical: int, top_k: int, levels=DEFAULT_LEVELS, hash_slots: int = DEFAULT_HASH_SLOTS,
+               stop=None) -> dict[int, tuple[torch.Tensor | None, str | None]]:
+    """Plans of some layers, each from its own placement row: what one EPLB-cycle solve does.
+
+    Args:
+        rows: layer -> ``[P]`` physical->logical row being served.
+        window: ``[T, L, E]`` / ``[L, E]`` recorded counts (``L`` covers every layer in ``rows``).
+        stop: a callable; the solve ends early (remaining layers unsolved) when it returns True.
+    Returns:
+        layer -> (weights ``[B, P]`` long, None), or (None, "ErrorType: message") for a layer that
+        failed (its caller keeps the plan it serves).
+    """
+    out: dict[int, tuple[torch.Tensor | None, str | None]] = {}
+    try:
+        w = window.detach().to("cpu", torch.float64)
+        w = w[None] if w.dim() == 2 else w
+        shares = window_shares(w, w.shape[1], num_logical)
+    except Exception as err:  # a bad window: every layer keeps its plan
+        return {layer: (None, f"{type(err).__name__}: {err}") for layer in rows}
+    for layer, row in sorted(rows.items()):
+        if stop is not None and stop():
+            break
+        try:
+            if not 0 <= layer < shares.shape[0]:
+                raise PlanError(f"the counts window has {shares.shape[0]} layers, no layer {layer}")
+            lp = solve_layer_plan(Placement(row, num_ranks, num_logical), shares[layer], cost, top_k=top_k,
+                                  levels=levels, hash_slots=hash_slots)
+            out[layer] = (lp.weights, None)
+        except Exception as err:  # this layer keeps its plan
+            out[layer] = (None, f"{type(err).__name__}: {err}")
+    return out
 
 
 def expected_rank_times(pl: Placement, weights: torch.Tensor, shares: torch.Tensor, cost: CostModel, *,

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python")
 
 import torch  # noqa: E402
 
-from sglang_moe_lb import BalanceMode, Placement, lp_split  # noqa: E402
+from sglang_moe_lb import BalanceMode, Placement  # noqa: E402
 from sglang_moe_lb.plugin import hot_path  # noqa: E402
 
 E, RED, R, K = 256, 32, 16, 8
@@ -39,32 +39,25 @@ def make_case(T: int, dev):
     pl.replica_blocks  # noqa: B018
     pl.with_shared_expert.replica_blocks  # noqa: B018
     ids = torch.stack([torch.multinomial(skew, K, replacement=False, generator=g) for _ in range(T)]).to(dev)
-    try:
-        import highspy  # noqa: F401
-
-        win = torch.randint(0, 100, (8, E), generator=g)
-    except ImportError:  # no HiGHS on the GPU box: the even table (same shape, same hot path)
-        win = torch.zeros(0, E)
-    table = lp_split.scenario_split(Placement(p2l, R, E), win).to(dev)
-    return pl, ids.to(torch.int32), table
+    return pl, ids.to(torch.int32)
 
 
-MODES = ["waterfill/conservative/local", "waterfill/all_rank/local", "waterfill/conservative/global", "lplb/table",
-         "lplb/per-batch/global/tokens", "waterfill+lplb/per-batch/global/tokens/all_rank"]
+# Plans need no layer path (one gather into fixed maps: benchmark/gpu_check.sh's "gather" step).
+MODES = ["waterfill/conservative/local", "waterfill/all_rank/local", "waterfill/conservative/global",
+         "lplb/per-batch/local/tokens", "lplb/per-batch/global/tokens", "waterfill+lplb/per-batch/global/tokens/all_rank"]
 
 
-def calls(pl, ids, table) -> dict:
+def calls(pl, ids) -> dict:
     """name -> zero-argument call of one layer path (or ``fuse_topk``), as rank 3 of R."""
     dev = ids.device
-    phys = hot_path.CoreLayerPath(pl, BalanceMode.parse("lplb/table"), max_tokens=ids.shape[0], topk=K,
-                                  source_rank=0, device=dev, split_table=table)(ids).phys_ids
+    phys = hot_path.CoreLayerPath(pl, BalanceMode.parse("lplb/per-batch/local/tokens"), max_tokens=ids.shape[0],
+                                  topk=K, source_rank=0, device=dev)(ids).phys_ids
     w = torch.rand(ids.shape, device=dev)
     shared = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
     out = {"fuse_topk": lambda: hot_path.fuse_topk(phys, w, shared, S, 0.4)[0]}
     for name in MODES:
         mode = BalanceMode.parse(name)
-        path = hot_path.make_layer_path(pl, mode, max_tokens=ids.shape[0], topk=K, source_rank=3, device=dev,
-                                        split_table=table if mode.lplb == "table" else None)
+        path = hot_path.make_layer_path(pl, mode, max_tokens=ids.shape[0], topk=K, source_rank=3, device=dev)
         kw = {"phys_ids": phys} if mode.lplb == "off" else {}
         gathered = None
         if mode.collective:
@@ -122,14 +115,14 @@ def main():
     impl = {name: hot_path.impl_name(dev, BalanceMode.parse(name)) for name in MODES}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": impl, "cases": {}}
     for T in (4096, 128):
-        pl, ids, table = make_case(T, dev)
+        pl, ids = make_case(T, dev)
         case = {name: {"host_syncs": count_syncs(fn), "ms": round(time_ms(fn), 3)}
-                for name, fn in calls(pl, ids, table).items()}
+                for name, fn in calls(pl, ids).items()}
         report["cases"][f"T={T}"] = case
         print(f"T={T}", json.dumps(case), flush=True)
     # Capture attempts last: a failed capture can leave the CUDA context unusable.
     graphs = {}
-    fns = calls(pl, ids, table)
+    fns = calls(pl, ids)
     for name in ["fuse_topk"] + [n for n in fns if n != "fuse_topk"]:
         graphs[name] = try_graph(fns[name])
         print("cuda_graph", name, graphs[name], flush=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sglang_moe_lb import CostModel, Placement
+from sglang_moe_lb import plan as plan_mod
 from sglang_moe_lb.plan import plan_maps, static_like_weights
 from sglang_moe_lb.plugin import rebalance
 
@@ -64,10 +65,10 @@ def _metadata():
     return SimpleNamespace(physical_to_logical_map_cpu=rows)
 
 
-def _cycle(rank_invariant=False, counts=None, refresh=0, timeout=60.0):
+def _cycle(rank_invariant=False, counts=None, refresh=0, timeout=60.0, solver="thread"):
     rt = StubRuntime(rank_invariant)
     reb = rebalance.Rebalancer(rt, counts_source=counts)
-    reb.configure(refresh_passes=refresh, window_passes=4, timeout_s=timeout)
+    reb.configure(refresh_passes=refresh, window_passes=4, timeout_s=timeout, solver=solver)
     return rt, reb
 
 
@@ -78,13 +79,13 @@ def _rebalance(reb):
 
 
 def _slow_solve(gate: threading.Event, monkeypatch):
-    real = rebalance.solve_layer_plan
+    real = plan_mod.solve_layer_plan
 
     def slow(*a, **k):
         gate.wait(10)
         return real(*a, **k)
 
-    monkeypatch.setattr(rebalance, "solve_layer_plan", slow)
+    monkeypatch.setattr(plan_mod, "solve_layer_plan", slow)
 
 
 def test_with_an_a2a_backend_no_pass_waits_for_the_solve(monkeypatch):
@@ -133,7 +134,7 @@ def test_a_late_solve_is_dropped_and_every_layer_keeps_its_plan(monkeypatch, cap
 
 
 def test_a_failing_layer_keeps_its_plan_the_others_install(monkeypatch, caplog):
-    real = rebalance.solve_layer_plan
+    real = plan_mod.solve_layer_plan
     calls = []
 
     def flaky(pl, shares, *a, **k):
@@ -142,7 +143,7 @@ def test_a_failing_layer_keeps_its_plan_the_others_install(monkeypatch, caplog):
             raise RuntimeError("HiGHS exploded")
         return real(pl, shares, *a, **k)
 
-    monkeypatch.setattr(rebalance, "solve_layer_plan", flaky)
+    monkeypatch.setattr(plan_mod, "solve_layer_plan", flaky)
     rt, reb = _cycle()
     before = rt.layers[1].maps.clone()
     _rebalance(reb)
@@ -153,6 +154,57 @@ def test_a_failing_layer_keeps_its_plan_the_others_install(monkeypatch, caplog):
     assert rt.last_report["failed"] == [1]
     assert "plan solve failed on layers [1] (first: layer 1, RuntimeError: HiGHS exploded); they keep their plans" \
         in caplog.text
+
+
+def test_the_process_solver_gives_the_threads_plans_and_survives_a_stop():
+    """Solves in the helper process equal in-process ones; a stopped worker (a time-out) is
+    replaced on the next solve."""
+    rt_p, reb_p = _cycle(solver="process")
+    rt_t, reb_t = _cycle(solver="thread")
+    try:
+        for rt, reb in ((rt_p, reb_p), (rt_t, reb_t)):
+            _rebalance(reb)
+            assert reb._job.done.wait(120)
+            reb.on_forward_pass_end()
+        for layer in ROWS:
+            assert torch.equal(rt_p.layers[layer].maps, rt_t.layers[layer].maps)
+            assert rt_p.layers[layer].source == "rebalance #1"
+        reb_p.worker.stop()
+        _rebalance(reb_p)
+        assert reb_p._job.done.wait(120)
+        reb_p.on_forward_pass_end()
+        assert rt_p.last_report["label"] == "rebalance #2" and not rt_p.last_report["failed"]
+    finally:
+        reb_p.shutdown()
+
+
+def test_a_rebalance_that_supersedes_a_refresh_keeps_the_worker_process():
+    """Without an a2a backend a refresh started at one pass is due at the next, where SGLang's
+    rebalance (its hook runs first) supersedes it. That is no time-out: the worker process must
+    survive it (on the CPU demo server a new one took 8-12 s to start, and every rank waited for
+    it at that pass), and the rebalance's request goes after the refresh's reply on the same
+    pipe, so each job gets its own plans."""
+    refresh_window = torch.tensor([[5, 50, 5, 30, 5, 5]] * 3, dtype=torch.float64)  # plans unlike _window()'s
+    rt, reb = _cycle(rank_invariant=True, counts=lambda passes: refresh_window, refresh=1, solver="process")
+    stops = []
+    real_stop = reb.worker.stop
+    reb.worker.stop = lambda: (stops.append(1), real_stop())
+    try:
+        reb.on_forward_pass_end()  # pass 1: a refresh starts (the worker process is still starting)
+        assert reb._job is not None and reb._job.label == "refresh #1"
+        _rebalance(reb)  # pass 2's end: EPLB's rebalance supersedes the refresh...
+        assert reb._job.label == "rebalance #1"
+        reb.on_forward_pass_end()  # ...then every rank installs the rebalance's plans at that pass
+        assert stops == [], "superseding a solve stopped the worker process"
+        assert rt.last_report["label"] == "rebalance #1" and not rt.last_report["failed"], rt.last_report
+        _, ref = _cycle(solver="thread")
+        _rebalance(ref)
+        assert ref._job.done.wait(60)
+        for layer in ROWS:
+            assert torch.equal(rt.layers[layer].maps, ref._job.results[layer][1]), f"layer {layer}: not the rebalance's plan"
+    finally:
+        reb.worker.stop = real_stop
+        reb.shutdown()
 
 
 def test_refresh_reads_recent_counts_every_n_passes():

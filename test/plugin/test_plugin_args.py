@@ -194,7 +194,10 @@ def test_usage_doc_lists_every_message():
     from sglang_moe_lb.mode import SERVER_DEFAULTS as d
 
     today = [d["schedule"], d["lplb_sync"], d["objective"], d["candidates"], d["waterfill_sync"], "on" if d["gate"] else "off"]
-    assert "today " + ", ".join(f"`{v}`" for v in today) + ")" in doc, "docs/usage.md: the server defaults changed"
+    from sglang_moe_lb.plugin.options import PLAN_DEFAULTS
+
+    want = "today " + ", ".join(f"`{v}`" for v in today) + f", and `{PLAN_DEFAULTS['placement']}` placement)"
+    assert want in doc, "docs/usage.md: the server defaults changed"
 
 
 def test_waterfill_on_a_model_without_shared_expert_exits(plugin, capsys, tmp_path):
@@ -328,7 +331,7 @@ def test_cost_files_are_checked_at_start_up(plugin, capsys, tmp_path):
     err = expect_exit(capsys, *tiles, "--moe-lb-calibration", str(bad))
     assert f"--moe-lb-calibration: {bad}: not a calibration file" in err
     err = expect_exit(capsys, *tiles, "--moe-lb-gate", "on", "--moe-lb-overheads", str(bad))
-    assert f"--moe-lb-overheads: {bad}: not a valid overheads table" in err
+    assert f"--moe-lb-overheads: {bad}: not an overheads table" in err
     cal = tmp_path / "cal.json"
     cal.write_text(json.dumps({"format": "sglang-moe-lb-calibration/1", "gpu": "test", "bandwidth": 1e12,
                                "peak_flops": 1e14, "tile_tokens": 64}))

@@ -20,7 +20,7 @@ from sglang_moe_lb.plan import plan_maps, solve_layer_plan, static_like_weights,
 
 FLAGS = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "plan", "--moe-lb-gate", "off", "--tp", "4", "--ep-size", "4",
          "--ep-num-redundant-experts", "4", "--enable-eplb", "--eplb-rebalance-num-iterations", "2",
-         "--moe-lb-plan-refresh", "0"]
+         "--moe-lb-plan-refresh", "0", "--moe-lb-plan-solver", "thread"]
 MOE_LAYERS = (1, 2, 3)
 
 
@@ -123,7 +123,7 @@ def test_rebalance_installs_new_plans_in_place(eplb, caplog):
 
 
 def test_failing_solve_keeps_the_plan(eplb, monkeypatch, caplog):
-    from sglang_moe_lb.plugin import rebalance
+    from sglang_moe_lb import plan
 
     rt, manager, recorder = eplb
     before = {layer: rt.layers[layer].maps.clone() for layer in MOE_LAYERS}
@@ -131,7 +131,7 @@ def test_failing_solve_keeps_the_plan(eplb, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("HiGHS exploded")
 
-    monkeypatch.setattr(rebalance, "solve_layer_plan", broken)
+    monkeypatch.setattr(plan, "solve_layer_plan", broken)
     _run_one_rebalance(manager)  # same window -> same placement, so the old plans still apply
     for layer in MOE_LAYERS:
         assert torch.equal(rt.layers[layer].maps, before[layer]), f"layer {layer} lost its plan"

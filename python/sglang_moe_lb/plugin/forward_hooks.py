@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from ..plan import plan_cadence
 from . import hot_path
 from .runtime import call_capacity, fusion_off_error, gate_summary, get_runtime, plan_summary
 
@@ -131,10 +132,9 @@ def _configure_plans(rt) -> None:
     moe = get_exec().moe
     p = rt.opts.plan
     every = int(getattr(moe, "eplb_rebalance_num_iterations", 0) or 0) if getattr(moe, "enable_eplb", False) else 0
-    refresh = p.refresh_passes if p.refresh_passes is not None else every // 4
+    refresh, window = plan_cadence(every, p.refresh_passes, p.window_passes)
     rt.rebalancer.counts_source = lambda passes: recent_logical_counts(rt, passes)
-    rt.rebalancer.configure(refresh_passes=refresh, window_passes=p.window_passes or refresh or 1,
-                            timeout_s=p.timeout_s)
+    rt.rebalancer.configure(refresh_passes=refresh, window_passes=window, timeout_s=p.timeout_s, solver=p.solver)
 
 
 def recent_logical_counts(rt, passes: int) -> torch.Tensor | None:
@@ -264,18 +264,21 @@ def around_init_by_eplb(orig, *args, **kwargs):
 
 
 def after_rebalance_experts(result, *args, **kwargs):
-    """``eplb_algorithms.rebalance_experts``: with ``--moe-lb-placement decode``, EPLB's placement
-    after the decode-aware post-step (same replica counts; ``decode_placement``)."""
+    """``eplb_algorithms.rebalance_experts``: with ``--moe-lb-placement decode`` (or ``auto`` at
+    enough EP ranks), EPLB's placement after the decode-aware post-step (same replica counts;
+    ``decode_placement``)."""
     rt = get_runtime()
-    if rt is None or not rt.mode.plan or rt.opts.plan.placement != "decode" or result is None:
+    if rt is None or not rt.mode.plan or result is None:
         return result
-    from ..decode_placement import decode_aware_placement, logical_to_all_physical
+    from ..decode_placement import decode_aware_placement, logical_to_all_physical, resolve_placement
     from .runtime import cost_model_for
 
-    model_config = rt.model_config if rt.model_config is not None else getattr(rt, "eplb_model_config", None)
-    window = _arg(args, kwargs, 0, "tokens_per_expert")
     P = int(_arg(args, kwargs, 1, "num_physical_experts"))
     ranks = P // int(_arg(args, kwargs, 2, "num_local_physical_experts"))
+    if resolve_placement(rt.opts.plan.placement, ranks) != "decode":
+        return result
+    model_config = rt.model_config if rt.model_config is not None else getattr(rt, "eplb_model_config", None)
+    window = _arg(args, kwargs, 0, "tokens_per_expert")
     cost = rt.cost if rt.cost is not None else (cost_model_for(rt.opts, model_config) if model_config is not None else None)
     top_k = rt.topk or _top_k(None, model_config)
     if cost is None or not top_k:

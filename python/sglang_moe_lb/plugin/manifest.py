@@ -179,7 +179,7 @@ HOOKS: tuple[Hook, ...] = (
          "plan", "the recorded window and the new placement: starts the plan solve in a background thread",
          ("model_config", "logical_count")),
     Hook("sglang.srt.eplb.eplb_algorithms.rebalance_experts", "AFTER", "forward_hooks.after_rebalance_experts",
-         "forward", "plan", "with `--moe-lb-placement decode`: EPLB's placement after the decode-aware post-step",
+         "forward", "plan", "with `--moe-lb-placement decode` (or `auto` from EP 16 on): EPLB's placement after the decode-aware post-step",
          ("tokens_per_expert", "num_physical_experts", "num_local_physical_experts")),
     Hook(f"{_EPLB}.rebalance", "AROUND", "forward_hooks.around_rebalance", "forward", "plan",
          "marks the rebalance; plans install after it", generator=True),

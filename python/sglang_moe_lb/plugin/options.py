@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 from .. import mode as modes
 from ..cost import DTYPE_BYTES, GPUS, CostModelError, load_calibration
+from ..cost_files import CostFileError
+from ..decode_placement import DECODE_MIN_RANKS, PLACEMENT_CHOICES
 from ..gate import DEFAULT_EXPECTED_GAIN, PLAN_EXPECTED_GAIN, Overheads
 from ..mode import BalanceMode
 
@@ -195,7 +197,7 @@ def _choice(choices):
 
 _D = modes.SERVER_DEFAULTS
 # Plan options: where they come from is docs/defaults.md (placement) and docs/design.md (cadence).
-PLAN_DEFAULTS: dict = {"placement": "eplb", "timeout_s": 60.0}
+PLAN_DEFAULTS: dict = {"placement": "auto", "timeout_s": 60.0, "solver": "process"}
 
 OPTIONS: tuple[Option, ...] = (
     Option("--moe-lb-lplb-schedule", "schedule", modes.SCHEDULES,
@@ -245,10 +247,11 @@ OPTIONS: tuple[Option, ...] = (
            "Gate: the share of a layer's time the per-batch work takes off what runs where the gate is closed, "
            f"in (0, 1] (default: {PLAN_EXPECTED_GAIN} over a plan, {DEFAULT_EXPECTED_GAIN} over SGLang static; "
            "replay --batch-sweep measures it).", _needs_gate, _positive_fraction, metavar="FLOAT", group="cost"),
-    Option("--moe-lb-placement", "placement", ("eplb", "decode"),
+    Option("--moe-lb-placement", "placement", PLACEMENT_CHOICES,
            "Plans: 'eplb' keeps SGLang's EPLB placement; 'decode' moves copies after each EPLB placement (same "
-           "replica counts, prefill token balance kept) so plans can switch copies off evenly in decode "
-           f"(default: {PLAN_DEFAULTS['placement']}).", _needs_plan, _choice(("eplb", "decode")), group="plan"),
+           "replica counts, prefill token balance kept) so plans can switch copies off evenly in decode; 'auto' "
+           f"is decode from {DECODE_MIN_RANKS} EP ranks on, else eplb (default: {PLAN_DEFAULTS['placement']}).",
+           _needs_plan, _choice(PLACEMENT_CHOICES), group="plan"),
     Option("--moe-lb-plan-refresh", "refresh_passes", None,
            "Plans: forward passes between refreshes from the recent expert counts of SGLang's recorder (no "
            "weights move; one all-reduce of the counts per refresh); 0 = only at start-up and each EPLB "
@@ -260,6 +263,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--moe-lb-plan-timeout", "timeout_s", None,
            "Plans: seconds a background solve may take before it is dropped and every layer keeps its plan "
            f"(default: {PLAN_DEFAULTS['timeout_s']:g}).", _needs_plan, _seconds, metavar="SECONDS", group="plan"),
+    Option("--moe-lb-plan-solver", "solver", ("process", "thread"),
+           "Plans: where background solves run: one helper process per scheduler ('process', never holds the "
+           "forward thread's interpreter lock) or a thread of the scheduler ('thread': no extra process, but "
+           f"forward passes slow down while it solves) (default: {PLAN_DEFAULTS['solver']}).", _needs_plan,
+           _choice(("process", "thread")), group="plan"),
 )
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 
@@ -398,16 +406,18 @@ class CostSettings:
 class PlanSettings:
     """How plans are made and refreshed (plan schedule).
 
-    placement: ``eplb`` or ``decode`` (``decode_placement.decode_aware_placement`` after each EPLB
-    placement). refresh_passes: forward passes between refreshes (None: a quarter of SGLang's
+    placement: ``auto``, ``eplb`` or ``decode`` (``decode_placement.decode_aware_placement`` after
+    each EPLB placement; ``decode_placement.resolve_placement`` says what ``auto`` is). refresh_passes: forward passes between refreshes (None: a quarter of SGLang's
     rebalance interval with EPLB on, else 0 = none). window_passes: recent passes a refresh
-    reads (None: the refresh interval). timeout_s: a background solve's limit.
+    reads (None: the refresh interval). timeout_s: a background solve's limit. solver: where
+    background solves run (``process`` or ``thread``; ``rebalance.py``).
     """
 
     placement: str = PLAN_DEFAULTS["placement"]
     refresh_passes: int | None = None
     window_passes: int | None = None
     timeout_s: float = PLAN_DEFAULTS["timeout_s"]
+    solver: str = PLAN_DEFAULTS["solver"]
 
 
 @dataclass(frozen=True)
@@ -553,11 +563,8 @@ def _load_cost_files(opts: MoeLbOptions) -> MoeLbOptions:
     if c.overheads_path is not None:
         try:
             ov = Overheads.measured(c.overheads_path)
-        except FileNotFoundError:
-            raise _err("cost_file", flag="--moe-lb-overheads", detail=f"{c.overheads_path}: no such file") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            detail = f"{c.overheads_path}: not a valid overheads table ({type(err).__name__}: {err})"
-            raise _err("cost_file", flag="--moe-lb-overheads", detail=detail) from None
+        except CostFileError as err:  # the validator replay and Engine share (cost_files.py)
+            raise _err("cost_file", flag="--moe-lb-overheads", detail=err) from None
     return dataclasses.replace(opts, cost=dataclasses.replace(c, calibration=cal, overheads=ov))
 
 

@@ -23,12 +23,15 @@ Sequence (hooks in ``manifest.HOOKS``):
    background solve for the rows being served. No weights move.
 
 A layer whose solve raises keeps the plan it serves (one log line per solve names them); a
-solve that runs past ``timeout_s`` is dropped, and every layer keeps its plan (one log line).
-One log line per install names the layers, levels and solve time. ``Runtime.last_report``
-keeps the same numbers.
+solve that runs past ``timeout_s`` is dropped (its worker process stopped), and every layer
+keeps its plan (one log line). One log line per install names the layers, levels and solve
+time. ``Runtime.last_report`` keeps the same numbers.
 
-The solve runs in a thread: the core's numpy and HiGHS code releases the GIL for most of its
-time (docs/design.md measures what it costs the forward thread).
+Where a solve runs (``solver``): ``process`` (default) in one helper process
+(``plan_worker.PlanWorker``), so it never holds the forward thread's interpreter lock; or
+``thread``, in the scheduler process (no extra process; forward passes slow down while it
+runs: ``benchmark/bench_plan.py`` measures both). The start-up solve runs inline either way,
+before the first forward pass.
 """
 
 from __future__ import annotations
@@ -41,9 +44,12 @@ from typing import Callable
 import torch
 
 from ..placement import Placement
-from ..plan import PlanError, plan_maps, solve_layer_plan, window_shares
+from ..plan import plan_maps, solve_rows
+from ..plan_worker import PlanWorker
 
-__all__ = ["Rebalancer", "PlanJob"]
+__all__ = ["Rebalancer", "PlanJob", "SOLVERS"]
+
+SOLVERS = ("process", "thread")
 
 logger = logging.getLogger("sglang_moe_lb.plugin")
 
@@ -51,14 +57,20 @@ logger = logging.getLogger("sglang_moe_lb.plugin")
 class PlanJob:
     """One solve: placement rows + a counts window -> each layer's maps ``[levels, E, W]`` int32 (CPU).
 
-    ``results[layer] = (row, maps | None, error | None)``; ``run()`` inline or ``start()`` a thread.
+    ``results[layer] = (row, maps | None, error text | None)``. ``run()`` solves inline;
+    ``start()`` runs a helper thread that solves in-process (``worker`` None) or waits for the
+    worker process (the thread then holds no lock while the process works). ``after``: the
+    ``done`` event of a superseded job whose request the worker is still answering; this job
+    sends its own only after that reply (one request at a time on the worker's pipe).
     """
 
     def __init__(self, rows: dict[int, torch.Tensor], window: torch.Tensor, label: str, *, num_ranks: int,
-                 num_logical: int, cost, top_k: int, levels: tuple[int, ...], hash_slots: int):
+                 num_logical: int, cost, top_k: int, levels: tuple[int, ...], hash_slots: int,
+                 worker: PlanWorker | None = None, after: threading.Event | None = None):
         self.rows, self.window, self.label = rows, window, label
-        self.R, self.E, self.cost, self.top_k = num_ranks, num_logical, cost, top_k
-        self.levels, self.hash_slots = levels, hash_slots
+        self.kw = dict(num_ranks=num_ranks, num_logical=num_logical, top_k=top_k, levels=levels,
+                       hash_slots=hash_slots)
+        self.cost, self.worker, self.after = cost, worker, after
         self.results: dict[int, tuple] = {}
         self.seconds = 0.0
         self.started = 0.0
@@ -73,26 +85,25 @@ class PlanJob:
     def run(self) -> None:
         self.started = self.started or time.perf_counter()
         try:
-            w = self.window.to(torch.float64)
-            if w.dim() == 2:
-                w = w[None]
-            shares = window_shares(w, w.shape[1], self.E)
-            for layer, row in sorted(self.rows.items()):
+            if self.worker is not None:
+                if self.after is not None:
+                    self.after.wait()
                 if self.cancel.is_set():
                     return
-                try:
-                    if layer >= shares.shape[0]:
-                        raise PlanError(f"the counts window has {shares.shape[0]} layers, no layer {layer}")
-                    pl = Placement(row, self.R, self.E)
-                    lp = solve_layer_plan(pl, shares[layer], self.cost, top_k=self.top_k, levels=self.levels,
-                                          hash_slots=self.hash_slots)
-                    maps = plan_maps(pl, lp.weights[:, None], self.hash_slots)[:, 0].to(torch.int32)
-                    self.results[layer] = (row, maps, None)
-                except Exception as err:  # a failing layer keeps its plan
+                weights = self.worker.solve(self.rows, self.window, self.cost, **self.kw)
+            else:
+                weights = solve_rows(self.rows, self.window, self.cost, stop=self.cancel.is_set, **self.kw)
+            W = self.kw["hash_slots"]
+            for layer, (w, err) in weights.items():
+                row = self.rows[layer]
+                if err is not None:
                     self.results[layer] = (row, None, err)
-        except Exception as err:  # a bad window: every layer keeps its plan
+                    continue
+                pl = Placement(row, self.kw["num_ranks"], self.kw["num_logical"])
+                self.results[layer] = (row, plan_maps(pl, w[:, None], W)[:, 0].to(torch.int32), None)
+        except Exception as err:  # the worker died, or a bug: every layer keeps its plan
             for layer, row in self.rows.items():
-                self.results.setdefault(layer, (row, None, err))
+                self.results.setdefault(layer, (row, None, f"{type(err).__name__}: {err}"))
         finally:
             self.seconds = time.perf_counter() - self.started
             self.done.set()
@@ -114,8 +125,10 @@ class Rebalancer:
         self.refresh_passes = 0
         self.window_passes = 1
         self.timeout_s = 60.0
+        self.worker: PlanWorker | None = None  # background solves run here (solver "process")
         self._in_rebalance = False
         self._job: PlanJob | None = None
+        self._superseded: PlanJob | None = None  # dropped for a newer solve, its reply still due from the worker
         self._install_at: int | None = None  # the pass a rank-invariant runtime installs at
         self._startup: tuple[dict, torch.Tensor] | None = None  # (rows, window) from init_by_eplb at start-up
         self.count = 0  # rebalances
@@ -125,8 +138,15 @@ class Rebalancer:
         self.stall_s = 0.0  # seconds this rank's forward thread spent in install (and waits)
         self._cycle = self._steps()
 
-    def configure(self, *, refresh_passes: int, window_passes: int, timeout_s: float) -> None:
+    def configure(self, *, refresh_passes: int, window_passes: int, timeout_s: float, solver: str = "process") -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"plan solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         self.refresh_passes, self.window_passes, self.timeout_s = refresh_passes, max(1, window_passes), timeout_s
+        self.worker = PlanWorker() if solver == "process" else None
+        if self.worker is not None:
+            # Start it now, beside the server's own start-up: a first start at the first rebalance
+            # costs seconds (interpreter + torch import) that every rank waits for without an a2a backend.
+            self.worker.start()
 
     # -- hook entry points --------------------------------------------------------------------
     def begin(self) -> None:
@@ -163,15 +183,17 @@ class Rebalancer:
             window = torch.ones(1, max(rows, default=0) + 1, rt.num_logical)
             label = "start-up (uniform shares: no --init-expert-location counts)"
         self._startup = None
-        job = self._new_job({layer: rows[layer] for layer in self._layers(rows)}, window, label)
+        job = self._new_job({layer: rows[layer] for layer in self._layers(rows)}, window, label, inline=True)
         job.run()
         self._install(job, waited=0.0)
 
     def shutdown(self) -> None:
         if self._job is not None:
             self._job.cancel.set()
-            if self._job.thread.is_alive():
-                self._job.thread.join(timeout=30)
+        if self.worker is not None:
+            self.worker.stop()
+        if self._job is not None and self._job.thread.is_alive():
+            self._job.thread.join(timeout=30)
 
     # -- the cycle ----------------------------------------------------------------------------
     def _steps(self):
@@ -189,7 +211,7 @@ class Rebalancer:
                     self._job = None
                     self._install(job, waited=0.0)
                 elif self._install_at is None and job.elapsed() > self.timeout_s:
-                    self._drop_job(f"it ran past --moe-lb-plan-timeout {self.timeout_s:g}s")
+                    self._drop_job(f"it ran past --moe-lb-plan-timeout {self.timeout_s:g}s", stuck=True)
             elif job is None and not self._in_rebalance and self._refresh_due():
                 self._refresh()
             yield
@@ -213,10 +235,13 @@ class Rebalancer:
         n = rows.shape[0] if isinstance(rows, torch.Tensor) else len(rows)
         return sorted(rt.moe_layers) if rt.moe_layers else (list(range(n)) if isinstance(rows, torch.Tensor) else sorted(rows))
 
-    def _new_job(self, rows: dict, window: torch.Tensor, label: str) -> PlanJob:
+    def _new_job(self, rows: dict, window: torch.Tensor, label: str, inline: bool = False) -> PlanJob:
         rt = self._rt
+        prev, self._superseded = self._superseded, None
+        after = prev.done if prev is not None and not inline and not prev.done.is_set() else None
         return PlanJob(rows, window, label, num_ranks=rt.num_ranks, num_logical=rt.num_logical, cost=rt.cost,
-                       top_k=rt.topk or 1, levels=rt.levels, hash_slots=rt.hash_slots)
+                       top_k=rt.topk or 1, levels=rt.levels, hash_slots=rt.hash_slots,
+                       worker=None if inline else self.worker, after=after)
 
     def _start(self, rows: dict, window: torch.Tensor, label: str) -> None:
         self._last_solve_pass = self.passes
@@ -224,15 +249,26 @@ class Rebalancer:
         self._install_at = self.passes + 1 if self._rt.rank_invariant else None
         self._job.start()
 
-    def _drop_job(self, why: str) -> None:
+    def _drop_job(self, why: str, *, stuck: bool = False) -> None:
+        """Forget the running solve. A stuck one (time-out) dies with the worker process, and the
+        next solve starts another; a superseded one finishes in the worker (its reply is ignored)
+        and the next solve waits for it: starting a process costs seconds, which every rank would
+        wait for without an a2a backend."""
         job = self._job
         if job is None:
             return
         self._job, self._install_at = None, None
         job.cancel.set()
+        if job.worker is not None:
+            if stuck:
+                job.worker.stop()
+            else:
+                self._superseded = job
         if self._rt.is_log_rank():
-            logger.warning("[moe-lb] %s: plan solve dropped after %.1fs (%s); every layer keeps its plan",
-                           job.label, job.elapsed(), why)
+            # A refresh superseded by a rebalance is routine (INFO); a time-out is not.
+            logger.log(logging.WARNING if stuck else logging.INFO,
+                       "[moe-lb] %s: plan solve dropped after %.1fs (%s); every layer keeps its plan",
+                       job.label, job.elapsed(), why)
 
     def _install(self, job: PlanJob, waited: float) -> None:
         t0 = time.perf_counter()
@@ -260,5 +296,5 @@ class Rebalancer:
                     len(failed), len(stale))
         if failed:
             layer, err = failed[0]
-            logger.warning("[moe-lb] %s: plan solve failed on layers %s (first: layer %d, %s: %s); they keep their "
-                           "plans", job.label, [lay for lay, _ in failed], layer, type(err).__name__, err)
+            logger.warning("[moe-lb] %s: plan solve failed on layers %s (first: layer %d, %s); they keep their "
+                           "plans", job.label, [lay for lay, _ in failed], layer, err)

@@ -510,7 +510,11 @@ def plan_summary(rt: Runtime) -> str:
     if reb is None:
         return ""
     refresh = f"every {reb.refresh_passes} passes from the last {reb.window_passes}" if reb.refresh_passes else "off"
-    return (f", plans at {len(rt.levels)} levels x {rt.hash_slots} hash slots (placement {rt.opts.plan.placement}, "
+    from ..decode_placement import resolve_placement
+
+    choice = rt.opts.plan.placement
+    placement = resolve_placement(choice, rt.num_ranks) + (" (auto)" if choice == "auto" else "")
+    return (f", plans at {len(rt.levels)} levels x {rt.hash_slots} hash slots (placement {placement}, "
             f"refresh {refresh})")
 
 

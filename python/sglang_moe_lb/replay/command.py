@@ -174,15 +174,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "first window; auto picks the first available in that order",
     )
     sim.add_argument(
-        "--placement", default="eplb", choices=["eplb", "decode"],
-        help="our modes' placement: SGLang's EPLB (default), or EPLB followed by the decode-aware post-step "
-        "(same replica counts, copies moved so plans can switch them off evenly); SGLang's modes always run on EPLB's",
+        "--placement", default="auto", choices=["auto", "eplb", "decode"],
+        help="our modes' placement: SGLang's EPLB, or EPLB followed by the decode-aware post-step (same replica "
+        "counts, copies moved so plans can switch them off evenly); auto (default, as the server's "
+        "--moe-lb-placement): decode from 16 EP ranks on, else eplb. SGLang's modes always run on EPLB's",
     )
     sim.add_argument("--plan-refresh", type=_nonneg, default=None, metavar="STEPS",
                      help="steps between plan refreshes from recent counts (no weights move); 0 = only at each "
                      "rebalance (default: --rebalance-every / 4)")
     sim.add_argument("--plan-window", type=_positive, default=None, metavar="STEPS",
-                     help="recorded steps a plan is solved from (default: max(2, --plan-refresh))")
+                     help="recorded steps a plan is solved from (default: --plan-refresh, at least 1)")
     sim.add_argument(
         "--modes", type=_csv, default=None, metavar="M1,M2,...|all|default",
         help="modes to run: names (see above), the --moe-lb values lplb, waterfill, waterfill+lplb (their server "

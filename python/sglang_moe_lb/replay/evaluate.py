@@ -20,8 +20,9 @@ batch's tokens (its *source* tokens). Per MoE layer:
    work, ``(k + 1) * tokens``; loads, tiles and modelled time all derive from these slots.
 4. The per-batch LP bounds (``bounds.layer_bounds``) on the same placement.
 
-Gated modes are not evaluated here: they are their ungated mode or ``static`` per batch,
-decided from the batch size (``aggregate.gate_open``).
+Gated modes are not evaluated here: per batch they are their opened form (the per-batch
+split) or their closed form (the plan, or ``static`` for a per-batch schedule), decided from
+the batch size (``aggregate.gate_open``).
 """
 
 from __future__ import annotations

@@ -153,8 +153,10 @@ def _headline(res: ReplayResult) -> str:
         return ""
     bu = max(ups, key=lambda n: ups[n]["balancedness_mean"])
     bo = max(ours, key=lambda n: ours[n]["balancedness_mean"])
+    # Ties (within rounding) go to the server defaults, then to the mode listed first.
+    defaults = set(res.server_default.values())
     fast = min((n for n in modes if modes[n]["steps_scored"] == res.config["num_steps"]),
-               key=lambda n: modes[n]["time_vs_static"])
+               key=lambda n: (round(modes[n]["time_vs_static"], 6), n not in defaults))
     return (
         f"Best of ours: {bo} (balancedness {ours[bo]['balancedness_mean']:.4f}, MoE time x{ours[bo]['moe_time_ratio_vs_static']:.3f} "
         f"of static, {100 * ours[bo]['gap_to_bound_mean']:.2f}% from the joint LP bound {res.bound['balancedness_mean']:.4f}); "

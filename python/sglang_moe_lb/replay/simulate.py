@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..decode_placement import PLACEMENT_CHOICES, resolve_placement
 from ..mode import ModeError
 from ..objective import FloatSteps
+from ..plan import plan_cadence
 from . import aggregate as agg
 from .costs import CostOptions, build_cost_model, build_overheads, check_overheads
 from .evaluate import EvalContext, evaluate_step
@@ -35,7 +37,7 @@ from .pool import cpu_count, run_jobs
 from .read import Read, read_trace
 from .sources import Trace
 from .sweep import evenly_spaced, sized_trace
-from .timeline import PLACEMENTS, PlanOptions, Timeline, build_timeline, resolve_init
+from .timeline import PlanOptions, Timeline, build_timeline, resolve_init
 
 __all__ = ["ReplayConfig", "ReplayResult", "Setup", "make_setup", "run_replay", "DEFAULT_MODES", "INIT_PLACEMENTS"]
 
@@ -71,15 +73,13 @@ class ReplayConfig:
     batch_sweep: tuple[int, ...] = ()
     sweep_steps: int = 8
     memo: bool = True  # share each split problem's solve between ranks and modes (MemoSteps)
-    placement: str = "eplb"  # our modes' placement: SGLang's EPLB, or EPLB + the decode-aware post-step
+    placement: str = "auto"  # our modes' placement: eplb, decode (EPLB + the decode-aware post-step), or auto
     plan_refresh: int | None = None  # steps between plan refreshes (0: only at rebalance; None: rebalance_every / 4)
-    plan_window: int | None = None  # recorded steps a plan is solved from (None: max(2, plan_refresh))
+    plan_window: int | None = None  # recorded steps a plan is solved from (None: plan_refresh, at least 1)
 
     def plan_cadence(self) -> tuple[int, int]:
         """(refresh, window) in steps, defaults resolved."""
-        refresh = self.plan_refresh if self.plan_refresh is not None else max(1, (self.rebalance_every or 0) // 4)
-        window = self.plan_window if self.plan_window is not None else max(2, refresh)
-        return refresh, window
+        return plan_cadence(self.rebalance_every or 0, self.plan_refresh, self.plan_window)
 
     def validate(self) -> None:
         """Flag values alone; raises ``ValueError`` naming the flag."""
@@ -99,8 +99,8 @@ class ReplayConfig:
         at_least("sweep-steps", self.sweep_steps, 1)
         at_least("plan-refresh", self.plan_refresh, 0)
         at_least("plan-window", self.plan_window, 1)
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.placement not in PLACEMENT_CHOICES:
+            raise ValueError(f"--placement must be one of {', '.join(PLACEMENT_CHOICES)}, got {self.placement!r}")
         self.replay_modes()
         if self.init_placement not in INIT_PLACEMENTS:
             raise ValueError(f"--init-placement must be one of {', '.join(INIT_PLACEMENTS)}, got {self.init_placement!r}")
@@ -582,7 +582,8 @@ def run_replay(trace: Trace, cfg: ReplayConfig, setup: Setup | None = None) -> R
         refresh, plan_window = cfg.plan_cadence()
         with_plans = any(m.balance is not None and m.balance.plan for m in setup.eval_modes)
         timeline = build_timeline(trace, read.counts, up=setup.up, ep_size=setup.R, num_physical=setup.P, init=setup.init,
-                                  rebalance_every=cfg.rebalance_every, window=setup.window, placement=cfg.placement,
+                                  rebalance_every=cfg.rebalance_every, window=setup.window,
+                                  placement=resolve_placement(cfg.placement, cfg.ep_size),
                                   cost=setup.cost,
                                   plans=PlanOptions(setup.cost, setup.k, refresh, plan_window) if with_plans else None)
         lap("timeline")
@@ -604,6 +605,8 @@ def run_replay(trace: Trace, cfg: ReplayConfig, setup: Setup | None = None) -> R
         modes=[m.name for m in setup.modes], batch_sweep=list(cfg.batch_sweep),
         num_logical_experts=setup.E, top_k=setup.k, num_layers=setup.L, num_steps=setup.N, num_physical_experts=setup.P,
         slots_per_rank=setup.S, window=setup.window, init_placement_used=setup.init, trace=trace.info,
+        plan_refresh_used=cfg.plan_cadence()[0], plan_window_used=cfg.plan_cadence()[1],
+        placement_used=resolve_placement(cfg.placement, cfg.ep_size),
         sglang_version=_sglang_version(), torch_version=torch.__version__,
         eplb_algorithm_resolved=setup.up.algorithm.name, cost_model=setup.cost_note,
         cost_model_params={"weight_bytes": setup.cost.weight_bytes, "flops_per_token": setup.cost.flops_per_token,

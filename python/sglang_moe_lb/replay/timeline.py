@@ -33,7 +33,7 @@ from .sources import Trace
 
 __all__ = ["PlacementState", "PlanState", "Timeline", "PLACEMENTS", "resolve_init", "build_timeline"]
 
-PLACEMENTS = ("eplb", "decode")
+PLACEMENTS = ("eplb", "decode")  # resolved values (decode_placement.resolve_placement maps "auto")
 
 
 @dataclass

@@ -12,10 +12,13 @@ Installed as an AROUND hook by ``sglang_moe_lb.testing.cpu_serving.plugin``.
 
 Slot log (opt-in, ``SGLANG_MOE_LB_CPU_SLOT_LOG=<dir>``): every call appends one JSON line to
 ``<dir>/slots_ep<rank>.jsonl`` with the layer id, this rank's tokens per local expert slot,
-and the layer's physical-to-logical map at that moment. Both EP ranks run the same batches in
-the same order (no a2a backend), so line i of each file is the same MoE call, and together
-they give the per-rank loads the server really executed, independent of any balancer's own
-bookkeeping. Tests use it to check that per-batch LPLB reached the optimal max rank load.
+the layer's physical-to-logical map at that moment, and which (token, top-k column) entries
+this rank executes (``shape`` of ``topk_ids`` and ``local``: the ``topk_ids >= 0`` mask, row
+major, bit-packed, hex). Both EP ranks run the same batches in the same order (no a2a
+backend), so line i of each file is the same MoE call, and together they give the per-rank
+loads the server really executed, independent of any balancer's own bookkeeping. Tests use it
+to check that per-batch LPLB reached the optimal max rank load, and that the ranks agreed on
+every entry's copy (each entry executed on exactly one rank).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 
 _ARG_NAMES = ("layer", "x", "topk_output", "moe_runner_config")
@@ -47,7 +51,9 @@ def _log_slots(layer, topk_ids: torch.Tensor) -> None:
     except Exception:
         pass
     rank = int(getattr(layer, "moe_ep_rank", 0) or 0)
-    line = json.dumps({"layer": int(layer_id), "counts": counts, "p2l": p2l})
+    local = np.packbits((topk_ids >= 0).reshape(-1).to("cpu").numpy()).tobytes().hex()
+    line = json.dumps({"layer": int(layer_id), "counts": counts, "p2l": p2l, "shape": list(topk_ids.shape),
+                       "local": local})
     with open(os.path.join(out_dir, f"slots_ep{rank}.jsonl"), "a") as f:
         f.write(line + "\n")
 

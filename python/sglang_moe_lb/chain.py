@@ -37,10 +37,10 @@ import torch
 
 from .cost import CostModel
 from .mode import BalanceMode
-from .objective import FLOAT_STEPS, SplitSteps, _balanced
+from .objective import FLOAT_STEPS, SplitSteps, split_step
 from .placement import Placement
 from .plan import apply_plan
-from .quota_dispatch import _count, _dispatch, check_topk_ids
+from .quota_dispatch import check_topk_ids, count_step, dispatch_step
 from .waterfill import routed_rank_load
 from .waterfill import waterfill as waterfill_ranks
 
@@ -95,7 +95,7 @@ def local_stats(pl: Placement, topk_ids: torch.Tensor, mode: BalanceMode,
     ids = topk_ids if mode.per_batch else phys_ids
     n = (ids >= 0).any(1).sum().reshape(1) if ids.shape[0] else torch.zeros(1, dtype=torch.long, device=ids.device)
     if mode.per_batch:
-        head = _count(topk_ids, pl.num_logical)
+        head = count_step(topk_ids, pl.num_logical)
     else:
         head = routed_rank_load(phys_ids, pl.num_ranks, pl.slots_per_rank)
     return torch.cat([head, n.to(head.dtype)]).to(torch.int32)
@@ -113,7 +113,7 @@ def layer_stats(
     E, R, S = pl.num_logical, pl.num_ranks, pl.slots_per_rank
     dev = topk_ids.device
     if gathered is None:
-        counts = _count(topk_ids, E)
+        counts = count_step(topk_ids, E)
         valid = topk_ids if mode.per_batch else phys_ids
         tokens = torch.zeros(R, dtype=torch.long, device=dev)
         tokens[source_rank] = (valid >= 0).any(1).sum() if valid.shape[0] else 0
@@ -124,7 +124,7 @@ def layer_stats(
     tokens[: g.shape[0]] = g[:, -1]
     if mode.per_batch:
         return LayerStats(g[:, :E].sum(0), g[:source_rank, :E].sum(0), tokens, torch.zeros(R, dtype=torch.long, device=dev))
-    return LayerStats(_count(topk_ids, E), None, tokens, g[:, :R].sum(0))
+    return LayerStats(count_step(topk_ids, E), None, tokens, g[:, :R].sum(0))
 
 
 def effective_tile(mode: BalanceMode, cost: CostModel | None, num_sources: int) -> int:
@@ -141,6 +141,23 @@ def effective_tile(mode: BalanceMode, cost: CostModel | None, num_sources: int) 
     return tile
 
 
+def _check_plan_map(pl: Placement, plan_map: torch.Tensor, layer: int) -> None:
+    """Every entry of row ``e`` of ``plan_map [E, W]`` must be a physical copy of expert ``e``
+    in this layer: a wrong map would route tokens to another expert's weights."""
+    if plan_map.dtype.is_floating_point or plan_map.dtype.is_complex or plan_map.dtype == torch.bool:
+        raise ValueError(f"plan_map must hold integer physical ids, got {plan_map.dtype}")
+    ids = plan_map.to(device=pl.phy2log.device, dtype=torch.long)
+    P = pl.num_physical
+    inside = (ids >= 0) & (ids < P)
+    owner = pl.phy2log[layer][ids.clamp(0, P - 1)]
+    own = torch.arange(pl.num_logical, device=ids.device)[:, None]
+    bad = ~inside | (owner != own)
+    if bool(bad.any()):
+        e, w = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"plan_map[{e}, {w}] = {int(ids[e, w])} is not a physical copy of expert {e} in layer "
+                         f"{layer} (plan.plan_maps builds the maps)")
+
+
 def _check(pl: Placement, topk_ids, mode, layer, source_rank, plan_map, offsets, gathered, phys_ids) -> None:
     if not isinstance(mode, BalanceMode):
         raise ValueError(f"mode must be a BalanceMode, got {type(mode).__name__}")
@@ -149,8 +166,8 @@ def _check(pl: Placement, topk_ids, mode, layer, source_rank, plan_map, offsets,
     check_topk_ids(topk_ids, pl.num_logical)
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < pl.num_layers:
         raise ValueError(f"layer must be an int in [0, {pl.num_layers}), got {layer!r}")
-    if not 0 <= source_rank < pl.num_ranks:
-        raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
+    if not isinstance(source_rank, int) or isinstance(source_rank, bool) or not 0 <= source_rank < pl.num_ranks:
+        raise ValueError(f"source_rank must be an int in [0, {pl.num_ranks}), got {source_rank!r}")
     if mode.plan and phys_ids is None:
         want = (pl.num_logical,)
         if plan_map is None or plan_map.dim() != 2 or tuple(plan_map.shape[:1]) != want:
@@ -160,6 +177,7 @@ def _check(pl: Placement, topk_ids, mode, layer, source_rank, plan_map, offsets,
                 or offsets.shape[1] != topk_ids.shape[1]:
             raise ValueError(f"mode {mode.name} needs hash offsets [>= {topk_ids.shape[0]}, {topk_ids.shape[1]}] "
                              f"(plan.hash_offsets), got {None if offsets is None else list(offsets.shape)}")
+        _check_plan_map(pl, plan_map, layer)
     if not mode.per_batch and mode.waterfill is not None and not mode.plan:
         if phys_ids is None or tuple(phys_ids.shape) != tuple(topk_ids.shape):
             raise ValueError(f"mode {mode.name} needs phys_ids shaped like topk_ids (SGLang's physical ids)")
@@ -229,14 +247,14 @@ def balance_layer(
         if mode.waterfill == "all_rank":
             fpl = lp.with_shared_expert
             c_ext = torch.cat([st.counts.to(torch.long), tokens.sum().reshape(1)])
-            q_ext, cert = _balanced(fpl, c_ext[None], tile, steps)
+            q_ext, cert = split_step(fpl, c_ext[None], tile, steps)
             q_ext = q_ext.reshape(R, S + 1)
             quotas, shared_q = q_ext[:, :S].reshape(-1), q_ext[:, S]
         else:
-            quotas, cert = _balanced(lp, st.counts[None].to(torch.long), tile, steps)
+            quotas, cert = split_step(lp, st.counts[None].to(torch.long), tile, steps)
             quotas = quotas.reshape(-1)
         cert = cert.reshape(())
-        phys_ids = _dispatch(lp, topk_ids, quotas, st.offsets)
+        phys_ids = dispatch_step(lp, topk_ids, quotas, st.offsets)
         routed = lp.rank_loads(quotas)
     if mode.waterfill is None:
         return LayerDispatch(phys_ids, None, quotas, cert)

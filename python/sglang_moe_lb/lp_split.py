@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .placement import Placement
+from .placement import EXACT_TOKENS, Placement
 
 __all__ = [
     "solve_split",
@@ -311,7 +311,7 @@ def solve_split(
         float64 ``[P]`` or ``[L, P]``: tokens per physical slot. Every expert's copies sum
         exactly to its count. A failed solve falls back to the even split with one warning.
     """
-    c = pl.check_counts(logical_counts).to(torch.float64)
+    c = pl.check_counts(logical_counts, max_total=EXACT_TOKENS).to(torch.float64)
     if method not in ("fast", "highs"):
         raise ValueError(f"method must be 'fast' or 'highs', got {method!r}")
     try:
@@ -340,7 +340,7 @@ def fractions_to_split(pl: Placement, fractions: torch.Tensor, logical_counts: t
     Args: fractions ``[P]``/``[L, P]`` (each expert's copies sum to 1), logical_counts ``[E]``/``[L, E]``.
     Returns: float64 tokens per slot, same leading shape.
     """
-    c = pl.check_counts(logical_counts).to(torch.float64)
+    c = pl.check_counts(logical_counts, max_total=EXACT_TOKENS).to(torch.float64)
     if not isinstance(fractions, torch.Tensor) or fractions.numel() != pl.num_layers * pl.num_physical:
         raise ValueError(
             f"fractions must be [{pl.num_physical}] or [{pl.num_layers}, {pl.num_physical}] for this placement, "

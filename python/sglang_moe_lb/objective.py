@@ -4,8 +4,9 @@
 
 * ``tokens``: the exact LP split of the tokens, rounded to integers (``integer_quotas``), and
   made integer-optimal where the rounding is not: the best integral max load is
-  ``ceil(LP value)`` (the problem is a transportation problem, totally unimodular), and an
-  integral max-flow at that level finds it (``_flow_round``).
+  ``ceil(LP value)`` (the problem is a transportation problem, totally unimodular), and
+  HiGHS's simplex on that transportation LP finds an integral dispatch at that level
+  (``_flow_round``).
 * ``tiles``: the same exact machinery on **tile counts** ``k_e = ceil(c_e / tile)``: integer
   tiles per copy summing to ``k_e`` that minimise the busiest rank's tiles; ties are broken
   toward fewer active copies (``consolidate_tiles``: each replicated expert's tiles are
@@ -24,11 +25,12 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .cost import CostModel
-from .lp_split import solve_split
-from .placement import Placement
+from .lp_split import new_highs, solve_split
+from .placement import EXACT_TOKENS, Placement
 from .quota_dispatch import integer_lower_bound, integer_quotas, polish
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "FloatSteps",
     "FLOAT_STEPS",
     "balanced_quotas",
+    "split_step",
+    "max_layer_tokens",
     "tile_units",
     "consolidate_tiles",
     "fill_tiles",
@@ -57,100 +61,69 @@ class SplitSteps(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact integral rounding by max-flow (float path only)
+# Exact integral rounding by a transportation LP (float path only)
 # ---------------------------------------------------------------------------------------------
-def _max_flow(n: int, edges: list[tuple[int, int, int]], s: int, t: int) -> tuple[int, list[int]]:
-    """Dinic's max-flow on a small graph; returns (value, flow per edge in input order)."""
-    head: list[list[int]] = [[] for _ in range(n)]
-    to, cap = [], []
-    for u, v, c in edges:
-        head[u].append(len(to))
-        to.append(v)
-        cap.append(c)
-        head[v].append(len(to))
-        to.append(u)
-        cap.append(0)
-    orig = list(cap)
-    total = 0
-    while True:
-        level = [-1] * n
-        level[s] = 0
-        queue = [s]
-        for u in queue:
-            for e in head[u]:
-                if cap[e] > 0 and level[to[e]] < 0:
-                    level[to[e]] = level[u] + 1
-                    queue.append(to[e])
-        if level[t] < 0:
-            break
-        it = [0] * n
+def _transport(supply: np.ndarray, arcs: np.ndarray, room: np.ndarray) -> np.ndarray | None:
+    """Ship every expert's ``supply [N]`` over ``arcs [A, 2]`` (expert, rank) within each rank's
+    ``room [R]``; returns integer flow per arc ``[A]``, or None when no shipment fits.
 
-        def push(u: int, f: int) -> int:
-            if u == t:
-                return f
-            while it[u] < len(head[u]):
-                e = head[u][it[u]]
-                v = to[e]
-                if cap[e] > 0 and level[v] == level[u] + 1:
-                    got = push(v, min(f, cap[e]))
-                    if got:
-                        cap[e] -= got
-                        cap[e ^ 1] += got
-                        return got
-                it[u] += 1
-            return 0
+    A bipartite transportation problem: its constraint matrix is totally unimodular, so a
+    simplex vertex of the LP "max shipped" is integral. HiGHS solves it; the rounded
+    solution is checked exactly in integers before it is used.
+    """
+    import highspy
 
-        while True:
-            f = push(s, 1 << 62)
-            if not f:
-                break
-            total += f
-    return total, [orig[2 * i] - cap[2 * i] for i in range(len(edges))]
+    N, A, R = supply.size, arcs.shape[0], room.size
+    h = new_highs()
+    h.addVars(A, np.zeros(A), np.full(A, highspy.kHighsInf))
+    h.changeColsCost(A, np.arange(A, dtype=np.int32), np.ones(A))
+    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    by_e = np.argsort(arcs[:, 0], kind="stable").astype(np.int32)
+    starts_e = np.searchsorted(arcs[by_e, 0], np.arange(N)).astype(np.int32)
+    h.addRows(N, np.zeros(N), supply.astype(np.float64), A, starts_e, by_e, np.ones(A))
+    by_r = np.argsort(arcs[:, 1], kind="stable").astype(np.int32)
+    starts_r = np.searchsorted(arcs[by_r, 1], np.arange(R)).astype(np.int32)
+    h.addRows(R, np.zeros(R), room.astype(np.float64), A, starts_r, by_r, np.ones(A))
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"HiGHS: integral rounding LP ended {h.modelStatusToString(h.getModelStatus())}")
+    flow = np.rint(np.asarray(h.getSolution().col_value)).astype(np.int64)
+    shipped = np.bincount(arcs[:, 0], flow, minlength=N).astype(np.int64)
+    used = np.bincount(arcs[:, 1], flow, minlength=R).astype(np.int64)
+    if (flow < 0).any() or (used > room).any() or (shipped > supply).any():
+        raise RuntimeError("HiGHS: integral rounding LP returned a non-integral vertex")
+    return flow if np.array_equal(shipped, supply) else None
 
 
 def _flow_round(pl: Placement, layer: int, units: torch.Tensor, level: int) -> torch.Tensor | None:
     """Integer units per copy of one layer with every rank <= ``level``, or None if none exists.
 
-    Source -> replicated expert (its units) -> the ranks of its copies -> sink (room
-    ``level - fixed load``). An integral max-flow saturating the source is such a dispatch;
-    a rank's amount goes to the expert's copies on it as evenly as possible.
+    Each replicated expert ships its units to the ranks holding its copies, each rank taking
+    at most ``level`` minus its fixed (single-copy) load (``_transport``); a rank's amount goes
+    to the expert's copies on it as evenly as possible, lower slot first.
     """
     R, S = pl.num_ranks, pl.slots_per_rank
-    p2l = pl.phy2log[layer].tolist()
-    u = units.tolist()
-    rep = pl.replicated_slot[layer].tolist()
-    fixed = [0] * R
-    copies: dict[int, dict[int, list[int]]] = {}
-    for p, e in enumerate(p2l):
-        if rep[p]:
-            copies.setdefault(e, {}).setdefault(p // S, []).append(p)
-        else:
-            fixed[p // S] += u[e]
-    if any(f > level for f in fixed):
+    p2l = pl.phy2log[layer].cpu().numpy()
+    u = units.cpu().numpy().astype(np.int64)
+    rep = pl.replicated_slot[layer].cpu().numpy()
+    rank = np.arange(p2l.size) // S
+    fixed = np.bincount(rank[~rep], u[p2l[~rep]], minlength=R).astype(np.int64)
+    if (fixed > level).any():
         return None
-    experts = sorted(copies)
-    node_e = {e: 1 + i for i, e in enumerate(experts)}
-    node_r0 = 1 + len(experts)
-    sink = node_r0 + R
-    edges, arcs = [], []
-    for e in experts:
-        edges.append((0, node_e[e], u[e]))
-    for e in experts:
-        for r in sorted(copies[e]):
-            arcs.append((e, r, len(edges)))
-            edges.append((node_e[e], node_r0 + r, 1 << 62))
-    for r in range(R):
-        edges.append((node_r0 + r, sink, level - fixed[r]))
-    value, flow = _max_flow(sink + 1, edges, 0, sink)
-    if value != sum(u[e] for e in experts):
+    experts = np.unique(p2l[rep])
+    q = np.where(rep, 0, u[p2l])
+    if experts.size == 0:
+        return torch.from_numpy(q.astype(np.int64)).to(units.device)
+    pairs = np.unique(np.stack([p2l[rep], rank[rep]], 1), axis=0)  # (expert, rank) with a copy
+    node = np.searchsorted(experts, pairs[:, 0])
+    flow = _transport(u[experts], np.stack([node, pairs[:, 1]], 1), level - fixed)
+    if flow is None:
         return None
-    q = [u[e] if not rep[p] else 0 for p, e in enumerate(p2l)]
-    for e, r, idx in arcs:
-        slots = copies[e][r]
-        base, extra = divmod(flow[idx], len(slots))
-        for i, p in enumerate(slots):
-            q[p] = base + (1 if i < extra else 0)
-    return torch.tensor(q, dtype=torch.long, device=units.device)
+    for (e, r), f in zip(pairs.tolist(), flow.tolist()):
+        slots = np.flatnonzero(rep & (p2l == e) & (rank == r))
+        base, extra = divmod(f, slots.size)
+        q[slots] = base + (np.arange(slots.size) < extra)
+    return torch.from_numpy(q.astype(np.int64)).to(units.device)
 
 
 def _as_given(pl: Placement, t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +133,7 @@ def _as_given(pl: Placement, t: torch.Tensor) -> torch.Tensor:
 
 class FloatSteps:
     """The core's steps: exact float64 split (fast solver, HiGHS for what it cannot certify),
-    largest remainder + polish, then an integral max-flow where the rounding is not optimal,
+    largest remainder + polish, then an integral transportation LP where the rounding is not optimal,
     so the integer max is always ``ceil(LP value)``."""
 
     name = "float64"
@@ -298,8 +271,17 @@ def _tile_of(cost: CostModel | None, tile_tokens: int | None) -> int:
     return tile
 
 
-def _balanced(pl: Placement, c: torch.Tensor, tile: int, steps: SplitSteps) -> tuple[torch.Tensor, torch.Tensor]:
-    """``balanced_quotas`` without checks: ``c [L, E]`` long -> (``[L, P]`` long, ``[L]`` bool)."""
+def max_layer_tokens(pl: Placement, tile: int = 1) -> int:
+    """The most tokens one layer may carry for ``balanced_quotas`` to be exact: float64's
+    integers for the split, and with tiles ``fill_tiles``' int64 score (a rank load times P + 1)."""
+    if tile == 1:
+        return EXACT_TOKENS
+    return min(EXACT_TOKENS, ((1 << 62) // (pl.num_physical + 1)))
+
+
+def split_step(pl: Placement, c: torch.Tensor, tile: int, steps: SplitSteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain's split step: ``balanced_quotas`` without checks, ``c [L, E]`` long ->
+    (quotas ``[L, P]`` long, certified ``[L]`` bool); ``tile`` 1 is the token objective."""
     if tile == 1:
         return steps.split_round(pl, c)
     units = tile_units(c, tile)
@@ -332,10 +314,11 @@ def balanced_quotas(
         every integral split (so never more than under the token objective), ties broken
         toward fewer active copies, then toward token balance.
     """
-    c = pl.check_counts(counts)
+    tile = _tile_of(cost, tile_tokens)
+    c = pl.check_counts(counts, "counts", max_total=max_layer_tokens(pl, tile))
     if c.dtype.is_floating_point and not torch.equal(torch.floor(c), c):
         raise ValueError("counts must be whole numbers of tokens")
-    q, cert = _balanced(pl, c.to(torch.long), _tile_of(cost, tile_tokens), steps)
+    q, cert = split_step(pl, c.to(torch.long), tile, steps)
     q = q[0] if pl.single_layer else q
     if return_certified:
         return q, (cert[0] if pl.single_layer else cert)

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["Placement", "PlacementError", "ReplicaBlocks"]
+__all__ = ["Placement", "PlacementError", "ReplicaBlocks", "EXACT_TOKENS"]
 
 
 class PlacementError(ValueError):
@@ -241,8 +241,13 @@ class Placement:
         """Per-rank load from per-slot tokens: ``[..., P] -> [..., R]``."""
         return slot_tokens.reshape(*slot_tokens.shape[:-1], self.num_ranks, self.slots_per_rank).sum(-1)
 
-    def check_counts(self, logical_counts: torch.Tensor, name: str = "logical_counts") -> torch.Tensor:
-        """Validate per-expert counts ``[E]`` or ``[L, E]`` and return them as ``[L, E]``."""
+    def check_counts(self, logical_counts: torch.Tensor, name: str = "logical_counts",
+                     max_total: int | None = None) -> torch.Tensor:
+        """Validate per-expert counts ``[E]`` or ``[L, E]`` and return them as ``[L, E]``.
+
+        ``max_total``: the most tokens one layer may carry in all (the caller's exact range,
+        e.g. ``EXACT_TOKENS``); a layer above it is an error rather than a wrapped int64 sum.
+        """
         c = logical_counts
         if not isinstance(c, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(c).__name__}")
@@ -255,10 +260,36 @@ class Placement:
             raise ValueError(f"{name} has NaN or inf entries")
         if bool((c < 0).any()):
             raise ValueError(f"{name} has negative entries")
-        return c.reshape(self.num_layers, self.num_logical)
+        c = c.reshape(self.num_layers, self.num_logical)
+        if max_total is not None:
+            _check_totals(c, name, max_total)
+        return c
 
     def __repr__(self) -> str:
         return (
             f"Placement(layers={self.num_layers}, physical={self.num_physical}, logical={self.num_logical}, "
             f"ranks={self.num_ranks}, redundant={self.num_redundant})"
         )
+
+
+# Integers float64 holds exactly: the float split and its rounding are exact up to here.
+EXACT_TOKENS = 1 << 53
+
+
+def _check_totals(c: torch.Tensor, name: str, max_total: int) -> None:
+    """Each layer's total of ``c [L, E]`` (non-negative) must be at most ``max_total``: checked
+    without an int64 sum that could wrap (entries first, then a float64 estimate, then exactly)."""
+    top = c.max() if c.numel() else torch.zeros(())
+    if float(top) > max_total:
+        shown = f"{float(top):.6g}" if c.dtype.is_floating_point else str(int(top))
+        raise ValueError(f"{name} has an entry of {shown} tokens, "
+                         f"above {max_total} (the most one layer may carry for this split to stay exact)")
+    approx = c.to(torch.float64).sum(1)
+    exact = c.to(torch.long).sum(1) if float(approx.max()) <= 2.0 * max_total else None
+    worst = int(exact.argmax()) if exact is not None else int(approx.argmax())
+    total = int(exact[worst]) if exact is not None else float(approx[worst])
+    if total > max_total:
+        shown = str(total) if exact is not None else f"about {total:.6g}"
+        raise ValueError(f"{name} of layer {worst} add up to {shown} tokens, above {max_total} "
+                         "(the most one layer may carry for this split to stay exact)")
+

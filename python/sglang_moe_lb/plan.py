@@ -284,17 +284,10 @@ def solve_layer_plan(
         raise PlanError("method milp solves the max objective only (objective='max')")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= pl.num_logical:
         raise PlanError(f"top_k must be an int in [1, {pl.num_logical}], got {top_k!r}")
-    s = shares.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    if s.shape != (pl.num_logical,) or not np.isfinite(s).all() or (s < 0).any():
-        raise PlanError(f"shares must be {pl.num_logical} finite non-negative numbers")
-    lay = _layer(pl, s)
-    pi = np.minimum(1.0, top_k * s)
-    N = np.array(lv, dtype=np.float64) * pl.num_ranks
-    act, til = copy_costs(pi, N, W, cost.tile_tokens)  # [B, E, W + 1]
+    lay, act, til, mu = _level_costs(pl, shares, cost, top_k, lv, W)
     if method == "milp":
         weights = np.stack([_milp_level(lay, act[b], til[b], cost, W, time_limit) for b in range(len(lv))])
     else:
-        mu = N[:, None] * pi[None, :]  # [B, E] tokens of an expert per batch
         weights, beta = _fast(lay, act, til, mu, cost, W, objective)
         # Never worse than using every copy evenly (SGLang's use of the replicas), by the objective.
         even = np.broadcast_to(_even(lay, W), weights.shape)
@@ -549,6 +542,20 @@ def _milp_level(lay: _Layer, act: np.ndarray, til: np.ndarray, cost: CostModel, 
     return weights
 
 
+def _level_costs(pl: Placement, shares: torch.Tensor, cost: CostModel, top_k: int, lv: list[int],
+                 W: int) -> tuple["_Layer", np.ndarray, np.ndarray, np.ndarray]:
+    """The layer's slots (``_Layer``) and, per level, each expert's expected weight reads and
+    tiles by the hash slots it gets (``copy_costs``: ``[B, E, W + 1]`` each) and its tokens per
+    batch (``[B, E]``), from ``shares [E]``."""
+    s = shares.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    if s.shape != (pl.num_logical,) or not np.isfinite(s).all() or (s < 0).any():
+        raise PlanError(f"shares must be {pl.num_logical} finite non-negative numbers")
+    pi = np.minimum(1.0, top_k * s)
+    N = np.array(lv, dtype=np.float64) * pl.num_ranks
+    act, til = copy_costs(pi, N, W, cost.tile_tokens)
+    return _layer(pl, s), act, til, N[:, None] * pi[None, :]
+
+
 def plan_lower_bound(pl: Placement, shares: torch.Tensor, cost: CostModel, *, top_k: int,
                      levels=DEFAULT_LEVELS, hash_slots: int = DEFAULT_HASH_SLOTS) -> torch.Tensor:
     """``[B]`` µs: the LP relaxation of the min-max plan (HiGHS), below ``max_r t_r`` of every
@@ -557,10 +564,7 @@ def plan_lower_bound(pl: Placement, shares: torch.Tensor, cost: CostModel, *, to
 
     lv = _check_levels(levels)
     W = _check_hash_slots(hash_slots)
-    s = shares.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    lay = _layer(pl, s)
-    pi = np.minimum(1.0, top_k * s)
-    act, til = copy_costs(pi, np.array(lv, dtype=np.float64) * pl.num_ranks, W, cost.tile_tokens)
+    lay, act, til, _ = _level_costs(pl, shares, cost, top_k, lv, W)
     out = []
     for b in range(len(lv)):
         if not lay.rep:
@@ -651,10 +655,7 @@ def expected_rank_times(pl: Placement, weights: torch.Tensor, shares: torch.Tens
     """``[B, R]`` expected µs per rank (``t_r``) of one layer's plan ``weights [B, P]``."""
     lv = _check_levels(levels)
     W = _check_hash_slots(hash_slots)
-    s = shares.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    lay = _layer(pl, s)
-    pi = np.minimum(1.0, top_k * s)
-    act, til = copy_costs(pi, np.array(lv, dtype=np.float64) * pl.num_ranks, W, cost.tile_tokens)
+    lay, act, til, _ = _level_costs(pl, shares, cost, top_k, lv, W)
     return torch.from_numpy(expected_rank_times_np(lay, weights.cpu().numpy().astype(np.int64), act, til, cost))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .placement import Placement
+from .placement import EXACT_TOKENS, Placement
 
 __all__ = [
     "integer_quotas",
@@ -31,6 +31,8 @@ __all__ = [
     "dp_offsets",
     "count_experts",
     "check_topk_ids",
+    "count_step",
+    "dispatch_step",
 ]
 
 _PAD = 1 << 60  # sorts after every real (integer or fixed-point) load; never summed
@@ -86,8 +88,9 @@ def _check_split(pl: Placement, split: torch.Tensor, name: str = "split") -> tor
 # ---------------------------------------------------------------------------------------------
 # Counting
 # ---------------------------------------------------------------------------------------------
-def _count(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``count_experts`` without checks: fixed output shape, no host sync."""
+def count_step(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The chain's count step: ``count_experts`` without checks (``[T, k] -> [num_experts]``
+    long), fixed output shape, no host sync; callers check once at their entry."""
     ids = topk_ids.reshape(-1).to(torch.long)
     key = torch.where(ids >= 0, ids, num_experts)  # padding into an extra bin that we drop
     out = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
@@ -96,7 +99,7 @@ def _count(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def count_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert id, ignoring ``-1`` (padding) ids: ``[T, k] -> [num_experts]`` long."""
-    return _count(check_topk_ids(topk_ids, num_experts), num_experts)
+    return count_step(check_topk_ids(topk_ids, num_experts), num_experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def integer_quotas(
     Returns:
         long ``[P]``/``[L, P]``; per expert the copies sum exactly to its count.
     """
-    c = pl.check_counts(logical_counts).to(torch.long)
+    c = pl.check_counts(logical_counts, max_total=EXACT_TOKENS).to(torch.long)
     x = _check_split(pl, split)
     q = largest_remainder(x, pl.phy2log, c)
     q = polish(pl, q, c, polish_sweeps)
@@ -292,9 +295,10 @@ def dp_offsets(per_rank_counts: torch.Tensor, rank: int) -> torch.Tensor:
     return per_rank_counts[:rank].sum(0)
 
 
-def _dispatch(pl: Placement, topk_ids: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor | None,
+def dispatch_step(pl: Placement, topk_ids: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor | None,
               layer: int = 0) -> torch.Tensor:
-    """``dispatch`` without checks (``q [P]`` long): no host sync, fixed shapes."""
+    """The chain's dispatch step: ``dispatch`` without checks (``topk_ids [T, k]``, ``q [P]``
+    long, ``offsets [E]`` or None -> ``[T, k]``): no host sync, fixed shapes."""
     p2l_order = pl.copy_order[layer]
     start = pl.copy_start[layer]
     ncopy = pl.num_copies[layer]
@@ -348,4 +352,4 @@ def dispatch(
     if offsets is not None and tuple(offsets.shape) != (pl.num_logical,):
         raise ValueError(f"offsets must be [{pl.num_logical}] (one per logical expert), got {list(offsets.shape)}")
     q = quotas.reshape(-1, pl.num_physical)[layer if quotas.dim() > 1 else 0].to(torch.long)
-    return _dispatch(pl, topk_ids, q, offsets, layer)
+    return dispatch_step(pl, topk_ids, q, offsets, layer)

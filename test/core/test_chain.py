@@ -14,8 +14,8 @@ from sglang_moe_lb import (
     local_stats,
     routed_rank_load,
     shared_quotas,
-    waterfill,
 )
+from sglang_moe_lb.waterfill import waterfill
 
 LPLB = BalanceMode(lplb="per-batch", lplb_sync="global")
 
@@ -175,8 +175,10 @@ def test_balance_layer_argument_errors():
         balance_layer(pl, torch.tensor([[0, 2]]), LPLB)
     with pytest.raises(ValueError, match="topk_ids must lie"):
         balance_layer(pl, torch.tensor([[-2, 0]]), LPLB)
-    with pytest.raises(ValueError, match="source_rank 5 out of range"):
+    with pytest.raises(ValueError, match=r"source_rank must be an int in \[0, 2\), got 5"):
         balance_layer(pl, topk, LPLB, source_rank=5)
+    with pytest.raises(ValueError, match=r"source_rank must be an int in \[0, 2\), got True"):
+        balance_layer(pl, topk, LPLB, source_rank=True)
     with pytest.raises(ValueError, match="has no collective"):
         local = BalanceMode(lplb="per-batch", lplb_sync="local")
         balance_layer(pl, topk, local, gathered=torch.zeros(2, 3, dtype=torch.int32))
@@ -195,3 +197,18 @@ def test_plan_mode_is_the_maps_gather():
     res = balance_layer(pl, topk, BalanceMode(lplb="plan"), plan_map=plan_map, offsets=offsets)
     assert res.phys_ids.tolist() == [[0, 1], [2, 3], [0, 1]]
     assert res.quotas is None and res.shared_rank is None
+
+
+@pytest.mark.parametrize("entry, value, why", [((1, 2), 0, "plan_map\\[1, 2\\] = 0 is not a physical copy of expert 1"),
+                                               ((2, 0), 4, "plan_map\\[2, 0\\] = 4 is not a physical copy of expert 2"),
+                                               ((0, 3), -1, "plan_map\\[0, 3\\] = -1 is not a physical copy of expert 0")])
+def test_plan_map_entries_must_be_copies_of_their_expert(entry, value, why):
+    """A map that sends an expert's tokens to another expert's slot (or outside the layer) is refused."""
+    pl = Placement(torch.tensor([0, 1, 0, 2]), 2)
+    plan_map = torch.tensor([[0, 0, 2, 2], [1, 1, 1, 1], [3, 3, 3, 3]])
+    plan_map[entry] = value
+    offsets = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=why):
+        balance_layer(pl, torch.tensor([[0, 1]]), BalanceMode(lplb="plan"), plan_map=plan_map, offsets=offsets)
+    with pytest.raises(ValueError, match="integer physical ids"):
+        balance_layer(pl, torch.tensor([[0, 1]]), BalanceMode(lplb="plan"), plan_map=plan_map.double(), offsets=offsets)

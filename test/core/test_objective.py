@@ -120,7 +120,7 @@ def test_bad_counts_and_tiles():
     pl = Placement(torch.tensor([0, 1, 0, 1]), 2)
     with pytest.raises(ValueError, match="whole numbers"):
         balanced_quotas(pl, torch.tensor([1.5, 2.0]))
-    with pytest.raises(ValueError, match="logical_counts must have shape"):
+    with pytest.raises(ValueError, match="^counts must have shape"):
         balanced_quotas(pl, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="negative"):
         balanced_quotas(pl, torch.tensor([-1, 2]))

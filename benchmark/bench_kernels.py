@@ -6,7 +6,7 @@ runs out):
 
 * ``warm``    compile every kernel specialization the other sections launch, in parallel
               worker processes (Triton's disk cache then serves the sections);
-* ``latency`` the layer path (``seam.make_layer_path``) at the goal shape and decode sizes
+* ``latency`` the layer path (``seam.KernelLayerPath``) at the goal shape and decode sizes
               (latest.json's latencies), the joint mode at the goal shape, and variants of the
               bare ``LayerBalancer``: (polish, stop) in {(8, 1e-9), (0, 1e-9), (0, half a token)}
               x 4/8 split warps at the goal shape (count / split / dispatch breakdown), red=64;
@@ -189,7 +189,7 @@ class Case:
                                  plan_warps=v["warps"])
         from moe_lb_kernels import seam
 
-        return seam.make_layer_path(self.pl, self.mode, max_tokens=maxT, topk=K, source_rank=self.src, device=self.dev)
+        return seam.KernelLayerPath(self.pl, self.mode, max_tokens=maxT, topk=K, source_rank=self.src, device=self.dev)
 
     def call(self):
         """One layer as the plugin runs it (global sync: stats, then the call with the rows)."""

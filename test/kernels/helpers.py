@@ -6,7 +6,15 @@ import random
 
 import torch
 
-from sglang_moe_lb import Placement
+from sglang_moe_lb import Placement, make_layer_path
+
+
+def kernel_path(pl: Placement, mode, **kw):
+    """The kernels' layer path, built as the plugin builds every layer path: the core's one
+    factory with ``impl=seam.KernelLayerPath``."""
+    from moe_lb_kernels.seam import KernelLayerPath
+
+    return make_layer_path(pl, mode, impl=KernelLayerPath, **kw)
 
 
 def random_placement(rng: random.Random, max_ranks: int = 5, max_spr: int = 4, min_ranks: int = 1) -> Placement:

@@ -24,6 +24,8 @@ from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.cost import CostModel
 from sglang_moe_lb.testing.workloads import greedy_placement, zipf_popularity
 
+from .helpers import kernel_path
+
 GOAL, DECODE, RED64, EP256 = (256, 32, 32, 16384), (256, 32, 32, 2048), (256, 64, 16, 4096), (256, 256, 256, 2048)
 # (shape (E, redundant, R, max_tokens), mode name)
 CONFIGS = [
@@ -60,7 +62,7 @@ def _drive(shape, name):
     E, red, R, T = shape
     mode = BalanceMode.parse(name)
     pl = _placement(E, red, R)
-    path = seam.make_layer_path(pl, mode, max_tokens=T, topk=8, source_rank=1, device="cpu", cost=COST)
+    path = kernel_path(pl, mode, max_tokens=T, topk=8, source_rank=1, device="cpu", cost=COST)
     ids = torch.zeros(T, 8, dtype=torch.int32)
     phys = ids.clone() if mode.lplb == "off" else None
     if mode.collective:

@@ -38,7 +38,7 @@ from sglang_moe_lb.cost import CostModel
 from sglang_moe_lb.testing.torch_ops import HostSync, storages
 from sglang_moe_lb.testing.torch_ops import TorchOps as _TorchOps
 
-from .helpers import batch, kernel_modes, random_placement, random_placement_like
+from .helpers import batch, kernel_modes, kernel_path, random_placement, random_placement_like
 
 MODES = kernel_modes()
 
@@ -134,7 +134,7 @@ def _setup(mode, seed=0, device="cpu"):
         pl = random_placement(rng, min_ranks=2, max_ranks=4)
     D = pl.num_ranks if mode.collective else 1
     src = D - 1
-    path = seam.make_layer_path(pl, mode, max_tokens=24, topk=2, source_rank=src, device=device)
+    path = kernel_path(pl, mode, max_tokens=24, topk=2, source_rank=src, device=device)
     ids, phys = batch(rng, mode, pl, D, 2, sizes=(11, 19))
     ids = [x.to(torch.int32) for x in ids]
     phys = [None if p is None else p.to(torch.int32) for p in phys]

@@ -22,7 +22,7 @@ from sglang_moe_lb import BalanceMode, Placement
 from sglang_moe_lb.chain import balance_layer, local_stats
 from sglang_moe_lb.objective import FLOAT_STEPS
 
-from .helpers import batch, kernel_modes, random_placement
+from .helpers import batch, kernel_modes, kernel_path, random_placement
 
 MODES = kernel_modes()
 NO_SOLVE = [m for m in MODES if not m.per_batch]  # Waterfill alone
@@ -42,7 +42,7 @@ def _assert_same(got, ref, what=""):
 def _run_ranks(pl, mode, ids, phys, device, K):
     """Every source rank's path: (dispatch per rank, gathered rows or None)."""
     D = len(ids)
-    paths = [seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=d, device=device) for d in range(D)]
+    paths = [kernel_path(pl, mode, max_tokens=24, topk=K, source_rank=d, device=device) for d in range(D)]
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     gathered = None
     if mode.collective:
@@ -76,7 +76,7 @@ def test_seam_matches_reference(device, mode, seed):
     src0 = 0 if mode.collective else rng.randrange(pl.num_ranks)
     outs, gathered = _run_ranks(pl, mode, ids, phys, device, K) if mode.collective else (None, None)
     if not mode.collective:
-        path = seam.make_layer_path(pl, mode, max_tokens=24, topk=K, source_rank=src0, device=device)
+        path = kernel_path(pl, mode, max_tokens=24, topk=K, source_rank=src0, device=device)
         outs = [path(ids[0].to(device), phys_ids=None if phys[0] is None else phys[0].to(device))]
     union = torch.zeros(pl.num_physical, dtype=torch.long)
     for d, out in enumerate(outs):
@@ -129,7 +129,7 @@ def test_modes_outside_the_kernels_are_refused_with_a_reason():
     pl = Placement(torch.tensor([0, 1, 0, 2]), 2, 3)
     for mode in (BalanceMode(lplb="plan"), BalanceMode(lplb="per-batch", lplb_sync="global", objective="tiles")):
         with pytest.raises(ValueError, match=r"runs no kernel|tiles"):
-            seam.make_layer_path(pl, mode, max_tokens=4, topk=1, source_rank=0, device="cpu")
+            kernel_path(pl, mode, max_tokens=4, topk=1, source_rank=0, device="cpu")
 
 
 def test_the_server_defaults_open_onto_the_kernels():
@@ -145,15 +145,40 @@ def test_version_attributes():
     assert seam.KERNELS_VERSION == "v1.1"
     assert seam.CUDA_GRAPH_SAFE is True
     assert "H200, 2026-11-27" in seam.VERIFIED_ON and "v1.1" in seam.VERIFIED_ON
-    assert inspect.signature(seam.make_layer_path).parameters.keys() == {
-        "pl", "mode", "max_tokens", "topk", "source_rank", "device", "cost"}
+    assert seam.KernelLayerPath.version == seam.KERNELS_VERSION
+
+
+def test_the_kernel_path_implements_the_core_contract(device):
+    """``KernelLayerPath`` is a ``layer_path.LayerPath`` built like the core's (same constructor),
+    and ``contract_problems`` tells a class that is not one."""
+    from sglang_moe_lb.layer_path import CoreLayerPath, LayerPath, contract_problems
+
+    assert contract_problems(seam.KernelLayerPath) == []
+    core, kern = inspect.signature(CoreLayerPath).parameters, inspect.signature(seam.KernelLayerPath).parameters
+    assert [(n, p.kind) for n, p in kern.items()] == [(n, p.kind) for n, p in core.items()]
+    pl = Placement(torch.tensor([0, 1, 0, 2]), 2, 3)
+    path = kernel_path(pl, BalanceMode(lplb="per-batch", lplb_sync="local"), max_tokens=4, topk=1, source_rank=0,
+                       device=device)
+    assert isinstance(path, seam.KernelLayerPath) and isinstance(path, LayerPath)
+
+    class NoCounters:
+        def __init__(self, pl, mode, *, max_tokens, topk, source_rank, device):
+            pass
+
+        def stats(self, topk_ids, phys_ids=None): ...
+
+        def __call__(self, topk_ids, *, gathered=None, phys_ids=None): ...
+
+        def update_placement(self, pl): ...
+
+    assert contract_problems(NoCounters) == ["no method counters", "the constructor lacks the keyword-only cost"]
 
 
 def test_bad_calls_and_updates_raise(device):
     pl = Placement(torch.tensor([0, 1, 0, 2, 1, 3]), 3, 4)
     glob = BalanceMode(lplb="per-batch", lplb_sync="global", objective="tokens")
     loc = BalanceMode(lplb="per-batch", lplb_sync="local", objective="tokens")
-    path = seam.make_layer_path(pl, glob, max_tokens=8, topk=2, source_rank=1, device=device)
+    path = kernel_path(pl, glob, max_tokens=8, topk=2, source_rank=1, device=device)
     ids = torch.zeros(4, 2, dtype=torch.long, device=device)
     row = path.stats(ids)
     with pytest.raises(ValueError, match="int32"):
@@ -162,7 +187,7 @@ def test_bad_calls_and_updates_raise(device):
         path(ids)  # global sync needs the rows
     with pytest.raises(ValueError, match="max_tokens"):
         path(torch.zeros(9, 2, dtype=torch.long, device=device), gathered=torch.stack([row, row]))
-    local = seam.make_layer_path(pl, loc, max_tokens=8, topk=2, source_rank=0, device=device)
+    local = kernel_path(pl, loc, max_tokens=8, topk=2, source_rank=0, device=device)
     with pytest.raises(ValueError, match="no collective"):
         local.stats(ids)
     with pytest.raises(ValueError, match="built for"):
@@ -170,5 +195,5 @@ def test_bad_calls_and_updates_raise(device):
     with pytest.raises(ValueError, match="holds"):  # a copy count beyond the built capacity
         local.update_placement(Placement(torch.tensor([0, 0, 0, 1, 2, 3]), 3, 4))
     with pytest.raises(ValueError, match="single-layer"):
-        seam.make_layer_path(Placement(torch.tensor([[0, 1, 0, 2]] * 2), 2, 3), loc, max_tokens=4, topk=1,
+        kernel_path(Placement(torch.tensor([[0, 1, 0, 2]] * 2), 2, 3), loc, max_tokens=4, topk=1,
                              source_rank=0, device=device)

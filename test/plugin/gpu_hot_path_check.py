@@ -1,7 +1,7 @@
 """GPU check of the plugin's per-batch hot path (not a pytest file; needs CUDA, no SGLang).
 
 Run from the repository root: ``python test/plugin/gpu_hot_path_check.py``. For each call the
-forward path makes through a layer path (``plugin.hot_path.make_layer_path`` on CUDA: the
+forward path makes through a layer path (the class ``plugin.hot_path.pick`` chooses on CUDA: the
 kernels where ``moe_lb_kernels`` runs the mode, else the core's torch chain), on a
 DeepSeek-V3-sized layer (256 experts + 32 redundant, 16 EP ranks, top-8):
 
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python")
 
 import torch  # noqa: E402
 
-from sglang_moe_lb import BalanceMode, Placement  # noqa: E402
+from sglang_moe_lb import BalanceMode, CoreLayerPath, Placement, fuse_topk, make_layer_path  # noqa: E402
 from sglang_moe_lb.plugin import hot_path  # noqa: E402
 
 E, RED, R, K = 256, 32, 16, 8
@@ -50,14 +50,15 @@ MODES = ["waterfill/conservative/local", "waterfill/all_rank/local", "waterfill/
 def calls(pl, ids) -> dict:
     """name -> zero-argument call of one layer path (or ``fuse_topk``), as rank 3 of R."""
     dev = ids.device
-    phys = hot_path.CoreLayerPath(pl, BalanceMode.parse("lplb/per-batch/local/tokens"), max_tokens=ids.shape[0],
-                                  topk=K, source_rank=0, device=dev)(ids).phys_ids
+    phys = CoreLayerPath(pl, BalanceMode.parse("lplb/per-batch/local/tokens"), max_tokens=ids.shape[0],
+                         topk=K, source_rank=0, device=dev)(ids).phys_ids
     w = torch.rand(ids.shape, device=dev)
     shared = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
-    out = {"fuse_topk": lambda: hot_path.fuse_topk(phys, w, shared, S, 0.4)[0]}
+    out = {"fuse_topk": lambda: fuse_topk(phys, w, shared, S, 0.4)[0]}
     for name in MODES:
         mode = BalanceMode.parse(name)
-        path = hot_path.make_layer_path(pl, mode, max_tokens=ids.shape[0], topk=K, source_rank=3, device=dev)
+        path = make_layer_path(pl, mode, max_tokens=ids.shape[0], topk=K, source_rank=3, device=dev,
+                               impl=hot_path.pick(dev, mode))
         kw = {"phys_ids": phys} if mode.lplb == "off" else {}
         gathered = None
         if mode.collective:

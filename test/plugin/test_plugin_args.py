@@ -52,7 +52,7 @@ def test_launch_server_help_lists_the_flag():
     for o in OPTIONS:
         assert o.flag in out
     assert "--moe-lb-lplb-schedule {plan,per-batch}" in out and "--moe-lb-lplb-sync {local,global}" in out
-    assert "--moe-lb-placement {eplb,decode}" in out and "--moe-lb-plan-refresh PASSES" in out
+    assert "--moe-lb-placement {auto,eplb,decode}" in out and "--moe-lb-plan-refresh PASSES" in out
 
 
 def test_sglang_serve_parses_the_flag():
@@ -113,7 +113,7 @@ def test_default_is_off_and_changes_nothing(plugin):
     (["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "table"],  # the schedule plans replaced
      "argument --moe-lb-lplb-schedule: invalid choice: 'table' (choose from 'plan', 'per-batch')"),
     (["--moe-lb", "lplb", "--moe-lb-placement", "everywhere"],
-     "argument --moe-lb-placement: invalid choice: 'everywhere' (choose from 'eplb', 'decode')"),
+     "argument --moe-lb-placement: invalid choice: 'everywhere' (choose from 'auto', 'eplb', 'decode')"),
     (["--moe-lb", "lplb", "--moe-lb-plan-refresh", "-1"], "--moe-lb-plan-refresh: expected a number of passes >= 0"),
     (["--moe-lb", "lplb", "--moe-lb-plan-window", "0"], "--moe-lb-plan-window: expected a number of passes >= 1"),
     (["--moe-lb", "lplb", "--moe-lb-plan-timeout", "nan"], "--moe-lb-plan-timeout: expected a number of seconds > 0"),
@@ -236,8 +236,19 @@ def _fake_seam(monkeypatch, **attrs):
     monkeypatch.setattr(hot_path, "KERNEL_MODULE", name)
 
 
-def _make_path(*a, **k):
-    raise AssertionError("not built at start-up")
+class _FakePath:
+    """A layer-path class that meets the contract and must not be built at start-up."""
+
+    def __init__(self, pl, mode, *, max_tokens, topk, source_rank, device, cost=None):
+        raise AssertionError("not built at start-up")
+
+    def stats(self, topk_ids, phys_ids=None): ...
+
+    def __call__(self, topk_ids, *, gathered=None, phys_ids=None): ...
+
+    def update_placement(self, pl): ...
+
+    def counters(self): ...
 
 
 CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-lplb-sync", "local",
@@ -246,9 +257,9 @@ CUDA_LPLB = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-l
 
 @pytest.mark.parametrize("seam, needle", [
     (dict(absent=True), "moe_lb_fake_seam_for_tests_absent is not importable"),
-    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=False, make_layer_path=_make_path),
+    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=False, KernelLayerPath=_FakePath),
      "(kernels v9) does not promise CUDA-graph safety (CUDA_GRAPH_SAFE is not True)"),
-    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+    (dict(KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=_FakePath,
           supports=lambda m: (False, "no such mode in this set")),
      "(kernels v9) does not run lplb/per-batch/local/tokens: no such mode in this set"),
 ])
@@ -274,9 +285,29 @@ def test_cuda_graphs_refused_with_the_reason(plugin, capsys, monkeypatch, seam, 
         assert sa._moe_lb.mode.flag == "lplb"
 
 
+def test_kernels_that_break_the_contract_are_not_picked(plugin, capsys, monkeypatch):
+    """A seam whose class does not meet the core's layer-path contract is never picked: graphs
+    are refused naming what it lacks, and the core path serves."""
+    from sglang_moe_lb.layer_path import CoreLayerPath
+    from sglang_moe_lb.plugin import hot_path
+
+    class NoCounters(_FakePath):
+        counters = None
+
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=NoCounters,
+               supports=lambda m: (True, ""))
+    err = expect_exit(capsys, *CUDA_LPLB, resolve=True)
+    assert "moe_lb_fake_seam_for_tests.KernelLayerPath does not meet the layer-path contract: no method counters" in err
+    assert hot_path.pick("cuda", BalanceMode.parse("lplb/per-batch/local/tokens")) is CoreLayerPath
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=_FakePath,
+               supports=lambda m: (True, ""))
+    assert hot_path.pick("cuda", BalanceMode.parse("lplb/per-batch/local/tokens")) is _FakePath
+    assert hot_path.pick("cpu", BalanceMode.parse("lplb/per-batch/local/tokens")) is CoreLayerPath
+
+
 def test_cuda_graphs_refused_for_tiles_name_the_token_objective(plugin, capsys, monkeypatch):
     """Kernels that run the token objective only: the error names the flag that keeps graphs on."""
-    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=_FakePath,
                supports=lambda m: (m.objective != "tiles", "token objective only"))
     tiles = ["--moe-lb", "lplb", "--moe-lb-lplb-schedule", "per-batch", "--moe-lb-objective", "tiles",
              "--moe-lb-gate", "off", "--device", "cuda", *EP4, *REDUNDANT]
@@ -287,7 +318,7 @@ def test_cuda_graphs_refused_for_tiles_name_the_token_objective(plugin, capsys, 
     sa.resolve_once()
     assert sa._moe_lb.mode == BalanceMode.parse("lplb/per-batch/local/tokens")
     # A seam that cannot run tokens either: no such hint.
-    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=_FakePath,
                supports=lambda m: (False, "nothing"))
     err = expect_exit(capsys, *tiles, resolve=True)
     assert "does not run lplb/per-batch/local/tiles: nothing" in err and "--moe-lb-objective tokens" not in err
@@ -295,7 +326,7 @@ def test_cuda_graphs_refused_for_tiles_name_the_token_objective(plugin, capsys, 
 
 def test_cuda_graphs_accepted_when_the_kernels_promise_safety(plugin, monkeypatch):
     """Issue 10 (d): graphs on (decode and prefill) start when the seam promises graph safety."""
-    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, make_layer_path=_make_path,
+    _fake_seam(monkeypatch, KERNELS_VERSION="v9", CUDA_GRAPH_SAFE=True, KernelLayerPath=_FakePath,
                supports=lambda m: (True, ""))
     sa = parse(*CUDA_LPLB, "--cuda-graph-backend-prefill", "breakable")
     sa.resolve_once()

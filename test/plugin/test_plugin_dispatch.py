@@ -332,3 +332,33 @@ def test_a_plan_call_is_one_gather_like_sglang_static(rank0):
     level = level_index(rt.levels, ids.shape[0])  # a2a without DP attention: this rank's rows
     want = apply_plan(rt.layers[1].maps[level], ids, hash_offsets(ids.shape[0], K, rt.hash_slots, salt=rt.ep.rank))
     assert torch.equal(out, want)
+
+
+def test_the_waterfill_decision_lives_on_its_layer(rank0, caplog):
+    """Joint per-batch split: the dispatch hook leaves the shared ranks of the split on that
+    layer's state (no other layer's), the TopK Waterfill hook takes them once; a miss keeps the
+    shared expert home with one warning, and ``HOME`` (gate closed) keeps it home silently."""
+    import logging
+
+    from sglang.srt.eplb import expert_location_dispatch as eld
+
+    from sglang_moe_lb.plugin.layers import HOME
+
+    rt, md, _ = ready(rank0, "waterfill+lplb/per-batch/local/tokens/all_rank")
+    ids = logical_batch(12, seed=9)
+    phys = eld.topk_ids_logical_to_physical(ids, eld.ExpertLocationDispatchInfo.init_new(1))
+    st1, st2 = rt.layers[1], rt.layers[2]
+    want = balance_layer(st1.placement, ids, rt.mode, source_rank=rt.ep.rank).shared_rank
+    assert isinstance(st1.pending_shared, torch.Tensor) and st2.pending_shared is None
+    assert torch.equal(rt.shared_ranks(1, phys), want) and st1.pending_shared is None
+    home = torch.full((12,), rt.ep.rank, dtype=torch.long)
+    log = logging.getLogger("sglang_moe_lb.plugin")  # SGLang's logging setup may stop propagation
+    log.addHandler(caplog.handler)
+    try:
+        assert torch.equal(rt.shared_ranks(1, phys), home)  # taken already: a miss
+        assert torch.equal(rt.shared_ranks(1, phys), home)
+        st2.pending_shared = HOME
+        assert torch.equal(rt.shared_ranks(2, phys), home) and st2.pending_shared is None
+    finally:
+        log.removeHandler(caplog.handler)
+    assert sum("no Waterfill decision" in r.getMessage() for r in caplog.records) == 1

@@ -20,7 +20,7 @@ from plugin_helpers import TINY
 
 from sglang_moe_lb import BalanceMode
 from sglang_moe_lb.plugin import manifest
-from sglang_moe_lb.plugin.options import ERRORS, MoeLbConfigError
+from sglang_moe_lb.plugin.options import ERRORS, OPTIONS, MoeLbConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 EP4 = dict(tp_size=4, ep_size=4, ep_num_redundant_experts=4, enable_eplb=True)
@@ -91,12 +91,67 @@ def test_engine_without_our_keywords_is_untouched(engine):
     (dict(moe_lb="lplb", moe_lb_lplb_schedule="always"), "sglang.Engine(..., moe_lb_lplb_schedule=...) "
                                                          "(--moe-lb-lplb-schedule): expected one of plan, per-batch, got 'always'"),
     (dict(moe_lb="lplb", moe_lb_expected_gain=3), "(--moe-lb-expected-gain): expected a number in (0, 1], got 3"),
+    (dict(moe_lb="lplb", moe_lb_expected_gain=True), "sglang.Engine(..., moe_lb_expected_gain=...) "
+                                                     "(--moe-lb-expected-gain): expected a number in (0, 1], got True"),
+    (dict(moe_lb="lplb", moe_lb_tile_tokens=64.9), "sglang.Engine(..., moe_lb_tile_tokens=...) "
+                                                   "(--moe-lb-tile-tokens): expected one of 64, 128, got 64.9"),
     (dict(moe_lb="waterfill"), ERRORS["waterfill_a2a"].format(mode="waterfill", backend="none")),
 ])
 def test_engine_bad_keywords_raise_one_clear_error(engine, kwargs, needle):
     with pytest.raises(MoeLbConfigError) as info:
         engine(**EP4, **kwargs)
     assert needle in str(info.value)
+
+
+# Values of the wrong type for some option: bools, floats (integral or not), ints, other objects;
+# and strings, which every option must read exactly as its flag does.
+ODD_VALUES = (True, False, 64.9, 64.0, 0.5, 1, 64, 0, -3, [64], b"on", "64", "0.5", "1", "on", "True", "64.0", " 2 ")
+
+
+def _cli_verdict(option, text: str):
+    """The command line's own verdict on ``option text``: the options, or None when it refuses."""
+    import argparse
+
+    from sglang_moe_lb.plugin.options import add_cli_flags, options_from_namespace
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(message)
+
+    parser = Parser()
+    add_cli_flags(parser)
+    try:
+        return options_from_namespace(parser.parse_args(["--moe-lb", "lplb", f"{option.flag}={text}"]))
+    except (ValueError, MoeLbConfigError):
+        return None
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.flag)
+def test_engine_keywords_are_as_strict_as_their_flags(option):
+    """Every option, every odd value: the Engine keyword accepts exactly what the flag accepts
+    written as a string, with the same result; a refusal is one line naming keyword, flag and value.
+    Documented exceptions: ``moe_lb_gate`` takes True/False (= on/off), and a file option only a
+    path (``str`` or ``os.PathLike``)."""
+    from sglang_moe_lb.plugin.options import engine_options
+
+    for value in ODD_VALUES:
+        text = str(value)
+        if option.dest == "moe_lb_gate" and isinstance(value, bool):
+            text = "on" if value else "off"  # documented: the gate keyword takes a bool
+        want = _cli_verdict(option, text)
+        try:
+            got, err = engine_options({"moe_lb": "lplb", option.dest: value}), None
+        except MoeLbConfigError as e:
+            got, err = None, str(e)
+        if option.metavar == "FILE" and not isinstance(value, (str, os.PathLike)):
+            want = None  # a path must be a path: the Engine refuses 5 where the flag reads the text '5'
+        if want is None:
+            assert got is None, f"{option.dest}={value!r} accepted as {got}; {option.flag} {str(value)!r} is refused"
+            assert err.startswith(f"sglang.Engine(..., {option.dest}=...) ({option.flag}): expected "), err
+            assert err.endswith(f"got {value!r}") and "\n" not in err, err
+        else:
+            assert got is not None, f"{option.dest}={value!r} refused ({err}); {option.flag} {str(value)!r} is accepted"
+            assert (got.mode, got.cost, got.plan, got.explicit) == (want.mode, want.cost, want.plan, want.explicit)
 
 
 def test_engine_resolve_time_errors_raise_instead_of_exiting(engine, tmp_path):
@@ -179,16 +234,62 @@ def test_register_stops_with_one_line_naming_the_target(monkeypatch, capsys):
     assert not hooks._ORIGINALS, "registered hooks although a target is missing"
 
 
-def test_doctor_reports_each_touch_point_present():
-    """``python -m sglang_moe_lb doctor`` against the installed SGLang (a subprocess, as a user runs it)."""
-    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
-    proc = subprocess.run([sys.executable, "-m", "sglang_moe_lb", "doctor"], capture_output=True, text=True,
-                          timeout=300, env=env)
+def _doctor(env: dict) -> subprocess.CompletedProcess:
+    """``sglang-moe-lb doctor`` as a user runs it: the venv's console script, a fresh process."""
+    script = Path(sys.executable).with_name("sglang-moe-lb")
+    return subprocess.run([str(script), "doctor"], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_doctor_reports_each_touch_point_present_and_nothing_else():
+    """Against the installed SGLang: every touch point ``ok``, the imported sglang named, and
+    none of SGLang's import-time warnings (AWQ, GGUF, Triton platform, deprecations) in the
+    output: stderr stays empty and every stdout line is one of the report's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_PLUGINS", "PYTHONWARNINGS")}
+    proc = _doctor(env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
     lines = proc.stdout.splitlines()
+    import sglang
+
+    assert lines[0] == (f"sglang-moe-lb doctor: sglang {manifest.WRITTEN_FOR} imported from {sglang.__file__}; "
+                        f"distribution sglang {manifest.WRITTEN_FOR}; touch points written for "
+                        f"sglang=={manifest.WRITTEN_FOR}")
     for e in manifest.HOOKS + manifest.WRITES + manifest.READS:
         assert any(ln.startswith("  ok ") and ln.endswith(e.target) for ln in lines), e.target
+    ours = ("sglang-moe-lb doctor: ", "entry point ", "SGLANG_PLUGINS: ", "hooks (HookRegistry):",
+            "attributes we write:", "attributes we read:", "  ok ", "per-batch path on CUDA: ", "all ")
+    assert [ln for ln in lines if not ln.startswith(ours)] == []
+    assert "warn" not in proc.stdout.lower()
     assert lines[-1] == f"all {len(manifest.HOOKS + manifest.WRITES + manifest.READS)} touch points present"
+
+
+def test_doctor_fails_when_another_sglang_is_imported(tmp_path):
+    """A different ``sglang`` on PYTHONPATH shadows the installed one: doctor names both
+    versions and paths on one line and exits 1."""
+    fake = tmp_path / "sglang"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PLUGINS"}
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = _doctor(env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("problems: the imported sglang 0.0.1 (") and str(fake / "__init__.py") in last, last
+    assert f"installed distribution sglang {manifest.WRITTEN_FOR} (" in last and "site-packages" in last, last
+
+
+def test_doctor_fails_on_another_release():
+    """The imported sglang is the installed one, but not the release the touch points were written for."""
+    from sglang_moe_lb.plugin import doctor
+
+    found = doctor.SglangFound("0.6.0", "/x/sglang/__init__.py", "0.6.0", "/x/sglang/__init__.py")
+    assert found.problem() is None  # imported == installed: not shadowed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(doctor, "find_sglang", lambda: found)
+        out = io.StringIO()
+        assert doctor.run(out, entries=list(manifest.HOOKS[:1])) == 1
+    last = out.getvalue().splitlines()[-1]
+    assert last == f"problems: sglang 0.6.0 is installed, this plugin is written for sglang=={manifest.WRITTEN_FOR}"
 
 
 def test_doctor_names_what_is_missing():
@@ -200,7 +301,7 @@ def test_doctor_names_what_is_missing():
     assert doctor.run(out, entries=[*manifest.HOOKS, fake]) == 1
     text = out.getvalue()
     assert "  MISSING after       sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step  (sglang.srt.eplb." in text
-    assert text.splitlines()[-1].startswith("missing: sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step (")
+    assert text.splitlines()[-1].startswith("problems: missing sglang.srt.eplb.eplb_manager.EPLBManager.no_such_step (")
 
 
 def test_plugin_filtered_out_by_sglang_plugins_gets_a_hint(monkeypatch):
@@ -214,7 +315,7 @@ def test_plugin_filtered_out_by_sglang_plugins_gets_a_hint(monkeypatch):
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     out = io.StringIO()
     assert doctor.run(out, entries=[]) == 1
-    assert "missing: SGLANG_PLUGINS excludes moe_lb" in out.getvalue()
+    assert out.getvalue().splitlines()[-1] == "problems: SGLANG_PLUGINS excludes moe_lb"
 
 
 def test_plugin_modules_import_without_cycles():

@@ -11,8 +11,10 @@ detokenizer, ...). The plugin only translates between SGLang's objects and the c
 * ``cli_hooks``      argument hooks and ``sglang.Engine(moe_lb=...)``: parse, validate, carry
 * ``activation``     scheduler start-up: the runtime and the forward-path hooks
 * ``forward_hooks``  the forward-path hooks, thin calls into the runtime
-* ``runtime``        per-scheduler state: each MoE layer's plan maps and layer path, the gate, the collectives
-* ``hot_path``       the layer path (kernels on CUDA, the core's chain otherwise); CUDA-graph rule
+* ``runtime``        per-scheduler wiring: the layers, the gate, the collectives, the forward-path calls
+* ``layers``         one MoE layer's state (plan maps, layer path, pending Waterfill decision) and its build
+* ``gate_cache``     the gate's decision and the plan level per shared batch size, memoised
+* ``hot_path``       picks the layer path (``layer_path``: kernels on CUDA, the core's chain otherwise); CUDA-graph rule
 * ``comm``           the one int32 EP all-gather of the global-sync modes
 * ``waterfill_balancer``  our drop-in for SGLang's ``WaterfillBalancer`` on ``TopK``
 * ``rebalance``      dispatch plans inside the EPLB cycle (a generator advanced per forward pass)

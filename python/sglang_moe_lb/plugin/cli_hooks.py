@@ -91,9 +91,10 @@ def engine_server_args_factory(server_args_class):
 
     def build(**kwargs):
         ours = pop_engine_kwargs(kwargs)
+        opts = engine_options(ours) if ours else None  # a bad keyword fails before ServerArgs is built
         server_args = server_args_class(**kwargs)
-        if ours:
-            _apply(server_args, engine_options(ours), server_args)
+        if opts is not None:
+            _apply(server_args, opts, server_args)
         return server_args
 
     build.__name__ = build.__qualname__ = "moe_lb_server_args"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -61,21 +62,33 @@ class MoeLbConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The sub-options: one table for the parser, Engine keywords, "ignored" warnings and the docs
 # ---------------------------------------------------------------------------------------------
+def _number(value, *, integer: bool) -> int | float | None:
+    """``value`` read as the flag reads its text, or None when it is not such a number.
+
+    A string goes through ``int``/``float`` exactly as on the command line. Otherwise only a
+    real number of the right kind counts: a bool is never a number (``True`` is not 1), and a
+    float never an int option's value (the flag refuses ``64.0`` and ``64.9`` alike)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return int(value) if integer else float(value)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Integral):
+        return int(value) if integer else float(value)
+    return float(value) if not integer and isinstance(value, float) else None
+
+
 def _positive_fraction(text) -> float:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (math.isfinite(v) and 0 < v <= 1):
+    v = _number(text, integer=False)
+    if v is None or not (math.isfinite(v) and 0 < v <= 1):
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return v
 
 
 def _tile(text) -> int:
-    try:
-        v = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, TILE_CHOICES))}, got {text!r}") from None
+    v = _number(text, integer=True)
     if v not in TILE_CHOICES:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, TILE_CHOICES))}, got {text!r}")
     return v
@@ -149,13 +162,8 @@ def _needs_cost(m: BalanceMode) -> str | None:
 
 def _count(minimum: int, noun: str):
     def parse(text) -> int:
-        if isinstance(text, bool):
-            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}")
-        try:
-            v = int(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}") from None
-        if isinstance(text, float) and text != v or v < minimum:
+        v = _number(text, integer=True)
+        if v is None or v < minimum:
             raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum}, got {text!r}")
         return v
 
@@ -163,11 +171,8 @@ def _count(minimum: int, noun: str):
 
 
 def _seconds(text) -> float:
-    try:
-        v = float(text) if not isinstance(text, bool) else math.nan
-    except (TypeError, ValueError):
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
+    v = _number(text, integer=False)
+    if v is None or not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return v
 

@@ -6,13 +6,15 @@ Each MoE layer has, as its mode needs:
 * a plan's maps (plan schedule): ``[levels, E, W]`` physical slots on the device, solved in
   the EPLB cycle (``rebalance.py``) and written in place; a batch gathers its ids from the
   level of its size (``plan.apply_plan``: one indexing op, as SGLang's static dispatch);
-* one ``LayerPath`` for per-batch work (``hot_path.make_layer_path``: the kernels on CUDA where
-  installed, the core's chain otherwise): the per-batch split where a gated plan opens, or
-  every batch with the per-batch schedule; Waterfill on fixed ids.
+* one ``LayerPath`` for per-batch work (``layer_path.make_layer_path`` of the class
+  ``hot_path.pick`` chooses: the kernels on CUDA where installed, the core's chain otherwise):
+  the per-batch split where a gated plan opens, or every batch with the per-batch schedule;
+  Waterfill on fixed ids.
 
-Both are built at ``prepare_moe_topk`` (model loaded, before CUDA-graph capture) for SGLang's
-placement of that layer (``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) and
-sized by ``call_capacity``, then updated in place; a placement that does not fit its path
+Both live on the layer's ``layers.LayerState``, built (``layers.LayerBuild``) at
+``prepare_moe_topk`` (model loaded, before CUDA-graph capture) for SGLang's placement of
+that layer (``ExpertLocationMetadata.physical_to_logical_map_cpu[layer]``) and sized by
+``call_capacity``, then updated in place; a placement that does not fit its path
 rebuilds it, with a log line. The placement follows SGLang's metadata in lockstep (hooked at
 ``ExpertLocationMetadata.update``): a token must never be sent to a slot that no longer
 holds its expert, so a new placement gets the even plan (every copy used, as SGLang's
@@ -27,7 +29,12 @@ so the counts are already global) run no collective.
 The gate (``mode.gate``): per batch, ``gate.Gate.open(tokens_per_rank)`` on a batch size
 every rank shares (``shared_tokens``); closed, the plan runs (plan schedule) or the dispatch
 hook returns None (SGLang's own mapping runs), the shared expert stays on its home rank, and
-no rank enters the collective. A plan's level comes from the same shared size.
+no rank enters the collective. A plan's level comes from the same shared size
+(``gate_cache.GateCache`` memoises both per size).
+
+With a per-batch split and Waterfill, the dispatch hook decides each token's shared rank with
+the split and leaves it on the layer's state (``LayerState.pending_shared``; ``HOME`` when the
+gate was closed); the ``TopK`` Waterfill hook of the same layer takes it.
 
 Nothing here decides anything about balancing: each per-batch decision is one layer-path call.
 """
@@ -36,25 +43,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import torch
 
 from ..chain import stats_width
 from ..cost import GPUS, CostModel
 from ..gate import Gate, Overheads
+from ..layer_path import path_mode
 from ..mode import BalanceMode
-from ..placement import Placement
-from ..plan import (
-    DEFAULT_HASH_SLOTS,
-    DEFAULT_LEVELS,
-    apply_plan,
-    hash_offsets,
-    level_index,
-    plan_maps,
-    static_like_weights,
-)
-from . import comm, hot_path
+from ..plan import DEFAULT_HASH_SLOTS, DEFAULT_LEVELS, apply_plan, hash_offsets
+from . import comm
+from .gate_cache import GateCache
+from .layers import HOME, LayerBuild, LayerState
 from .options import ERRORS, MoeLbConfigError, MoeLbOptions
 from .rebalance import Rebalancer
 
@@ -64,29 +64,11 @@ logger = logging.getLogger("sglang_moe_lb.plugin")
 
 _RUNTIME: "Runtime | None" = None
 _LOCK = threading.Lock()
-_LOCAL = object()  # stash marker: the gate was closed, the shared expert stays home
 
 
 def get_runtime() -> "Runtime | None":
     """The active runtime of this process, or None (plugin off / not a scheduler)."""
     return _RUNTIME
-
-
-@dataclass
-class LayerState:
-    """One MoE layer and what it was built from.
-
-    path: the per-batch ``LayerPath`` or None (a plan alone). row: the CPU physical->logical row
-    being served. placement: the single-layer ``Placement`` on the serving device. maps: the
-    plan's ``[levels, E, W]`` map on the device (plan schedule) or None. source: where the
-    maps came from (``even`` until a solve installs, then the solve's label).
-    """
-
-    path: hot_path.LayerPath | None
-    row: torch.Tensor
-    placement: Placement
-    maps: torch.Tensor | None = None
-    source: str = "even"
 
 
 def call_capacity(rank_invariant: bool) -> tuple[int, str]:
@@ -152,6 +134,34 @@ def cost_model_for(opts: MoeLbOptions, model_config) -> CostModel | None:
     return CostModel.for_model(hf, gpu=gpu, dtype=dtype, calibration=c.calibration, tile_tokens=c.tile_tokens)
 
 
+def gate_mode(mode: BalanceMode, collective: bool) -> BalanceMode:
+    """The mode as the gate prices it: no collective where none runs (no a2a backend)."""
+    if mode.collective and not collective:
+        return mode.with_(lplb_sync="local") if mode.splits else mode.with_(waterfill_sync="local")
+    return mode
+
+
+def mask_padded(topk_ids: torch.Tensor) -> torch.Tensor:
+    """Rows past the batch's real tokens (graph padding; SGLang's forward context) route nowhere: -1."""
+    try:
+        from sglang.srt.model_executor.forward_context import get_forward_context, has_forward_context
+    except ImportError:  # pragma: no cover
+        return topk_ids
+    if not has_forward_context():
+        return topk_ids
+    getter = get_forward_context().moe_num_token_non_padded
+    n = getter() if getter is not None else None
+    if n is None:
+        return topk_ids
+    rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+    return torch.where((rows < n)[:, None], topk_ids, torch.full_like(topk_ids, -1))
+
+
+def home_ranks(phys_ids: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[T]`` long: every token's shared expert on this rank."""
+    return torch.full((phys_ids.shape[0],), rank, dtype=torch.long, device=phys_ids.device)
+
+
 class Runtime:
     """The plugin's state in one scheduler process (see module docstring)."""
 
@@ -164,7 +174,7 @@ class Runtime:
         # Without an a2a backend this rank's tokens are the whole batch: a per-batch split of
         # them is the global split (full tile, no collective).
         self.mode: BalanceMode = m.with_(lplb_sync="global") if (rank_invariant and m.splits) else m
-        self.path_mode = hot_path.path_mode(self.mode)
+        self.path_mode = path_mode(self.mode)
         self.collective = m.collective and not rank_invariant
         self.layers: dict[int, LayerState] = {}
         self.num_logical = self.num_ranks = self.slots_per_rank = None
@@ -173,17 +183,15 @@ class Runtime:
         self.max_tokens = 0
         self.cost: CostModel | None = None
         self.gate: Gate | None = None
-        self._gate_memo: dict[int, bool] = {}
+        self.levels: tuple[int, ...] = DEFAULT_LEVELS
+        self.hash_slots = DEFAULT_HASH_SLOTS
+        self.sizes = GateCache(None, self.levels)
         self.attached = False
         self.moe_layers: set[int] = set()  # layers with a (non-draft) TopK; empty = unknown, all layers
-        self.stash: dict[int, object] = {}  # layer -> shared ranks decided with LPLB (or _LOCAL)
         self.joined: dict[int, int] = {}  # layer -> collectives done by the TopK path, not yet matched
         self._ep: comm.EpGroup | None = None
         self._warned: set[str] = set()
-        self.levels: tuple[int, ...] = DEFAULT_LEVELS
-        self.hash_slots = DEFAULT_HASH_SLOTS
         self.offsets: torch.Tensor | None = None  # [rows, k] hash slots (plan.hash_offsets), built once
-        self._level_memo: dict[int, int] = {}
         self.model_config = None
         self.eplb_model_config = None  # the model config of an init_by_eplb call in progress
         self.rebalancer = Rebalancer(self) if m.plan else None
@@ -220,28 +228,10 @@ class Runtime:
             self.model_config = model_config
             self.cost = cost_model_for(self.opts, model_config)
 
-    def _gate_mode(self) -> BalanceMode:
-        """The mode as the gate prices it: no collective where none runs (no a2a backend)."""
-        m = self.mode
-        if m.collective and not self.collective:
-            m = m.with_(lplb_sync="local") if m.splits else m.with_(waterfill_sync="local")
-        return m
-
-    def _new_path(self, pl: Placement) -> hot_path.LayerPath | None:
-        if self.path_mode is None:
-            return None
-        return hot_path.make_layer_path(pl, self.path_mode, max_tokens=max(1, self.max_tokens), topk=self.topk or 1,
-                                        source_rank=self.source_rank, device=self.device, cost=self.cost)
-
-    def even_maps(self, pl: Placement) -> torch.Tensor:
-        """``[levels, E, W]`` int32 on the device: the plan that uses every copy evenly (before a solve)."""
-        w = static_like_weights(pl.to("cpu"), self.levels, self.hash_slots)  # [B, 1, P]
-        return plan_maps(pl.to("cpu"), w, self.hash_slots)[:, 0].to(device=self.device, dtype=torch.int32)
-
-    def _layer(self, row_cpu: torch.Tensor) -> LayerState:
-        pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
-        maps = self.even_maps(pl) if self.mode.plan else None
-        return LayerState(self._new_path(pl), row_cpu.clone(), pl, maps, "even")
+    def build(self) -> LayerBuild:
+        """What a layer is built from, now (shapes can grow: ``_grow``)."""
+        return LayerBuild(self.path_mode, self.mode.plan, self.num_ranks, self.num_logical, self.device, self.topk,
+                          self.max_tokens, self.source_rank, self.cost, self.levels, self.hash_slots)
 
     def attach_metadata(self, metadata) -> None:
         """(Re)build every MoE layer's path from SGLang's expert-location metadata."""
@@ -252,18 +242,20 @@ class Runtime:
         self.num_logical, self.num_ranks, self.slots_per_rank = shape
         self.device = metadata.physical_to_logical_map.device
         if self.mode.gate and self.cost is not None:
-            self.gate = Gate(self._gate_mode(), self.cost, self.opts.cost.overheads or Overheads.measured(),
-                             top_k=self.topk or 1, slots_per_rank=self.slots_per_rank, num_ranks=self.num_ranks,
+            self.gate = Gate(gate_mode(self.mode, self.collective), self.cost,
+                             self.opts.cost.overheads or Overheads.measured(), top_k=self.topk or 1,
+                             slots_per_rank=self.slots_per_rank, num_ranks=self.num_ranks,
                              expected_gain=self.opts.cost.expected_gain)
-            self._gate_memo.clear()
+        self.sizes = GateCache(self.gate, self.levels)
         if self.mode.plan and (self.offsets is None or self.offsets.shape[0] < max(1, self.max_tokens)):
             self.offsets = hash_offsets(max(1, self.max_tokens), self.topk or 1, self.hash_slots,
                                         salt=self.source_rank).to(self.device)
         wanted = sorted(self.moe_layers) if self.moe_layers else range(p2l.shape[0])
+        build = self.build()
         layers = {}
         for layer in wanted:
             old = self.layers.get(layer)
-            layers[layer] = old if old is not None and torch.equal(old.row, p2l[layer]) else self._layer(p2l[layer])
+            layers[layer] = old if old is not None and torch.equal(old.row, p2l[layer]) else build.layer(p2l[layer])
         self.layers = layers
         self.attached = True
 
@@ -272,17 +264,9 @@ class Runtime:
         st = self.layers.get(layer)
         if st is None or torch.equal(st.row, row_cpu):
             return False
-        pl = Placement(row_cpu.to(self.device), self.num_ranks, self.num_logical)
-        if st.path is not None:
-            try:
-                st.path.update_placement(pl)
-            except ValueError as err:
-                logger.info("[moe-lb] layer %d: new placement does not fit its layer path (%s); rebuilding it",
-                            layer, err)
-                st.path = self._new_path(pl)
-        if st.maps is not None:
-            st.maps.copy_(self.even_maps(pl))  # same storage: what captured graphs read
-        st.row, st.placement, st.source = row_cpu.clone(), pl, "even"
+        rebuilt = self.build().follow(st, row_cpu)
+        if rebuilt is not None:
+            logger.info("[moe-lb] layer %d: new placement does not fit its layer path (%s); rebuilt it", layer, rebuilt)
         return True
 
     def install_plan(self, layer: int, row_cpu: torch.Tensor, maps: torch.Tensor, source: str) -> bool:
@@ -315,7 +299,7 @@ class Runtime:
         self.warn_once(f"grow-{layer}", "layer %d: a batch of %d rows exceeds the %d rows its layer path was sized "
                        "for; rebuilt larger (eager only)", layer, rows, st.path.max_tokens)
         self.max_tokens = max(self.max_tokens, 2 * rows)
-        st.path = self._new_path(st.placement)
+        st.path = self.build().path(st.placement)
 
     # -- the gate --------------------------------------------------------------------------
     def shared_tokens(self, rows: int) -> int | None:
@@ -342,39 +326,15 @@ class Runtime:
     def level(self, rows: int) -> int:
         """The plan level of a batch of ``rows`` (from the size every rank shares, else this rank's rows)."""
         n = self.shared_tokens(rows)
-        n = rows if n is None else n
-        got = self._level_memo.get(n)
-        if got is None:
-            got = self._level_memo[n] = level_index(self.levels, n)
-        return got
+        return self.sizes.level(rows if n is None else n)
 
     def gate_open(self, rows: int) -> bool:
         if self.gate is None:
             return True
         n = self.shared_tokens(rows)
-        if n is None:
-            return True
-        got = self._gate_memo.get(n)
-        if got is None:
-            got = self._gate_memo[n] = bool(self.gate.open(n))
-        return got
+        return True if n is None else self.sizes.open(n)
 
     # -- the forward path ----------------------------------------------------------------
-    def _mask_padded(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Rows past the batch's real tokens (graph padding) route nowhere: -1."""
-        try:
-            from sglang.srt.model_executor.forward_context import get_forward_context, has_forward_context
-        except ImportError:  # pragma: no cover
-            return topk_ids
-        if not has_forward_context():
-            return topk_ids
-        getter = get_forward_context().moe_num_token_non_padded
-        n = getter() if getter is not None else None
-        if n is None:
-            return topk_ids
-        rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
-        return torch.where((rows < n)[:, None], topk_ids, torch.full_like(topk_ids, -1))
-
     def collective_rows(self, layer: int, row: torch.Tensor) -> torch.Tensor:
         """The layer's one EP all-gather (int32 rows); counted so the dispatcher net can match it."""
         out = comm.all_gather_rows(row.to(torch.int32), self.ep)
@@ -400,58 +360,59 @@ class Runtime:
         """LPLB (and, with a per-batch split, the shared ranks) for one layer: logical ``[T, k]`` -> physical.
 
         Returns None when this layer has no state or the gate is closed without a plan (the
-        caller then keeps SGLang's mapping)."""
+        caller then keeps SGLang's mapping). With Waterfill, leaves the layer's shared-rank
+        decision on its state (``pending_shared``) for ``shared_ranks``."""
         st = self.layers.get(layer)
         if st is None:
             return None
         opened = self.gate_open(topk_ids.shape[0])
+        waterfill = self.mode.waterfill is not None
         if self.mode.plan and not (self.mode.gate and opened):
-            if self.mode.gate and self.mode.waterfill is not None:
-                self.stash[layer] = _LOCAL  # the closed form keeps the shared expert at home
+            if self.mode.gate and waterfill:
+                st.pending_shared = HOME  # the closed form keeps the shared expert at home
             return self.plan_ids(st, topk_ids)
         if not opened:
-            if self.mode.waterfill is not None:
-                self.stash[layer] = _LOCAL
+            if waterfill:
+                st.pending_shared = HOME
             return None
-        ids = self._mask_padded(topk_ids)
+        ids = mask_padded(topk_ids)
         if ids.shape[0] > st.path.max_tokens:
             self._grow(layer, ids.shape[0])
         gathered = self.collective_rows(layer, st.path.stats(ids)) if self.collective else None
         res = st.path(ids, gathered=gathered)
-        if self.mode.waterfill is not None:
-            self.stash[layer] = res.shared_rank
+        if waterfill:
+            st.pending_shared = res.shared_rank
         return res.phys_ids.to(topk_ids.dtype)
 
     def join_empty(self, layer: int, device) -> None:
         """An idle rank's share of a layer's collective (per-batch split): the same all-gather, a zero row."""
-        if not self.collective or not self.mode.splits or layer not in self.layers:
+        st = self.layers.get(layer)
+        if not self.collective or not self.mode.splits or st is None:
             return
+        waterfill = self.mode.waterfill is not None
         if not self.gate_open(0):
-            if self.mode.waterfill is not None:
-                self.stash[layer] = _LOCAL
+            if waterfill:
+                st.pending_shared = HOME
             return
         self.collective_rows(layer, self._zero_row(layer, device))
-        if self.mode.waterfill is not None:
-            self.stash[layer] = torch.zeros(0, dtype=torch.long, device=device)
-
-    def _home(self, phys_ids: torch.Tensor) -> torch.Tensor:
-        return torch.full((phys_ids.shape[0],), self.ep.rank, dtype=torch.long, device=phys_ids.device)
+        if waterfill:
+            st.pending_shared = torch.zeros(0, dtype=torch.long, device=device)
 
     def shared_ranks(self, layer: int, phys_ids: torch.Tensor) -> torch.Tensor:
         """Waterfill's rank per token for one layer, from physical routed ids ``[T, k]``."""
         st = self.layers.get(layer)
         if st is None:
-            return self._home(phys_ids)
+            return home_ranks(phys_ids, self.ep.rank)
         if self.mode.splits:  # decided with the split (or the plan: home), in the dispatch hook
-            got = self.stash.pop(layer, None)
-            if got is _LOCAL:
-                return self._home(phys_ids)
+            got = st.take_shared()
             if isinstance(got, torch.Tensor) and got.shape[0] == phys_ids.shape[0]:
                 return got
-            self.warn_once("joint-miss", "layer %d: no Waterfill decision for this batch; the shared expert stays home", layer)
-            return self._home(phys_ids)
+            if got is not HOME:
+                self.warn_once("joint-miss", "layer %d: no Waterfill decision for this batch; the shared expert stays "
+                               "home", layer)
+            return home_ranks(phys_ids, self.ep.rank)
         if not self.gate_open(phys_ids.shape[0]):
-            return self._home(phys_ids)
+            return home_ranks(phys_ids, self.ep.rank)
         p2l = st.placement.phy2log[0]
         logical = torch.where(phys_ids >= 0, p2l[phys_ids.clamp(min=0).to(torch.long)], -1)
         if logical.shape[0] > st.path.max_tokens:

@@ -28,12 +28,12 @@ class MoeLbWaterfill:
         """``[T, k]`` physical routed ids -> ``[T, k + 1]`` fused ids and weights."""
         from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-        from . import hot_path
+        from ..waterfill import fuse_topk
 
         rt = self.runtime
         phys = topk_output.topk_ids
         shared_rank = rt.shared_ranks(self.layer_id, phys)
-        ids, weights = hot_path.fuse_topk(
+        ids, weights = fuse_topk(
             phys, topk_output.topk_weights, shared_rank, rt.slots_per_rank, self.shared_weight
         )
         return StandardTopKOutput(

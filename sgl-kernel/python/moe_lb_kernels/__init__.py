@@ -1,7 +1,8 @@
 """Triton kernels for sglang-moe-lb's per-batch hot path (import name ``moe_lb_kernels``).
 
-``seam.make_layer_path`` is the plugin's entry (one preallocated, CUDA-graph capturable
-``LayerPath`` per MoE layer; one kernel set, v1.1, of the lineage an H200 verified).
+``seam.KernelLayerPath`` implements the core's layer-path contract (``sglang_moe_lb.layer_path``;
+one preallocated, CUDA-graph capturable path per MoE layer; one kernel set, v1.1, of the
+lineage an H200 verified); the SGLang plugin picks it on CUDA.
 ``LayerBalancer`` is its per-layer engine. Each kernel mirrors a core function, which stays
 the CPU path; ``reference`` is the core's chain with the kernels' fixed-point arithmetic,
 which the kernels match bit for bit. See docs/kernels.md.

@@ -110,8 +110,8 @@ class LayerTables:
         t.fill(pl)
         return t
 
-    def plan_args(self) -> tuple:
-        """Table arguments of the plan kernel, in its order."""
+    def split_args(self) -> tuple:
+        """Table arguments of the split kernel, in its order."""
         return (self.p2l, self.rep_expert, self.rep_rank, self.rep_colour, self.colour_src, self.slot_flat,
                 self.rep_fr, self.rep_next, self.rep_mult, self.rep_dup, self.meta)
 

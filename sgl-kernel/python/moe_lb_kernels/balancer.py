@@ -37,8 +37,8 @@ from ._launch import launch
 from ._tables import LayerTables, next_pow2
 from .count import _count_kernel, block_tokens
 from .dispatch import _dispatch_kernel, _fuse_kernel, _wf_round_kernel
-from .plan import _gathered_kernel, _plan_kernel, _stats_kernel
 from .reference import SCALE_BITS, SLACK_UNITS, TOL_SHIFT, V1_SPEC
+from .split_kernels import _gathered_kernel, _split_kernel, _stats_kernel
 
 __all__ = ["LayerBalancer", "unsupported"]
 
@@ -111,7 +111,7 @@ class LayerBalancer:
         pl = placement.layer(layer).to(device)
         if not 0 <= source_rank < pl.num_ranks:
             raise ValueError(f"source_rank {source_rank} out of range for {pl.num_ranks} ranks")
-        if pl.num_ranks > 256:  # the certificate's sort keys hold 8 rank bits (plan.KEYPAD)
+        if pl.num_ranks > 256:  # the certificate's sort keys hold 8 rank bits (split_kernels.KEYPAD)
             raise ValueError(f"the v1 kernels support at most 256 EP ranks, got {pl.num_ranks}")
         self.placement = pl
         self.mode = mode
@@ -246,7 +246,7 @@ class LayerBalancer:
         self._launch_count(topk_ids, phys_ids)
         if gathered is not None:
             self._step_gathered(gathered)
-        self._step_plan()
+        self._step_split()
         self._step_dispatch(topk_ids, out_phys_ids, phys_ids, shared)
         phys = out_phys_ids if self.lplb else phys_ids
         if self.wf == 1:
@@ -284,10 +284,10 @@ class LayerBalancer:
                gathered, gathered.shape[0], self.acc, self.dp_off, self.source_rank,
                E=tb.E, R=tb.R, RB=tb.RB, EB=tb.EB, BC=BC, BD=8, ROUTED=not self.lplb)
 
-    def _step_plan(self) -> None:
+    def _step_split(self) -> None:
         tb = self.tables
-        launch(_plan_kernel, (1,),
-               *tb.plan_args(), self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
+        launch(_split_kernel, (1,),
+               *tb.split_args(), self.acc, self.counts, self.quotas, self.qcum, self.shared_quotas, self.flags,
                self.scalars, self.caps, self.routed_load, self.source_rank, self.max_sweeps, self.polish_sweeps,
                E=tb.E, R=tb.R, S=tb.S, P=tb.p2l.numel(), NEB=tb.NEB, CB=tb.CB, RB=tb.RB, EB=tb.EB,
                SB=next_pow2(tb.S), PB=next_pow2(tb.p2l.numel()),
@@ -331,7 +331,7 @@ class LayerBalancer:
 
         def ab():
             a()
-            self._step_plan()
+            self._step_split()
 
         def abc():
             ab()

@@ -1,10 +1,11 @@
-"""The kernels' side of the per-layer hot-path contract: ``make_layer_path`` -> ``LayerPath``.
+"""The kernels' implementation of the core's layer-path contract (``sglang_moe_lb.layer_path``).
 
-The plugin (``sglang_moe_lb.plugin.hot_path``) builds one layer path per MoE layer at start-up
-(after model load, before CUDA-graph capture), updates it in place at every rebalance and
-calls it per batch. A kernel path owns one preallocated ``LayerBalancer``: a call launches
-kernels only (no host sync, no allocation, outputs are views of fixed buffers), so captured
-graphs replay it, and placements are written into the same addresses.
+``KernelLayerPath`` is a ``layer_path.LayerPath``, built like every implementation, through the
+core's one factory: ``layer_path.make_layer_path(pl, mode, ..., impl=KernelLayerPath)`` (the
+SGLang plugin picks it on CUDA where ``supports(mode)``: ``sglang_moe_lb.plugin.hot_path``). It
+owns one preallocated ``LayerBalancer``: a call launches kernels only (no host sync, no
+allocation, outputs are views of fixed buffers), so captured graphs replay it, and placements
+are written into the same addresses.
 
 One kernel set is installed: v1.1 (``KERNELS_VERSION``). ``supports(mode)`` says which modes it
 runs: per-batch LPLB with the token objective (with or without Waterfill) and Waterfill alone,
@@ -25,8 +26,7 @@ from sglang_moe_lb.cost import CostModel
 from .balancer import COUNTERS, LayerBalancer, unsupported
 from .reference import SCALE_BITS, V1_SPEC
 
-__all__ = ["KERNELS_VERSION", "CUDA_GRAPH_SAFE", "VERIFIED_ON", "COUNTERS", "V1LayerPath", "supports",
-           "make_layer_path"]
+__all__ = ["KERNELS_VERSION", "CUDA_GRAPH_SAFE", "VERIFIED_ON", "COUNTERS", "KernelLayerPath", "supports"]
 
 KERNELS_VERSION = "v1.1"
 CUDA_GRAPH_SAFE = True
@@ -42,20 +42,34 @@ def supports(mode: BalanceMode) -> tuple[bool, str]:
     return (why is None, why or "")
 
 
-class V1LayerPath:
-    """One MoE layer on one rank over the v1 kernels (the ``LayerPath`` contract).
+class KernelLayerPath:
+    """One MoE layer on one rank over the kernels (``layer_path.LayerPath``; ``version``: the kernel set).
 
-    Built by ``make_layer_path``. ``__call__`` and ``stats`` launch kernels only; their
-    outputs are views of buffers allocated here (phys ids in the dtype of ``topk_ids``:
-    one buffer per dtype, made by the first call that uses it, i.e. at warm-up).
+    Built as every layer path is (``layer_path.make_layer_path(..., impl=KernelLayerPath)``).
+    ``__call__`` and ``stats`` launch kernels only; their outputs are views of buffers
+    allocated here (phys ids in the dtype of ``topk_ids``: one buffer per dtype, made by the
+    first call that uses it, i.e. at warm-up). ``cost`` is accepted for the contract's sake:
+    the token objective does not read it. Raises ``ValueError`` for a mode it does not run
+    (``supports``), a multi-layer placement, non-positive sizes, or a device other than CUDA
+    (the CPU only under ``TRITON_INTERPRET=1``).
     """
 
     version = KERNELS_VERSION
 
-    def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device):
+    def __init__(self, pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
+                 cost: CostModel | None = None):
+        ok, why = supports(mode)
+        if not ok:
+            raise ValueError(why)
+        if not isinstance(pl, Placement) or pl.num_layers != 1:
+            raise ValueError("a kernel layer path takes a single-layer Placement (use Placement.layer(i))")
+        if not isinstance(max_tokens, int) or max_tokens < 1 or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"max_tokens and topk must be positive ints, got {max_tokens!r}, {topk!r}")
         self.mode = mode
         self.max_tokens, self.topk, self.source_rank = max_tokens, topk, source_rank
         self.device = torch.device(device)
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {self.device}")
         if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
         P, E = pl.num_physical, pl.num_logical
@@ -68,7 +82,7 @@ class V1LayerPath:
         # certified: flags[0] is 0/1 in an int32; its low byte read as a bool is a view, so the
         # result needs no op per call (little-endian, as every CUDA device and host we target).
         if sys.byteorder != "little":
-            raise RuntimeError("the v1 kernel seam assumes a little-endian host")
+            raise RuntimeError("the kernel layer path assumes a little-endian host")
         flags = self.balancer.flags
         self._certified = flags.view(torch.bool)[0] if mode.per_batch else torch.ones((), dtype=torch.bool, device=self.device)
         self._phys: dict[torch.dtype, torch.Tensor] = {}
@@ -140,20 +154,3 @@ class V1LayerPath:
         if phys_ids is not None and phys_ids.device != self.device:
             raise ValueError(f"phys_ids is on {phys_ids.device}, this layer path on {self.device}")
 
-
-def make_layer_path(pl: Placement, mode: BalanceMode, *, max_tokens: int, topk: int, source_rank: int, device,
-                    cost: CostModel | None = None) -> V1LayerPath:
-    """The kernels' ``LayerPath`` for one layer on one rank (see the module docstring).
-
-    ``cost`` is accepted for the contract's sake: the token objective does not read it."""
-    ok, why = supports(mode)
-    if not ok:
-        raise ValueError(why)
-    if not isinstance(pl, Placement) or pl.num_layers != 1:
-        raise ValueError("make_layer_path takes a single-layer Placement (use Placement.layer(i))")
-    if not isinstance(max_tokens, int) or max_tokens < 1 or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"max_tokens and topk must be positive ints, got {max_tokens!r}, {topk!r}")
-    dev = torch.device(device)
-    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {dev}")
-    return V1LayerPath(pl, mode, max_tokens=max_tokens, topk=topk, source_rank=source_rank, device=dev)

@@ -197,7 +197,7 @@ def _gap(load, fixed_s, crow_s, rowvalid, rankc, valid, cs_sh,
 
 
 @triton.jit(do_not_specialize=["src_rank", "max_sweeps", "polish_sweeps"])
-def _plan_kernel(
+def _split_kernel(
     # tables (LayerTables)
     p2l_ptr, rep_expert_ptr, rep_rank_ptr, rep_colour_ptr, colour_src_ptr, slot_flat_ptr,
     rep_fr_ptr, rep_next_ptr, rep_mult_ptr, rep_dup_ptr, meta_ptr,
@@ -464,7 +464,7 @@ def _gathered_kernel(g_ptr, D, acc_ptr, dp_off_ptr, src_rank,
         tl.store(acc_ptr + EB + RB + d, nt.to(tl.int32))
 
 
-def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16,
+def split_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int = 16,
                 polish_sweeps: int = 8, num_warps: int = 4) -> dict:
     """Run kernel B alone on given counts (allocates; for tests).
 
@@ -494,8 +494,8 @@ def plan_quotas(pl, counts, *, shared_tokens: int | None = None, max_sweeps: int
         wf_vec=torch.zeros(RB + 1, **i64), routed=torch.zeros(RB, **i64),
     )
     launch(
-        _plan_kernel, (1,),
-        *tb.plan_args(), acc,
+        _split_kernel, (1,),
+        *tb.split_args(), acc,
         out["counts"], out["quotas"], out["qcum"], out["shared_q"], out["flags"], out["wf"], out["wf_vec"],
         out["routed"], 0, max_sweeps, polish_sweeps,
         E=tb.E, R=tb.R, S=tb.S, P=pl.num_physical, NEB=tb.NEB, CB=tb.CB, RB=RB, EB=EB,

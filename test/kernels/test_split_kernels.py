@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_lb_kernels.plan import _rank_keys, plan_quotas
 from moe_lb_kernels.reference import SCALE_BITS, FixedPointSteps, FixedSpec, bound_gap, split_fixed
+from moe_lb_kernels.split_kernels import _rank_keys, split_quotas
 from sglang_moe_lb import Placement
 
 from .helpers import random_placement
@@ -28,7 +28,7 @@ def _counts(rng, E, kind):
 
 
 def _check(pl, c, sweeps, shared_tokens, device):
-    out = plan_quotas(pl.to(device), c.to(device), shared_tokens=shared_tokens, max_sweeps=sweeps)
+    out = split_quotas(pl.to(device), c.to(device), shared_tokens=shared_tokens, max_sweeps=sweeps)
     spec = FixedSpec("test", max_sweeps=sweeps, polish_at_bound=True)  # v1's rule: polish every layer
     fpl, c_ext = pl, c
     if shared_tokens is not None:
@@ -86,7 +86,7 @@ def test_plan_slow_instance_flags_uncertified(device):
     c = torch.tensor([1, 1000, 1000, 1, 5, 1000])
     for sweeps in (1, 2, 40):
         _check(pl, c, sweeps, None, device)
-    out = plan_quotas(pl.to(device), c.to(device), max_sweeps=1)
+    out = split_quotas(pl.to(device), c.to(device), max_sweeps=1)
     assert int(out["flags"][0]) == 0 and int(out["wf"][4]) == 1 and int(out["wf"][6]) > 0
 
 

@@ -57,21 +57,37 @@ def _replay(args) -> int:
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status.
+def _command_name(argv: list[str]) -> str:
+    """``sglang-moe-lb replay`` etc. for messages printed before the arguments are parsed."""
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return f"sglang-moe-lb {name}" if name in ("replay", "doctor") else "sglang-moe-lb"
 
-    Called without ``argv`` (the console script, ``python -m sglang_moe_lb``), the process ends
-    right after its output is flushed: with SGLang, Triton and torch loaded, the interpreter's
-    teardown otherwise spends seconds in native finalizers that do nothing useful here.
-    """
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "replay":
-        rc = _replay(args)
-    elif args.command == "doctor":
-        rc = _doctor(args)
-    else:
-        parser.error(f"unknown command {args.command!r}")
+        return _replay(args)
+    if args.command == "doctor":
+        return _doctor(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    A Ctrl-C at any moment in here, the imports of the subcommand (torch, SGLang) included, is
+    one line and exit status 130, as during the run. Called without ``argv`` (the console
+    script, ``python -m sglang_moe_lb``), the process ends right after its output is flushed:
+    with SGLang, Triton and torch loaded, the interpreter's teardown otherwise spends seconds in
+    native finalizers that do nothing useful here.
+    """
+    try:
+        rc = _run(argv)
+    except KeyboardInterrupt:
+        print(f"{_command_name(sys.argv[1:] if argv is None else argv)}: interrupted", file=sys.stderr)
+        rc = 130
     if argv is None:
         sys.stdout.flush()
         sys.stderr.flush()

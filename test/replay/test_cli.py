@@ -132,6 +132,18 @@ def _error(argv, capsys) -> str:
     (["--top-k", "4"], "--top-k: the bundled data has the top-k of its model"),
     (["--synthetic", "--model", "mixtral"], "--model applies to the bundled data only"),
     (["--synthetic", "x.pt"], "either DUMP files or --synthetic"),
+    # non-finite generator knobs, empty names, seeds out of range: never silently a default
+    (["--synthetic", "--skew", "inf"], "argument --skew: expected a finite number, got inf"),
+    (["--synthetic", "--drift", "nan"], "argument --drift: expected a finite number, got nan"),
+    (["--collective-us", "inf"], "argument --collective-us: expected a finite number, got inf"),
+    (["--model", ""], "argument --model: expected a non-empty value"),
+    (["--calibration-domain", " "], "argument --calibration-domain: expected a non-empty value"),
+    (["--cost-model-config", ""], "argument --cost-model-config: expected a non-empty value"),
+    (["--overheads", ""], "argument --overheads: expected a non-empty value"),
+    (["--json", ""], "argument --json: expected a non-empty value"),
+    ([""], "argument DUMP: expected a non-empty value"),
+    (["--seed", str(2**70)], f"argument --seed: expected an integer in [0, {2**63 - 1}], got {2**70}"),
+    (["--seed", "-1"], f"argument --seed: expected an integer in [0, {2**63 - 1}], got -1"),
 ])
 def test_bad_flags_fail_before_any_work(argv, message, capsys):
     assert message in _error(argv, capsys)
@@ -241,9 +253,93 @@ def test_signals_exit_quietly_without_leftover_workers(sig, code, word):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == code, err
-    assert err.strip() == f"sglang-moe-lb replay: {word}", err
+    assert _last_line_only(err) == f"sglang-moe-lb replay: {word}", err
     time.sleep(0.5)
     assert not [w for w in workers if _alive(w)], "worker processes left behind"
+
+
+ESTIMATE_LINE = "sglang-moe-lb replay: this run is estimated to take ~"
+
+
+def _last_line_only(err: str) -> str:
+    """stderr's last line; every other line may only be the up-front estimate of a long run."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert all(line.startswith(ESTIMATE_LINE) for line in lines[:-1]), err
+    return lines[-1] if lines else ""
+
+
+def _interactive_signals():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _start_replay(*argv: str) -> subprocess.Popen:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.Popen([sys.executable, "-m", "sglang_moe_lb", "replay", "--no-progress", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, preexec_fn=_interactive_signals)
+
+
+def test_a_killed_worker_ends_replay_in_one_line():
+    """The OOM killer's SIGKILL on a worker: one line naming it, exit 1, no hang, no worker left."""
+    p = _start_replay("--workers", "2", "--upstream-waterfill-steps", "-1")
+    try:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 90
+        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+            workers = _children(p.pid)
+        assert len(workers) >= 2, "the replay never started its workers"
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)  # the old multiprocessing.Pool waited here forever
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 1, err
+    last = _last_line_only(err)
+    assert last.startswith("sglang-moe-lb replay: error: a worker process died (killed by signal 9 (SIGKILL); "
+                           "out of memory?); rerun with fewer --workers"), err
+    time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)], "worker processes left behind"
+
+
+def _wait_for_library(pid: int, name: str, timeout: float = 120) -> bool:
+    """Poll until the process has mapped a shared library ``name`` (it is importing that package)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if name in Path(f"/proc/{pid}/maps").read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def _cli_import_loads_torch() -> bool:
+    code = "import sys, sglang_moe_lb.cli; print('torch' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("library", ["libtorch_cpu.so", "libtriton.so"])
+def test_ctrl_c_while_modules_import_is_quiet(library):
+    """A Ctrl-C in the first seconds, while torch (then SGLang and Triton) import, is the same one
+    line and exit 130 as later. ``cli.py`` catches it from its first line: importing the package
+    ``sglang_moe_lb`` loads no torch (its names are lazy), so nothing heavy runs before that."""
+    assert not _cli_import_loads_torch(), "import sglang_moe_lb.cli loads torch before cli.py can catch Ctrl-C"
+    p = _start_replay("--workers", "1")
+    try:
+        assert _wait_for_library(p.pid, library), f"{library} never loaded"
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "Traceback" not in err, err
+    assert p.returncode == 130, err
+    assert err.strip() == "sglang-moe-lb replay: interrupted", err
 
 
 class _Accepted(BaseException):
@@ -296,3 +392,57 @@ def test_damaged_cost_files_are_one_line_naming_flag_and_file(tmp_path, capsys, 
     for name, path, message in bad_files(tmp_path, kind):
         last = _error([flag, str(path)], capsys)
         assert last.startswith(f"sglang-moe-lb replay: error: {flag}: {path}: ") and message in last, (name, last)
+
+
+def _accepted_stderr(argv, capsys) -> str:
+    """Run replay until the work would start; returns what it printed on stderr up front."""
+    import sglang_moe_lb.replay.simulate as sim
+
+    def accepted(*a, **k):
+        raise _Accepted()
+
+    orig = sim.run_replay
+    sim.run_replay = accepted
+    try:
+        with pytest.raises(_Accepted):
+            main(["replay", "--workers", "1", *argv])
+    finally:
+        sim.run_replay = orig
+    return capsys.readouterr().err
+
+
+def test_a_long_run_says_so_up_front(capsys):
+    err = _accepted_stderr(["--synthetic", "--steps", "4", "--ep-size", "256", "--redundant-experts", "0",
+                            "--upstream-waterfill-steps", "0", "--tokens", "256"], capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ESTIMATE_LINE), err
+    assert "4 steps x 2 layers x 256 ranks" in lines[0] and " min (" in lines[0], err
+
+
+def test_a_short_run_says_nothing_up_front(capsys):
+    err = _accepted_stderr(["--synthetic", "--steps", "2", "--experts", "8", "--top-k", "2", "--layers", "1",
+                            "--ep-size", "2", "--redundant-experts", "0", "--modes", "static,lplb",
+                            "--upstream-waterfill-steps", "0", "--tokens", "16"], capsys)
+    assert err.strip() == ""
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path):
+    """A value JSON cannot hold (NaN) leaves the previous file as it was and no temporary file."""
+    from sglang_moe_lb.replay.report import ReplayResult, write_json
+
+    res = ReplayResult(config={}, modes={"static": {"balancedness_mean": float("nan")}}, bound={},
+                       bound_local_shared={}, bound_routed={}, rebalance_steps=[], phases=[], sampled_steps=[],
+                       notes=[], skipped={}, wall_s=1.0)
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+    with pytest.raises(ValueError):
+        write_json(res, out)
+    assert out.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    res.modes["static"]["balancedness_mean"] = 0.5
+    write_json(res, out)
+    assert json.loads(out.read_text())["modes"]["static"]["balancedness_mean"] == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would have made it

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_moe_lb.replay.costs import CostOptions
+from sglang_moe_lb.replay.cost_setup import CostOptions
 from sglang_moe_lb.replay.simulate import ReplayConfig, run_replay
 from sglang_moe_lb.replay.sources import Batch, Trace, bundled_trace, synthetic_trace
 

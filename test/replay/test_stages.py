@@ -10,10 +10,11 @@ from sglang_moe_lb.plan import plan_maps, solve_plans
 from sglang_moe_lb.replay import aggregate as agg
 from sglang_moe_lb.replay import bounds as bd
 from sglang_moe_lb.replay.evaluate import fused_slots, split_sizes
-from sglang_moe_lb.replay.modes import parse_mode
+from sglang_moe_lb.replay.mode_names import parse_mode
 from sglang_moe_lb.replay.read import count_layers, read_trace
+from sglang_moe_lb.replay.setup import evenly_spaced
 from sglang_moe_lb.replay.sources import Batch, Trace, bundled_trace, synthetic_trace
-from sglang_moe_lb.replay.sweep import evenly_spaced, resample_counts, resample_tokens, sized_trace
+from sglang_moe_lb.replay.sweep import resample_counts, resample_tokens, sized_trace
 from sglang_moe_lb.replay.timeline import PlanOptions, build_timeline
 
 

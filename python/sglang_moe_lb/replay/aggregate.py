@@ -9,7 +9,7 @@ Every number below comes from them through the core's ``metrics`` and ``cost`` m
   against the joint LP bound and the mode's class bound; the token-based MoE time ratio
   (summed max loads over static's, ``metrics.time_ratio``);
 * modelled time: ``CostModel.rank_time`` on the fused slots (busiest rank), plus the mode's
-  per-layer overhead (``costs.mode_overhead_us``, zero where a gate is closed), summed over
+  per-layer overhead (``cost_setup.mode_overhead_us``, zero where a gate is closed), summed over
   (step, layer) and divided by SGLang static's on the same steps;
 * tile balancedness: ``metrics.balancedness`` of ``metrics.tile_loads``;
 * break-even overhead: the largest per-layer µs, on the layers where the mode balances, at
@@ -23,17 +23,23 @@ or for a plan schedule the plan (with the plan's overhead, 0 until measured).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .. import metrics
 from ..cost import CostModel
 from ..gate import Gate, Overheads
-from .costs import mode_overhead_us
-from .modes import ReplayMode
+from .cost_setup import mode_overhead_us
+from .mode_names import ReplayMode
+
+if TYPE_CHECKING:
+    from .evaluate import StepArrays
+    from .setup import Setup
 
 __all__ = ["gate_open", "gated_slots", "rank_loads", "mean_over_max", "step_balancedness", "token_summary",
-           "time_summary", "step_overheads"]
+           "time_summary", "step_overheads", "mode_slots", "aggregate_run"]
 
 
 def gate_open(mode: ReplayMode, tokens_per_rank: np.ndarray, cost: CostModel, ov: Overheads, top_k: int,
@@ -119,4 +125,131 @@ def time_summary(slots: np.ndarray, static: np.ndarray, mask: np.ndarray, overhe
         "layer_time_us_mean": float(t_mode.mean()) if t_mode.size else 0.0,
         "static_layer_time_us_mean": float(t_static.mean()) if t_static.size else 0.0,
         "balanced_share": n_bal / t_mode.size if t_mode.size else 0.0,
+    }
+
+
+def mode_slots(setup: Setup, arr: StepArrays, tokens_per_rank: np.ndarray) -> tuple[dict, dict, dict]:
+    """(slots ``[N, L, R, S+1]`` float64, gate-open mask ``[N]``, overhead µs per step ``[N]``) of every
+    asked mode (``tokens_per_rank [N]``: each step's largest DP rank); gated ones derived."""
+    c = setup.cfg.cost
+    f64: dict[str, np.ndarray] = {}  # one float64 copy per evaluated (ungated) mode
+
+    def as_f64(name: str) -> np.ndarray:
+        if name not in f64:
+            f64[name] = arr.slots[name].astype(np.float64)
+        return f64[name]
+
+    slots, open_, ovh = {}, {}, {}
+    for m in setup.modes:
+        base = as_f64(m.ungated.name)
+        o = gate_open(m, tokens_per_rank, setup.cost, setup.overheads, setup.k, setup.S, setup.R, c.expected_gain)
+        slots[m.name] = gated_slots(base, as_f64(m.closed.name), o) if m.gated else base
+        open_[m.name] = o
+        ovh[m.name] = step_overheads(m, tokens_per_rank, o, setup.overheads, setup.R)
+    return slots, open_, ovh
+
+
+def _bound_summary(bound: np.ndarray, mean_load: np.ndarray, static_max: np.ndarray, mask: np.ndarray) -> dict:
+    b = mean_over_max(mean_load, bound)[mask].mean(1)
+    return {"balancedness_mean": float(b.mean()), "balancedness_p5": float(np.percentile(b, 5)),
+            "moe_time_ratio_vs_static": metrics.time_ratio(torch.from_numpy(bound[mask]),
+                                                           torch.from_numpy(static_max[mask]))}
+
+
+def _summaries(setup: Setup, arr: StepArrays, slots: dict, open_: dict, ovh: dict) -> dict:
+    bj, bl = arr.bounds["joint"], arr.bounds["local"]
+    static = slots["static"]
+    out = {}
+    for m in setup.modes:
+        s = slots[m.name]
+        mask = ~np.isnan(s).any((1, 2, 3))
+        if not mask.any():
+            continue
+        res = token_summary(s, static, mask, bj, bj if m.moves_shared else bl)
+        _, routed = rank_loads(s[mask])
+        rb = step_balancedness(routed)
+        base_cpu = arr.cpu[m.ungated.name][mask]
+        closed = ~open_[m.name][mask] if m.gated else np.zeros(int(mask.sum()), dtype=bool)
+        cpu = np.where(closed, arr.cpu[m.closed.name][mask], base_cpu)
+        res.update(
+            class_bound="joint" if m.moves_shared else "local_shared",
+            routed_balancedness_mean=float(rb.mean()),
+            overhead_ms_per_batch=float(np.nanmean(cpu) * 1e3),
+            steps_scored=int(mask.sum()),
+            family=m.family,
+            description=m.description,
+        )
+        res.update(time_summary(s, static, mask, ovh[m.name], open_[m.name], setup.cost))
+        if m.gated:
+            res["gate_open_share"] = float(open_[m.name][mask].mean())
+        if m.upstream_waterfill:
+            res["overhead_note"] = "CPU time: Triton interpreter, not indicative of GPU cost"
+        out[m.name] = res
+    return out
+
+
+def _series_and_worst(setup: Setup, slots: dict, mean_load: np.ndarray, bj: np.ndarray, bl: np.ndarray):
+    series, worst = {}, {}
+    for m in setup.modes:
+        s = slots[m.name]
+        scored = ~np.isnan(s).any((1, 2, 3))
+        if not scored.any():
+            continue
+        total, routed = rank_loads(np.nan_to_num(s))
+        mx = total.max(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bal = np.where(mx > 0, mean_load / mx, 1.0)
+        series[m.name] = np.where(scored, bal.mean(1), np.nan)
+        b = np.where(scored[:, None], bal, np.inf)
+        ws, wl = np.unravel_index(int(np.argmin(b)), b.shape)
+        worst[m.name] = {"step": int(ws), "layer": int(wl), "routed": routed[ws, wl].tolist(),
+                         "shared": (total[ws, wl] - routed[ws, wl]).tolist(), "mean": float(mean_load[ws, wl]),
+                         "bound": float(bj[ws, wl]), "balancedness": float(bal[ws, wl])}
+    series["bound"] = mean_over_max(mean_load, bj).mean(1)
+    series["bound-local-shared"] = mean_over_max(mean_load, bl).mean(1)
+    return series, worst
+
+
+def _on_sampled(setup: Setup, slots: dict, arr: StepArrays, mean_load, static_max) -> dict:
+    mask = np.zeros(setup.N, dtype=bool)
+    mask[setup.sampled_steps] = True
+    bj = arr.bounds["joint"]
+    out = {}
+    for m in setup.modes:
+        s = slots[m.name]
+        if np.isnan(s[mask]).any():
+            continue
+        out[m.name] = token_summary(s, slots["static"], mask, bj, None)
+    b = _bound_summary(bj, mean_load, static_max, mask)
+    b["gap_to_bound_mean"] = 0.0
+    out["bound"] = b
+    return out
+
+
+def aggregate_run(setup: Setup, arr: StepArrays) -> dict:
+    """Summaries, bounds, per-step series and worst steps of the main replay."""
+    tokens_per_rank = arr.tokens.max(1).astype(np.float64)
+    slots, open_, ovh = mode_slots(setup, arr, tokens_per_rank)
+    static_total, static_routed = rank_loads(slots["static"])
+    mean_load = static_total.sum(-1) / setup.R
+    static_max = static_total.max(-1)
+    modes = _summaries(setup, arr, slots, open_, ovh)
+    all_steps = np.ones(setup.N, dtype=bool)
+    bj, bl, br = arr.bounds["joint"], arr.bounds["local"], arr.bounds["routed"]
+    brt = mean_over_max(static_routed.sum(-1) / setup.R, br).mean(1)
+    if setup.sampled_steps and len(setup.sampled_steps) < setup.N:
+        on = _on_sampled(setup, slots, arr, mean_load, static_max)
+        for m in setup.modes:
+            if m.upstream_waterfill and m.name in modes:
+                modes[m.name]["on_sampled_steps"] = on
+    series, worst = _series_and_worst(setup, slots, mean_load, bj, bl)
+    return {
+        "modes": modes,
+        "bound": _bound_summary(bj, mean_load, static_max, all_steps),
+        "bound_local_shared": _bound_summary(bl, mean_load, static_max, all_steps),
+        "bound_routed": {"routed_balancedness_mean": float(brt.mean())},
+        "series": series, "worst": worst,
+        "arrays": {"slots": slots, "total": {k: v.sum(-1) for k, v in slots.items()},
+                   "routed": {k: v[..., :-1].sum(-1) for k, v in slots.items()},
+                   "bound_joint": bj, "bound_local": bl, "bound_routed": br, "tokens": arr.tokens},
     }

@@ -14,6 +14,11 @@ Every problem is one ``TraceFormatError`` line naming the file. Inputs are never
 silently: the same file twice, two files of one rank, a forward pass recorded twice in one
 file, files of different kinds or maps, and a ``--top-k`` narrower than a per_token dump's
 rows are all rejected.
+
+Counts are summed exactly (``exact_sum``: int64 halves, so no sum wraps): a sum that int64
+cannot hold, or a step whose tokens would not fit the memory limit of one batch
+(``setup.check_batch_memory``'s), is an error naming the file, step and layer, raised before
+any batch is built, never a wrapped count or a step dropped as empty.
 """
 
 from __future__ import annotations
@@ -25,12 +30,28 @@ from typing import Sequence
 
 import torch
 
-from .sampling import tokens_from_counts
+from .sampling import MAX_BATCH_BYTES, draw_bytes, tokens_from_counts
 from .sources import Batch, Trace, TraceFormatError, step_generator
 
-__all__ = ["load_recorder", "expand_paths", "read_dump"]
+__all__ = ["load_recorder", "expand_paths", "read_dump", "exact_sum", "INT64_MAX"]
 
 DEFAULT_TOP_K = 8  # counts-only dumps: the top-k of the model when --top-k is not given
+INT64_MAX = 2**63 - 1
+_LOW = 0xFFFFFFFF
+
+
+def _join(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of high and low 32-bit halves -> (int64 total, fits): total = hi * 2^32 + lo exactly
+    where ``fits`` (it is <= 2^63 - 1), 0 elsewhere."""
+    hi = hi + (lo >> 32)
+    fits = hi < 2**31
+    return torch.where(fits, (hi << 32) | (lo & _LOW), torch.zeros_like(lo)), fits
+
+
+def exact_sum(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact sum of non-negative int64 ``x`` over ``dim`` (fewer than 2^31 terms): (total, fits),
+    both shaped like ``x.sum(dim)``; ``total`` is 0 where the sum exceeds 2^63 - 1 (``fits`` False)."""
+    return _join((x >> 32).sum(dim), (x & _LOW).sum(dim))
 
 
 @dataclass
@@ -135,9 +156,18 @@ def _single_kind(dumps: list[Dump]) -> str:
 # ---------------------------------------------------------------------------------------------
 # stat
 # ---------------------------------------------------------------------------------------------
-def _stat_counts(dumps: list[Dump], drop_empty: bool) -> torch.Tensor:
-    """``logical_count`` of every stat file, concatenated in order: ``[steps, L, E]`` long."""
-    parts, shape0 = [], None
+def _nonempty(counts: torch.Tensor, where: list[str], drop_empty: bool) -> tuple[torch.Tensor, list[str]]:
+    """Steps with any routed entry (counts are >= 0, so no sum is needed: none can wrap)."""
+    if not drop_empty:
+        return counts, where
+    keep = (counts > 0).flatten(1).any(1)
+    return counts[keep], [w for w, k in zip(where, keep.tolist()) if k]
+
+
+def _stat_counts(dumps: list[Dump], drop_empty: bool) -> tuple[torch.Tensor, list[str]]:
+    """``logical_count`` of every stat file, concatenated in order: ``[steps, L, E]`` long, and
+    where each step came from (``"FILE: step I"``)."""
+    parts, shape0, where = [], None, []
     for d in dumps:
         lc = _int_tensor(d.path, "logical_count", d.obj["logical_count"], (2, 3), "int [steps, layers, experts]")
         lc = lc[None] if lc.dim() == 2 else lc
@@ -149,17 +179,50 @@ def _stat_counts(dumps: list[Dump], drop_empty: bool) -> torch.Tensor:
             )
         shape0 = shape0 or (d.path, tuple(lc.shape[1:]))
         parts.append(lc)
-    counts = torch.cat(parts)
-    if drop_empty:
-        counts = counts[counts.flatten(1).sum(1) > 0]
+        where += [f"{d.path}: step {i}" for i in range(lc.shape[0])]
+    counts, where = _nonempty(torch.cat(parts), where, drop_empty)
     if counts.shape[0] == 0:
         raise TraceFormatError(f"{dumps[0].path}: 'logical_count' has no step with any routed token")
-    return counts
+    return counts, where
 
 
-def _counts_trace(counts: torch.Tensor, top_k: int, seed: int, info: dict, placement: torch.Tensor | None) -> Trace:
-    """Steps of synthetic tokens with exactly the recorded counts ``[steps, L, E]``."""
+def _layer_totals(counts: torch.Tensor, where: list[str]) -> torch.Tensor:
+    """Routed entries per (step, layer) ``[steps, L]``, exact; raises ``TraceFormatError`` naming
+    the step and layer whose sum int64 cannot hold."""
+    total, fits = exact_sum(counts, -1)
+    if not bool(fits.all()):
+        s, layer = (int(i) for i in (~fits).nonzero()[0])
+        raise TraceFormatError(f"{where[s]}, layer {layer}: the routed entries sum to more than 2**63 - 1 "
+                               "(int64); not a recorder count")
+    return total
+
+
+def _step_tokens(counts: torch.Tensor, where: list[str], top_k: int) -> torch.Tensor:
+    """Tokens of each step made from counts ``[steps, L, E]`` (``tokens_from_counts``'s ``T``):
+    ``[steps]`` long. Raises ``TraceFormatError`` naming the step and layer where the entries'
+    sum exceeds int64, or where the batch would not fit ``MAX_BATCH_BYTES``."""
+    total = _layer_totals(counts, where)
+    per_layer = torch.maximum(-(-total // top_k), counts.amax(-1))  # [steps, L]
+    tokens = per_layer.amax(-1)
+    L = counts.shape[1]
+    too_big = (tokens > MAX_BATCH_BYTES // draw_bytes(L, 1, top_k)).nonzero().flatten()
+    if too_big.numel():
+        s = int(too_big[0])
+        layer, T = int(per_layer[s].argmax()), int(tokens[s])
+        raise TraceFormatError(
+            f"{where[s]}, layer {layer}: {T} tokens ({int(total[s, layer])} routed entries, largest count "
+            f"{int(counts[s, layer].max())}) need ~{draw_bytes(L, T, top_k) / 2**30:.3g} GiB to replay as one batch "
+            f"(limit {MAX_BATCH_BYTES / 2**30:.0f} GiB)"
+        )
+    return tokens
+
+
+def _counts_trace(counts: torch.Tensor, where: list[str], top_k: int, seed: int, info: dict,
+                  placement: torch.Tensor | None) -> Trace:
+    """Steps of synthetic tokens with exactly the recorded counts ``[steps, L, E]`` (checked:
+    ``_step_tokens``)."""
     S, L, E = counts.shape
+    _step_tokens(counts, where, top_k)
 
     def make(step: int) -> Batch:
         return Batch(tokens_from_counts(counts[step], top_k, step_generator(seed, step, salt=2)), None, "recorded")
@@ -169,7 +232,7 @@ def _counts_trace(counts: torch.Tensor, top_k: int, seed: int, info: dict, place
                  step_counts=counts)
 
 
-def _counts_top_k(path: Path, counts: torch.Tensor, top_k: int | None) -> tuple[int, list[str]]:
+def _counts_top_k(path: Path, counts: torch.Tensor, where: list[str], top_k: int | None) -> tuple[int, list[str]]:
     """A counts-only dump knows no top-k: (the one to use, notes). Rejects a ``--top-k`` above
     the dump's experts, and notes a doubtful one."""
     E = counts.shape[-1]
@@ -179,7 +242,7 @@ def _counts_top_k(path: Path, counts: torch.Tensor, top_k: int | None) -> tuple[
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, E)
         notes.append(f"{path}: a counts-only dump records no top-k; assuming {top_k} (set --top-k)")
-    uneven = int((counts.sum(-1) % top_k != 0).sum())
+    uneven = int((_layer_totals(counts, where) % top_k != 0).sum())
     if uneven:
         notes.append(
             f"{path}: {uneven} of {counts.shape[0] * counts.shape[1]} (step, layer) counts are not a multiple of "
@@ -236,12 +299,15 @@ def _check_rank_files(rds: list[RankDump]) -> torch.Tensor:
     return first.p2l
 
 
-def _per_pass_counts(rds: list[RankDump], p2l: torch.Tensor, drop_empty: bool) -> torch.Tensor:
+def _per_pass_counts(rds: list[RankDump], p2l: torch.Tensor, drop_empty: bool) -> tuple[torch.Tensor, list[str]]:
+    """Logical counts per forward pass ``[passes, L, E]``: every rank's physical counts summed
+    over ranks and copies, exactly (int64 halves), and where each step came from."""
     L, P = p2l.shape
     E = int(p2l.max()) + 1
     pass_ids = sorted({int(r["forward_pass_id"]) for rd in rds for r in rd.records})
     index = {p: i for i, p in enumerate(pass_ids)}
-    counts = torch.zeros(len(pass_ids), L, E, dtype=torch.long)
+    hi = torch.zeros(len(pass_ids), L, E, dtype=torch.long)
+    lo = torch.zeros(len(pass_ids), L, E, dtype=torch.long)
     for rd in rds:
         for i, r in enumerate(rd.records):
             g = _int_tensor(rd.path, f"records[{i}].global_physical_count", r["global_physical_count"], 2,
@@ -252,12 +318,20 @@ def _per_pass_counts(rds: list[RankDump], p2l: torch.Tensor, drop_empty: bool) -
                 )
             if bool((g < 0).any()):
                 raise TraceFormatError(f"{rd.path}: records[{i}].global_physical_count has negative entries")
-            counts[index[int(r["forward_pass_id"])]].scatter_add_(1, p2l, g)
-    if drop_empty:
-        counts = counts[counts.flatten(1).sum(1) > 0]
+            i_pass = index[int(r["forward_pass_id"])]
+            hi[i_pass].scatter_add_(1, p2l, g >> 32)
+            lo[i_pass].scatter_add_(1, p2l, g & _LOW)
+    counts, fits = _join(hi, lo)
+    files = f"{rds[0].path}" + (f" (+{len(rds) - 1} rank files)" if len(rds) > 1 else "")
+    where = [f"{files}: forward pass {p}" for p in pass_ids]
+    if not bool(fits.all()):
+        s, layer, e = (int(i) for i in (~fits).nonzero()[0])
+        raise TraceFormatError(f"{where[s]}, layer {layer}: expert {e}'s count summed over ranks and copies is more "
+                               "than 2**63 - 1 (int64); not a recorder count")
+    counts, where = _nonempty(counts, where, drop_empty)
     if counts.shape[0] == 0:
         raise TraceFormatError(f"{rds[0].path}: no forward pass with any routed token")
-    return counts
+    return counts, where
 
 
 def _logical_tokens(rd: RankDump, p2l: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -349,14 +423,14 @@ def load_recorder(
     kind = _single_kind(dumps)
     info = {"kind": kind, "files": [str(d.path) for d in dumps]}
     if kind == "stat":
-        counts = _stat_counts(dumps, drop_empty)
-        k, info["notes"] = _counts_top_k(dumps[0].path, counts, top_k)
-        return _counts_trace(counts, k, seed, info, None)
+        counts, where = _stat_counts(dumps, drop_empty)
+        k, info["notes"] = _counts_top_k(dumps[0].path, counts, where, top_k)
+        return _counts_trace(counts, where, k, seed, info, None)
     rds = [_rank_dump(d, i) for i, d in enumerate(dumps)]
     p2l = _check_rank_files(rds)
     info.update(num_physical=p2l.shape[1], note="physical ids converted to logical ids with last_physical_to_logical_map")
     if kind == "per_pass":
-        counts = _per_pass_counts(rds, p2l, drop_empty)
-        k, info["notes"] = _counts_top_k(rds[0].path, counts, top_k)
-        return _counts_trace(counts, k, seed, info, p2l)
+        counts, where = _per_pass_counts(rds, p2l, drop_empty)
+        k, info["notes"] = _counts_top_k(rds[0].path, counts, where, top_k)
+        return _counts_trace(counts, where, k, seed, info, p2l)
     return _per_token_trace(rds, p2l, num_ranks, top_k, drop_empty, info)

@@ -27,8 +27,10 @@ the batch size (``aggregate.gate_open``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,17 +38,22 @@ import torch
 from ..chain import balance_layer, effective_tile, layer_stats, local_stats
 from ..cost import CostModel
 from ..mode import BalanceMode
-from ..objective import SplitSteps, tile_units
+from ..objective import FloatSteps, SplitSteps, tile_units
 from ..placement import Placement
 from ..plan import apply_plan, hash_offsets, level_index
 from .bounds import layer_bounds
 from .memo import MemoSteps
-from .modes import ReplayMode
-from .read import count_layers
-from .sources import Batch
+from .mode_names import ReplayMode
+from .pool import cpu_count, run_jobs
+from .read import Read, count_layers
+from .sources import Batch, Trace
 from .timeline import PlacementState, PlanState, Timeline
 
-__all__ = ["EvalContext", "StepResult", "evaluate_step", "split_sizes", "fused_slots"]
+if TYPE_CHECKING:
+    from .setup import ReplayConfig, Setup
+
+__all__ = ["EvalContext", "StepResult", "StepArrays", "evaluate_step", "evaluate_all", "make_context",
+           "worker_count", "split_sizes", "fused_slots"]
 
 
 @dataclass
@@ -275,3 +282,62 @@ def evaluate_step(ctx: EvalContext, t: int, batch: Batch) -> StepResult:
         bounds = {k: v.numpy() for k, v in layer_bounds(state.bounds, count_layers(topk, ctx.E), shared).items()}
     hits, misses = (steps.hits, steps.misses) if ctx.memo else (0, 0)
     return StepResult(slots, cpu, bounds, np.asarray(sizes, dtype=np.int64), hits, misses)
+
+
+def make_context(setup: Setup, timeline: Timeline, upstream_steps, with_bounds: bool) -> EvalContext:
+    """The evaluation's inputs for this run; SGLang's Waterfill runs on ``upstream_steps`` only."""
+    return EvalContext(setup.eval_modes, setup.up, timeline, setup.cost, FloatSteps(setup.cfg.lp_method),
+                       setup.E, setup.L, setup.R, setup.S, seed=setup.cfg.seed, memo=setup.cfg.memo,
+                       upstream_steps=frozenset(upstream_steps), with_bounds=with_bounds)
+
+
+@dataclass
+class StepArrays:
+    """Every step's evaluation, stacked: slots per mode ``[N, L, R, S+1]`` (NaN: not run),
+    rank-0 CPU seconds per mode ``[N]``, bounds ``[N, L]``, tokens per source rank ``[N, R]``."""
+
+    slots: dict[str, np.ndarray]
+    cpu: dict[str, np.ndarray]
+    bounds: dict[str, np.ndarray]
+    tokens: np.ndarray
+    memo_hits: int = 0
+    memo_misses: int = 0
+
+    @classmethod
+    def empty(cls, modes, N: int, L: int, R: int, S: int) -> "StepArrays":
+        return cls({m.name: np.full((N, L, R, S + 1), np.nan, dtype=np.float32) for m in modes},
+                   {m.name: np.full(N, np.nan) for m in modes},
+                   {k: np.zeros((N, L)) for k in ("joint", "local", "routed")}, np.zeros((N, R), dtype=np.int64))
+
+    def put(self, i: int, res) -> None:
+        for name, s in res.slots.items():
+            self.slots[name][i] = s
+            self.cpu[name][i] = res.cpu_s[name]
+        if res.bounds is not None:
+            for key, v in res.bounds.items():
+                self.bounds[key][i] = v
+        self.tokens[i] = res.tokens
+        self.memo_hits += res.memo_hits
+        self.memo_misses += res.memo_misses
+
+
+def worker_count(cfg: ReplayConfig, jobs: int) -> int:
+    """Worker processes for ``jobs`` independent jobs (``--workers``, default the CPU count)."""
+    return max(1, min(cfg.workers or cpu_count(), jobs))
+
+
+def evaluate_all(setup: Setup, trace: Trace, read: Read, timeline: Timeline) -> StepArrays:
+    """Every mode on every step (sampled steps first, so the slow upstream ones are shared out)."""
+    ctx = make_context(setup, timeline, setup.sampled_steps, with_bounds=True)
+    out = StepArrays.empty(setup.eval_modes, setup.N, setup.L, setup.R, setup.S)
+    order = sorted(range(setup.N), key=lambda t: (t not in ctx.upstream_steps, t))
+
+    def task(t: int):
+        return evaluate_step(ctx, t, read.batch(trace, t))
+
+    progress = "replay" if setup.cfg.progress else None
+    jobs = run_jobs(task, order, worker_count(setup.cfg, setup.N), setup.cfg.threads, progress)
+    with contextlib.closing(jobs):
+        for t, res in jobs:
+            out.put(t, res)
+    return out

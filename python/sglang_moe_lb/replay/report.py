@@ -2,20 +2,69 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .simulate import ReplayResult
-
-__all__ = ["format_table", "format_sweep", "write_json", "write_plots", "PLOT_FILES", "SWEEP_PLOT"]
+__all__ = ["ReplayResult", "format_table", "format_sweep", "write_json", "write_plots", "PLOT_FILES", "SWEEP_PLOT"]
 
 PLOT_FILES = ("replay_balancedness.png", "replay_worst_step.png")
 SWEEP_PLOT = "replay_sweep.png"
+
+
+@dataclass
+class ReplayResult:
+    config: dict
+    modes: dict
+    bound: dict
+    bound_local_shared: dict
+    bound_routed: dict
+    rebalance_steps: list
+    phases: list
+    sampled_steps: list
+    notes: list
+    skipped: dict
+    wall_s: float
+    sweep: list = field(default_factory=list)
+    server_default: dict = field(default_factory=dict)
+    series: dict = field(repr=False, default_factory=dict)
+    worst: dict = field(repr=False, default_factory=dict)
+    arrays: dict = field(repr=False, default_factory=dict)
+    """Raw numbers (not in the JSON): ``slots[mode]`` ``[steps, L, R, S+1]`` tokens per fused slot,
+    ``total[mode]`` / ``routed[mode]`` ``[steps, L, R]`` loads (NaN where not scored),
+    ``bound_joint`` / ``bound_local`` / ``bound_routed`` ``[steps, L]`` LP max loads, ``tokens``
+    ``[steps, R]``, ``placements`` (each ``[L, P]``) and ``state_of_step``."""
+
+    def to_json(self, per_step: bool = True) -> dict:
+        out = {
+            "config": self.config,
+            "server_default": self.server_default,
+            "modes": self.modes,
+            "bound": self.bound,
+            "bound_local_shared": self.bound_local_shared,
+            "bound_routed": self.bound_routed,
+            "rebalance_steps": self.rebalance_steps,
+            "phases": [{"start_step": s, "label": lab} for s, lab in self.phases],
+            "sampled_steps": self.sampled_steps,
+            "notes": self.notes,
+            "skipped": self.skipped,
+            "wall_s": round(self.wall_s, 3),
+        }
+        if self.sweep:
+            out["sweep"] = self.sweep
+        if per_step:
+            out["per_step"] = {
+                "balancedness": {k: [None if math.isnan(v) else round(float(v), 6) for v in s]
+                                 for k, s in self.series.items()},
+            }
+        return out
 
 
 def _pct(x: float) -> str:
@@ -166,11 +215,29 @@ def _headline(res: ReplayResult) -> str:
 
 
 def write_json(res: ReplayResult, path: str | os.PathLike) -> None:
-    """The result as JSON (schema: docs/replay.md)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res.to_json(), f, indent=1, allow_nan=False)
-        f.write("\n")
+    """The result as JSON (schema: docs/replay.md), written whole or not at all: serialised first
+    (a NaN or infinite value raises ``ValueError`` before the file is touched), then a temporary
+    file in the same directory renamed over ``path``."""
+    text = json.dumps(res.to_json(), indent=1, allow_nan=False) + "\n"
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it; mkstemp's files are 0600, a plain open's are not)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:

@@ -21,7 +21,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inclusion_probabilities", "sample_topk", "tokens_from_counts"]
+__all__ = ["inclusion_probabilities", "sample_topk", "tokens_from_counts", "draw_bytes", "MAX_BATCH_BYTES"]
+
+MAX_BATCH_BYTES = 6 << 30  # memory to draw one batch (checked before drawing: setup.check_batch_memory)
+
+
+def draw_bytes(layers: int, tokens: int, width: int) -> int:
+    """Peak bytes to draw one batch: ~6 float64/int64 ``[layers, tokens, width]`` tensors
+    (``sample_topk``: width = experts; ``tokens_from_counts``: width = k, with the ids and
+    their copies downstream). Python ints: exact at any size."""
+    return int(layers) * int(tokens) * int(width) * 8 * 6
 
 
 def inclusion_probabilities(weights: torch.Tensor, k: int) -> torch.Tensor:

@@ -217,8 +217,8 @@ def synthetic_trace(
         raise ValueError(f"need experts >= 2 and 1 <= top_k <= experts, got experts={experts}, top_k={top_k}")
     if layers < 1 or steps < 1:
         raise ValueError(f"layers and steps must be >= 1, got layers={layers}, steps={steps}")
-    if skew < 0 or drift < 0:
-        raise ValueError(f"skew and drift must be >= 0, got skew={skew}, drift={drift}")
+    if not (math.isfinite(skew) and math.isfinite(drift) and skew >= 0 and drift >= 0):
+        raise ValueError(f"skew and drift must be finite and >= 0, got skew={skew}, drift={drift}")
     lo, hi = _check_tokens(tokens)
     gen = torch.Generator().manual_seed(seed)
     zipf = -skew * torch.log1p(torch.arange(experts, dtype=torch.float64))

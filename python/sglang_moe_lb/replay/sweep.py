@@ -18,20 +18,26 @@ evenly spaced steps of it. The evaluation and aggregation are the regular ones.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
+from .. import metrics
+from .aggregate import mode_slots, rank_loads, step_balancedness, time_summary
+from .evaluate import StepArrays, evaluate_step, make_context, worker_count
+from .mode_names import server_default
+from .pool import run_jobs
 from .sampling import inclusion_probabilities, sample_topk
+from .setup import Setup, evenly_spaced
 from .sources import Batch, Trace, step_generator
+from .timeline import Timeline
 
-__all__ = ["sized_trace", "resample_tokens", "resample_counts", "evenly_spaced"]
+__all__ = ["run_sweep", "sized_trace", "resample_tokens", "resample_counts", "AUTO_SWEEP_UPSTREAM_STEPS",
+           "AUTO_SWEEP_UPSTREAM_MAX_TOKENS"]
 
-
-def evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k >= n`` or ``k < 0``)."""
-    if k < 0 or k >= n:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if k > 0 else []
+AUTO_SWEEP_UPSTREAM_STEPS = 1  # steps per batch size SGLang's Waterfill is scored on by default
+AUTO_SWEEP_UPSTREAM_MAX_TOKENS = 4096  # ... and only up to this many tokens per rank
 
 
 def resample_tokens(batch: Batch, per_rank: int, num_ranks: int, gen: torch.Generator) -> Batch:
@@ -80,3 +86,62 @@ def sized_trace(trace: Trace, per_rank: int, num_ranks: int, seed: int) -> tuple
               calibration=trace.calibration, recorded_placement=trace.recorded_placement, phases=trace.phases,
               info=trace.info)
     return t, how
+
+
+def run_sweep(setup: Setup, trace: Trace, timeline: Timeline) -> tuple[list[dict], list[str]]:
+    """One row per ``--batch-sweep`` size (schema in docs/replay.md), and notes."""
+    cfg = setup.cfg
+    steps = evenly_spaced(setup.N, cfg.sweep_steps)
+    explicit = cfg.upstream_waterfill_steps is not None
+    up_k = cfg.upstream_waterfill_steps if explicit else AUTO_SWEEP_UPSTREAM_STEPS
+    up_steps = [steps[i] for i in evenly_spaced(len(steps), up_k)] if any(m.upstream_waterfill for m in setup.modes) else []
+    sized = {n: sized_trace(trace, n, setup.R, cfg.seed) for n in cfg.batch_sweep}
+    # SGLang's Waterfill in the Triton interpreter costs ~3 s per rank and layer at 16k tokens per rank.
+    up_sizes = [n for n in cfg.batch_sweep if explicit or n <= AUTO_SWEEP_UPSTREAM_MAX_TOKENS] if up_steps else []
+    ctxs = {n: make_context(setup, timeline, up_steps if n in up_sizes else [], with_bounds=False) for n in cfg.batch_sweep}
+    arrays = {n: StepArrays.empty(setup.eval_modes, len(steps), setup.L, setup.R, setup.S) for n in cfg.batch_sweep}
+    index = {t: i for i, t in enumerate(steps)}
+    # Slow items first (SGLang's Waterfill, big batches), so the workers share them out.
+    items = sorted(((n, t) for n in cfg.batch_sweep for t in steps),
+                   key=lambda it: (it[1] not in ctxs[it[0]].upstream_steps, -it[0], it[1]))
+
+    def task(item):
+        n, t = item
+        return evaluate_step(ctxs[n], t, sized[n][0].batch(t))
+
+    jobs = run_jobs(task, items, worker_count(cfg, len(items)), cfg.threads, "sweep" if cfg.progress else None)
+    with contextlib.closing(jobs):
+        for (n, t), res in jobs:
+            arrays[n].put(index[t], res)
+    rows = [_sweep_row(setup, n, arrays[n], steps) for n in cfg.batch_sweep]
+    how = sorted({h for _, h in sized.values()})
+    notes = [f"batch sweep: {len(steps)} steps per size {steps}, {'; '.join(how)}; placements of the recorded trace"]
+    if up_sizes:
+        skipped = [n for n in cfg.batch_sweep if n not in up_sizes]
+        notes.append(f"batch sweep: SGLang's Waterfill scored on steps {up_steps} of sizes {up_sizes} (Triton interpreter)"
+                     + (f"; not at {skipped} tokens per rank (pass --upstream-waterfill-steps K to run it there too)"
+                        if skipped else ""))
+    return rows, notes
+
+
+def _sweep_row(setup: Setup, n: int, arr: StepArrays, steps: list[int]) -> dict:
+    tokens_per_rank = np.full(len(steps), float(n))
+    slots, open_, ovh = mode_slots(setup, arr, tokens_per_rank)
+    row_modes = {}
+    for m in setup.modes:
+        s = slots[m.name]
+        mask = ~np.isnan(s).any((1, 2, 3))
+        if not mask.any():
+            continue
+        t = time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], setup.cost)
+        total, _ = rank_loads(s[mask])
+        static_total, _ = rank_loads(slots["static"][mask])
+        t.update(balancedness_mean=float(step_balancedness(total).mean()),
+                 moe_time_ratio_vs_static=metrics.time_ratio(torch.from_numpy(total.max(-1)),
+                                                             torch.from_numpy(static_total.max(-1))),
+                 steps_scored=int(mask.sum()))
+        if m.gated:
+            t["gate_open"] = bool(open_[m.name][mask].all())
+        row_modes[m.name] = t
+    return {"tokens_per_rank": n, "server_default": server_default("lplb"),
+            "server_default_waterfill_lplb": server_default("waterfill+lplb"), "modes": row_modes}

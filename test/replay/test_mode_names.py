@@ -3,7 +3,7 @@
 import pytest
 
 from sglang_moe_lb.mode import SERVER_DEFAULTS, BalanceMode, ModeError
-from sglang_moe_lb.replay.modes import (
+from sglang_moe_lb.replay.mode_names import (
     RENAMED,
     SGLANG_MODES,
     all_mode_names,

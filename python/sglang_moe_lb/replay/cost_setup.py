@@ -32,7 +32,7 @@ from pathlib import Path
 from ..cost import DTYPE_BYTES, GPUS, CostModel, CostModelError
 from ..cost_files import CostFileError
 from ..gate import Overheads
-from .modes import ReplayMode
+from .mode_names import ReplayMode
 
 __all__ = ["PRESETS", "CostOptions", "default_preset", "build_cost_model", "build_overheads", "mode_overhead_us",
            "check_overheads"]

@@ -5,6 +5,8 @@ Subcommands:
              dispatch modes and ours, and report balancedness, the gap to the LP bound and
              the modelled MoE-layer time, optionally over batch sizes (replay/command.py
              holds its flags). See docs/replay.md.
+    export-patch  write the feature as a numbered patch series of an SGLang source tree (the fork
+             form; fork/command.py). See docs/upstream-pr.md.
     doctor   check that the installed SGLang has every touch point the --moe-lb plugin uses
              (plugin/manifest.py); exit status 0 when all are present. See docs/usage.md.
 """
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_replay(sub)
     _add_doctor(sub)
+    from .fork.command import add_parser as add_export_patch  # the fork form (docs/upstream-pr.md)
+
+    add_export_patch(sub)
     return parser
 
 
@@ -60,7 +65,7 @@ def _replay(args) -> int:
 def _command_name(argv: list[str]) -> str:
     """``sglang-moe-lb replay`` etc. for messages printed before the arguments are parsed."""
     name = next((a for a in argv if not a.startswith("-")), None)
-    return f"sglang-moe-lb {name}" if name in ("replay", "doctor") else "sglang-moe-lb"
+    return f"sglang-moe-lb {name}" if name in ("replay", "doctor", "export-patch") else "sglang-moe-lb"
 
 
 def _run(argv: list[str] | None) -> int:
@@ -68,6 +73,10 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "export-patch":
+        from .fork.command import run as export_patch
+
+        return export_patch(args)
     if args.command == "doctor":
         return _doctor(args)
     parser.error(f"unknown command {args.command!r}")

@@ -90,6 +90,12 @@ def slot_stats() -> dict:
 
 
 @pytest.fixture(scope="session")
+def served_logs() -> dict:
+    """mode -> the server log text, kept for comparisons across modes (plugin vs fork form)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def greedy_results() -> dict:
     """mode -> greedy outputs, filled by the per-mode tests and compared against "off"."""
     return {}

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,8 +49,10 @@ from sglang_moe_lb.plugin.options import mode_flags
 from sglang_moe_lb.testing.cpu_serving.ep_moe import SLOT_LOG_ENV, moe_forward_native_ep
 from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
 from sglang_moe_lb.testing.cpu_serving.server import (
+    CPU_SHIMS_PLUGIN,
     EP2_EPLB_ARGS,
     EPLB_REBALANCE_RE,
+    STUBS_DIR,
     ServerStartError,
     launch_cpu_server,
     omp_bind,
@@ -66,12 +69,16 @@ MODE_FLAGS = {
     # opt-in (SGLANG_MOE_LB_E2E_MODES): the exact split of every batch, ungated; the slot log
     # checks that every MoE call reached the optimal max rank load
     "lplb-per-batch": mode_flags(BalanceMode(lplb="per-batch", lplb_sync="global", objective="tokens")),
+    # the fork form: the same default, served by a copy of the installed SGLang patched with
+    # `sglang-moe-lb export-patch`, with the plugin left out (SGLANG_PLUGINS)
+    "lplb-native": ["--moe-lb", "lplb"],
 }
+NATIVE_MODES = {"lplb-native": "lplb"}  # native mode -> the plugin mode it must match
 # Modes whose ready line names another mode than SERVER_DEFAULT (all sub-options spelled out).
 EXPECTED_MODE = {"lplb-per-batch": BalanceMode(lplb="per-batch", lplb_sync="global", objective="tokens")}
 # "off" runs first: it is the reference of test_outputs_equal_off (a module-scoped
 # parametrized fixture runs in param order).
-DEFAULT_MODES = "off,lplb,lplb-decode"
+DEFAULT_MODES = "off,lplb,lplb-decode,lplb-native"
 MODES = [m.strip() for m in os.environ.get("SGLANG_MOE_LB_E2E_MODES", DEFAULT_MODES).split(",") if m.strip()]
 MODES.sort(key=lambda m: m != "off")
 
@@ -107,7 +114,7 @@ READY_RE = re.compile(
     _RANK + r"\[moe-lb\] ready: mode=(?P<mode>\S+)[^,]*, (?P<layers>\d+) layers, (?P<ranks>\d+) ranks x "
     r"(?P<slots>\d+) slots, per-batch path (?P<path>\S+),(?P<rest>.*)$", re.M)
 PLAN_SUMMARY_RE = re.compile(
-    r"plans at (?P<levels>\d+) levels x (?P<hash>\d+) hash slots \(placement (?P<placement>\w+), "
+    r"plans at (?P<levels>\d+) levels x (?P<hash>\d+) hash slots \(placement (?P<placement>\w+)(?: \(auto\))?, "
     r"refresh every (?P<refresh>\d+) passes from the last (?P<window>\d+)\)")
 PLANS_RE = re.compile(
     _RANK + r"\[moe-lb\] (?P<label>start-up(?: \([^)]*\))?|rebalance #\d+|refresh #\d+): plans installed for "
@@ -140,20 +147,54 @@ def slug(mode: str) -> str:
     return mode.replace("+", "_")
 
 
+def export_and_apply(dest: Path) -> Path:
+    """A copy of the installed SGLang with the exported series applied (``git apply``, each
+    patch checked first); returns the folder to put first on ``PYTHONPATH``."""
+    import sglang
+
+    src = Path(sglang.__file__).resolve().parent
+    root, series = dest / "site", dest / "series"
+    if (root / "sglang" / "srt" / "moe_lb.py").exists():
+        return root
+    shutil.copytree(src, root / "sglang", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "sglang_moe_lb", "export-patch", "--sglang-src", str(src),
+                          "--out", str(series)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    patches = sorted(series.glob("*.patch"))
+    assert [p.name[:4] for p in patches] == [f"{i:04d}" for i in range(1, len(patches) + 1)]
+    for patch in patches:
+        for args in (["--check"], []):
+            res = subprocess.run(["git", "apply", *args, str(patch)], cwd=root / "sglang", capture_output=True,
+                                 text=True, timeout=120)
+            assert res.returncode == 0, f"git apply {' '.join(args)} {patch.name}: {res.stderr}"
+    return root
+
+
+def native_env(root: Path) -> dict:
+    """Serve from the patched copy, with our plugin left out (only the CPU test shims load)."""
+    path = [str(STUBS_DIR), str(root), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {"PYTHONPATH": os.pathsep.join(path), "SGLANG_PLUGINS": CPU_SHIMS_PLUGIN}
+
+
 @pytest.fixture(scope="module", params=MODES)
-def server(request, e2e_log_dir, e2e_timings):
+def server(request, e2e_log_dir, e2e_timings, tmp_path_factory):
     mode = request.param
     log = e2e_log_dir / f"server_{slug(mode)}.log"
     slot_dir = e2e_log_dir / f"slots_{slug(mode)}"
     slot_dir.mkdir(parents=True, exist_ok=True)
     for old in slot_dir.glob("slots_ep*.jsonl"):
         old.unlink()
+    env = {SLOT_LOG_ENV: str(slot_dir)}
+    if mode in NATIVE_MODES:
+        t0 = time.monotonic()
+        env.update(native_env(export_and_apply(tmp_path_factory.mktemp("native"))))
+        e2e_timings[f"export + apply [{mode}]"] = time.monotonic() - t0
     t0 = time.monotonic()
     # A failed start raises ServerStartError with the log's tail; pytest keeps that error for
     # every test of this mode instead of starting the server again.
     srv = launch_cpu_server(
         mode_args(mode), ep=2, log_path=log, recorder_dir=e2e_log_dir / f"recorder_{slug(mode)}",
-        extra_env={SLOT_LOG_ENV: str(slot_dir)}, timeout=START_TIMEOUT_S,
+        extra_env=env, timeout=START_TIMEOUT_S,
     )  # fmt: skip
     e2e_timings[f"server start [{mode}]"] = time.monotonic() - t0
     srv.mode = mode
@@ -470,6 +511,42 @@ def test_outputs_equal_off(server, greedy_results):
     if "off" not in greedy_results or server.mode not in greedy_results:
         pytest.skip("needs test_greedy_generate of 'off' and of this mode in the same session")
     assert greedy_results[server.mode]["ids"] == greedy_results["off"]["ids"]
+
+
+def _plan_lines(text: str) -> list[tuple[str, str]]:
+    """(rank, label) of the plan installs at start-up and at EPLB rebalances, in log order
+    (rank 0 logs them)."""
+    return [(m["rank"], m["label"]) for m in PLANS_RE.finditer(text) if not m["label"].startswith("refresh")]
+
+
+def _ready(text: str) -> dict[str, str]:
+    return {m["rank"]: m.group(0).split("] [moe-lb] ", 1)[1] for m in READY_RE.finditer(text)}
+
+
+@pytest.mark.e2e
+def test_native_form_matches_plugin(server, greedy_results, served_logs):
+    """The fork form (the exported series applied to a copy of SGLang, plugin left out) serves
+    the same feature: greedy outputs equal to the plugin's, the same ready line on both ranks,
+    and plans installed at start-up and at each EPLB rebalance in the same order."""
+    served_logs[server.mode] = server.log_text()
+    if server.mode not in NATIVE_MODES:
+        pytest.skip("plugin-form server")
+    text = served_logs[server.mode]
+    plugin_mode = NATIVE_MODES[server.mode]
+    if plugin_mode not in greedy_results or plugin_mode not in served_logs:
+        pytest.skip(f"needs the {plugin_mode!r} plugin server in the same session")
+    assert greedy_results[server.mode]["ids"] == greedy_results[plugin_mode]["ids"]
+    plugin_text = served_logs[plugin_mode]
+    assert _ready(text) == _ready(plugin_text) and len(_ready(text)) == 2, (_ready(text), _ready(plugin_text))
+    native, plugin = _plan_lines(text), _plan_lines(plugin_text)
+    for lines in (native, plugin):  # the plan lines come from rank 0 (rebalance.py)
+        labels = [lb for r, lb in lines if r == "TP0"]
+        assert labels and labels[0].startswith("start-up") and "rebalance #1" in labels, lines
+        assert labels[1:] == [f"rebalance #{i}" for i in range(1, len(labels))], lines
+    # Both servers ran the same requests in the same order: the same rebalances, up to the
+    # last one, which depends on how many passes the batching formed.
+    n = min(len(native), len(plugin))
+    assert native[:n] == plugin[:n] and n >= 2, (native, plugin)
 
 
 # --------------------------------------------------------------------------- no server needed

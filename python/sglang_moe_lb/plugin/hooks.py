@@ -89,6 +89,11 @@ def register_light_hooks() -> None:
     A missing or changed target stops the process with one line naming it and the installed
     SGLang version (``SystemExit`` passes through SGLang's plugin loader, which would
     otherwise only log the error and leave ``--moe-lb`` an unrecognized argument)."""
+    from . import native
+
+    if native.patched():  # the fork form: SGLang calls our handlers itself (native.py)
+        logger.info("[moe-lb] this SGLang carries the sglang-moe-lb patch series; the plugin entry point stays idle")
+        return
     light = manifest.hooks_for("light")
     engine_loaded = ENGINE_MODULE in sys.modules
     entries = list(light) + [a for a in manifest.WRITES + manifest.READS if a.when == "always"
@@ -126,8 +131,16 @@ def install_runtime_hooks(mode: BalanceMode, *, rank_invariant: bool) -> None:
     """Check, register and apply the forward-path hooks ``mode`` needs; fail loudly if one did not land."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
+    from . import native
+
     cli_hooks.check_forward_targets(mode, rank_invariant=rank_invariant)
     specs = manifest.hooks_for("forward", mode, rank_invariant)
+    if native.patched():  # the fork form: the decorated targets only need switching on
+        missing = native.enable(specs)
+        if missing:
+            raise MoeLbConfigError(f"--moe-lb {mode.flag}: the patched SGLang does not call {', '.join(missing)}; "
+                                   "apply the series `sglang-moe-lb export-patch` writes for this sglang-moe-lb")
+        return
     _register(specs)
     HookRegistry.apply_hooks()
     missing = [h.target for h in specs if not _installed(h.target, _ORIGINALS[h.target][3])]

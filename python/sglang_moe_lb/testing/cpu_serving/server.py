@@ -42,6 +42,9 @@ from sglang_moe_lb.testing.cpu_serving.model_dir import prepare_model_dir
 from sglang_moe_lb.testing.gloo_ranks import free_port
 
 STUBS_DIR = Path(__file__).resolve().parent / "stubs"
+# The entry-point name of the CPU shims (stubs/*.dist-info): SGLANG_PLUGINS set to this alone
+# serves without the --moe-lb plugin (the fork form's test).
+CPU_SHIMS_PLUGIN = "moe_lb_cpu_shims"
 
 # Always passed: dummy weights, the intel_amx attention backend (made reachable by the
 # launcher, served by the stub ops), no CUDA graphs, a small KV cache (without it the KV

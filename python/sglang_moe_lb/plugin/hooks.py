@@ -138,8 +138,9 @@ def install_runtime_hooks(mode: BalanceMode, *, rank_invariant: bool) -> None:
     if native.patched():  # the fork form: the decorated targets only need switching on
         missing = native.enable(specs)
         if missing:
-            raise MoeLbConfigError(f"--moe-lb {mode.flag}: the patched SGLang does not call {', '.join(missing)}; "
-                                   "apply the series `sglang-moe-lb export-patch` writes for this sglang-moe-lb")
+            raise MoeLbConfigError(f"--moe-lb {mode.flag}: the patched SGLang and this sglang-moe-lb disagree on "
+                                   f"{', '.join(missing)}; apply the series `sglang-moe-lb export-patch` writes for "
+                                   "this sglang-moe-lb")
         return
     _register(specs)
     HookRegistry.apply_hooks()

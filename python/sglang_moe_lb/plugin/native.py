@@ -35,17 +35,17 @@ _ON: dict[str, Callable] = {}
 _BY_TARGET = {h.target: h for h in manifest.HOOKS}
 
 
-class NativeHookError(RuntimeError):
-    """The patched SGLang names a target this version of the package does not hook."""
+# Targets the patched SGLang decorates that this version of the package does not hook: left
+# as they are (SGLang must still import with --moe-lb off); enable() refuses to run a mode.
+_UNKNOWN: list[str] = []
 
 
 def hook(target: str) -> Callable[[Callable], Callable]:
     """Decorator for the SGLang function ``target`` (a ``manifest.HOOKS`` target)."""
     spec = _BY_TARGET.get(target)
     if spec is None:
-        raise NativeHookError(
-            f"sglang-moe-lb: the patched SGLang hooks {target!r}, which this sglang-moe-lb does not "
-            "(re-export the patch series with `sglang-moe-lb export-patch` for the installed version)")
+        _UNKNOWN.append(target)
+        return lambda fn: fn
     _DECORATED[target] = spec
     if spec.stage == "light":
         _ON[target] = None  # resolved on first call: handler modules import SGLang
@@ -87,9 +87,10 @@ def patched() -> bool:
 
 
 def enable(specs: list[manifest.Hook]) -> list[str]:
-    """Switch on the handlers of ``specs``; returns the targets the patched SGLang lacks
-    (not decorated: a tree patched by another version of the series)."""
-    missing = [h.target for h in specs if h.target not in _DECORATED]
+    """Switch on the handlers of ``specs``; returns the targets the patched SGLang lacks, and
+    those it decorates that this package does not hook (a tree patched by another version of
+    the series): non-empty means the mode must not run."""
+    missing = [h.target for h in specs if h.target not in _DECORATED] + list(_UNKNOWN)
     for h in specs:
         if h.target in _DECORATED and _ON.get(h.target) is None:
             _ON[h.target] = manifest.handler(h)

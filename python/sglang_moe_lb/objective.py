@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .cost import CostModel
-from .lp_split import new_highs, solve_split
+from .lp_split import SplitError, new_highs, solve_split
 from .placement import EXACT_TOKENS, Placement
 from .quota_dispatch import integer_lower_bound, integer_quotas, polish
 
@@ -86,12 +86,12 @@ def _transport(supply: np.ndarray, arcs: np.ndarray, room: np.ndarray) -> np.nda
     h.addRows(R, np.zeros(R), room.astype(np.float64), A, starts_r, by_r, np.ones(A))
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        raise RuntimeError(f"HiGHS: integral rounding LP ended {h.modelStatusToString(h.getModelStatus())}")
+        raise SplitError(f"HiGHS: integral rounding LP ended {h.modelStatusToString(h.getModelStatus())}")
     flow = np.rint(np.asarray(h.getSolution().col_value)).astype(np.int64)
     shipped = np.bincount(arcs[:, 0], flow, minlength=N).astype(np.int64)
     used = np.bincount(arcs[:, 1], flow, minlength=R).astype(np.int64)
     if (flow < 0).any() or (used > room).any() or (shipped > supply).any():
-        raise RuntimeError("HiGHS: integral rounding LP returned a non-integral vertex")
+        raise SplitError("HiGHS: integral rounding LP returned a non-integral vertex")
     return flow if np.array_equal(shipped, supply) else None
 
 

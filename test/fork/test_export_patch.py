@@ -152,7 +152,7 @@ def test_bad_sglang_src_is_one_line(series, tmp_path, case, capsys):
     assert not any((tmp_path / "out").glob("*.patch"))
 
 
-@pytest.mark.parametrize("case", ["is-a-file", "under-a-file", "other-files", "read-only"])
+@pytest.mark.parametrize("case", ["is-a-file", "under-a-file", "other-files", "other-patch", "read-only"])
 def test_bad_out_is_one_line(tmp_path, case, capsys):
     out = tmp_path / "out"
     if case == "is-a-file":
@@ -161,15 +161,16 @@ def test_bad_out_is_one_line(tmp_path, case, capsys):
     elif case == "under-a-file":
         (tmp_path / "f").write_text("x")
         out, want = tmp_path / "f" / "out", "cannot create it"
-    elif case == "other-files":
+    elif case in ("other-files", "other-patch"):
         out.mkdir()
-        (out / "notes.md").write_text("mine")
-        want = "holds other files (notes.md)"
+        mine = "notes.md" if case == "other-files" else "fix.patch"  # a patch of the user's own
+        (out / mine).write_text("mine")
+        want = f"holds other files ({mine})"
     else:
         out, want = Path("/proc/sys"), "not writable"  # read-only even for root
     rc, err = export_here(INSTALLED, out, capsys)
     err = err.strip()
     assert rc == 2 and "\n" not in err and err.startswith(f"sglang-moe-lb export-patch: error: --out {out}: "), err
     assert want in err, err
-    if case == "other-files":
-        assert (out / "notes.md").read_text() == "mine" and not any(out.glob("*.patch"))
+    if case in ("other-files", "other-patch"):
+        assert [p.name for p in out.iterdir()] == [mine] and (out / mine).read_text() == "mine"

@@ -108,7 +108,7 @@ def test_certificate_rank_order_with_idle_ranks(device, R):
     ``(2**54 - 0) << 8 | rank``, sorted *behind* the padding lanes, so the prefixes took padding
     (decoded as rank 0, counted again) for idle ranks; the kernel's certificate then disagreed
     with ``reference.certificate``. Checked directly on the key construction the kernel uses:
-    running the whole plan kernel at R >= 129 in the interpreter would take minutes, and a wrong
+    running the whole split kernel at R >= 129 in the interpreter would take minutes, and a wrong
     certificate needs loads near the 2**53 limit to show in the quotas."""
     RB = triton.next_power_of_2(R)
     gen = torch.Generator().manual_seed(R)

@@ -82,3 +82,18 @@ def test_a_target_this_package_does_not_hook_is_left_alone_and_blocks_a_mode(mon
 
     assert native.hook("sglang.srt.somewhere.new_target")(f) is f
     assert native.enable([]) == ["sglang.srt.somewhere.new_target"]
+
+
+def test_an_activation_switches_on_exactly_its_hooks(fake_specs, monkeypatch):
+    """A later activation (or uninstall) leaves no forward handler of an earlier mode on."""
+    calls: list = []
+    handlers = _handlers(calls)
+    monkeypatch.setattr(manifest, "handler", lambda h: handlers[h.kind])
+    after = native.hook(fake_specs["AFTER"].target)(lambda: 1)
+    around = native.hook(fake_specs["AROUND"].target)(lambda: 1)
+    native.enable([fake_specs["AFTER"], fake_specs["AROUND"]])
+    assert (after(), around()) == (10, 101)
+    native.enable([fake_specs["AROUND"]])
+    assert (after(), around()) == (1, 101)
+    native.reset()
+    assert (after(), around()) == (1, 1)

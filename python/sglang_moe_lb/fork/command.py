@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                    help="an SGLang source tree at the pinned version: a git checkout (with python/sglang/) or an "
                         "installed package's own directory (.../site-packages/sglang)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for the patches (created if missing; must be empty or hold an earlier series)")
+                   help="folder for the patches (created if missing; must be empty or hold only this series' files, "
+                        "which are replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,12 +43,9 @@ def run(args: argparse.Namespace) -> int:
         from .. import __version__
 
         series = build_series(tree, f"Exported by sglang-moe-lb {__version__} for SGLang {tree.version}.")
-    except (TreeError, SeriesError) as err:
+    except (TreeError, SeriesError, OSError) as err:  # OSError: a tree file that cannot be read
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    for old in out.glob("*.patch"):
-        if old.name not in names:
-            old.unlink()
     for p in series:
         path = out / p.name
         tmp = path.with_name(path.name + ".tmp")

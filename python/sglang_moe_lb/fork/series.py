@@ -145,7 +145,10 @@ def decorate(text: str, rel: str, module: str, targets: list[str]) -> str:
     (below its other decorators, so a classmethod's function is what gets wrapped) and the
     seam's import after the module's imports."""
     lines = text.splitlines(keepends=True)
-    tree = ast.parse(text)
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as err:
+        raise SeriesError(f"{rel}: not valid Python in --sglang-src (line {err.lineno}: {err.msg})") from None
     inserts: list[tuple[int, str]] = []
     for target in targets:
         qual = target[len(module) + 1:]
@@ -214,14 +217,13 @@ def _line(ln: str) -> str:
     return ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n"
 
 
-def _stat(files: list[_File]) -> str:
-    rows = []
-    for f in files:
-        before = f.before.splitlines() if f.before is not None else []
-        added = sum(1 for d in difflib.ndiff(before, f.after.splitlines()) if d.startswith("+ "))
-        rows.append(f" {f.rel} | {added} +")
-    return "\n".join(rows) + f"\n {len(files)} file{'s' if len(files) != 1 else ''} changed, " \
-        f"{sum(int(r.rsplit('|', 1)[1].split()[0]) for r in rows)} insertions(+)\n"
+def _stat(diffs: list[tuple[str, str]]) -> str:
+    """format-patch's summary from ``(path, unified diff)`` pairs (the series only inserts)."""
+    added = [(rel, sum(1 for ln in d.splitlines() if ln.startswith("+") and not ln.startswith("+++")))
+             for rel, d in diffs]
+    rows = "".join(f" {rel} | {n} +\n" for rel, n in added)
+    n_files = len(added)
+    return rows + f" {n_files} file{'s' if n_files != 1 else ''} changed, {sum(n for _, n in added)} insertions(+)\n"
 
 
 def build_series(tree: SourceTree, version_note: str) -> list[BuiltPatch]:
@@ -244,10 +246,7 @@ def build_series(tree: SourceTree, version_note: str) -> list[BuiltPatch]:
         for module, targets in by_module.items():
             rel = tree.module_path(module)
             if rel not in current:
-                try:
-                    current[rel] = tree.read(rel)
-                except OSError as err:
-                    raise SeriesError(f"{rel}: cannot read it in --sglang-src ({err.strerror or err})") from None
+                current[rel] = tree.read(rel)
             new = decorate(current[rel], rel, module, targets)
             files.append(_File(rel, current[rel], new))
             current[rel] = new
@@ -256,6 +255,7 @@ def build_series(tree: SourceTree, version_note: str) -> list[BuiltPatch]:
         name = f"{n:04d}-{p.slug}.patch"
         header = (f"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\nFrom: {AUTHOR}\n"
                   f"Date: {date}\nSubject: [PATCH {n}/{total}] {p.subject}\n\n{p.body}\n\n{version_note}\n---\n")
-        text = header + _stat(files) + "\n" + "".join(_diff(f) for f in files) + "-- \nsglang-moe-lb export-patch\n"
+        diffs = [(f.rel, _diff(f)) for f in files]
+        text = header + _stat(diffs) + "\n" + "".join(d for _, d in diffs) + "-- \nsglang-moe-lb export-patch\n"
         out.append(BuiltPatch(n, name, text, [f.rel for f in files]))
     return out

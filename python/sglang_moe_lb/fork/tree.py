@@ -48,7 +48,12 @@ class SourceTree:
         return f"{base}/__init__.py" if (self.root / base).is_dir() else f"{base}.py"
 
     def read(self, rel: str) -> str:
-        return (self.root / rel).read_text(encoding="utf-8")
+        """A tree file's text; ``TreeError`` naming it when it cannot be read as UTF-8."""
+        try:
+            return (self.root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise TreeError(f"--sglang-src {self.root}: cannot read {rel} ({detail})") from None
 
 
 def _assigned_string(path: Path, names: tuple[str, ...]) -> str | None:
@@ -74,7 +79,11 @@ def _tree_version(root: Path, package: str) -> str | None:
             return v
     pyproject = root / "python" / "pyproject.toml"
     if pyproject.is_file():
-        m = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))
+        try:
+            text = pyproject.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        m = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
         if m:
             return m.group(1)
     if (root / ".git").exists():
@@ -114,8 +123,8 @@ def open_tree(src: str | os.PathLike, want_version: str) -> SourceTree:
 
 
 def check_out_dir(out: str | os.PathLike, names: set[str]) -> Path:
-    """``--out``: created if missing; must be writable and hold nothing but an earlier series
-    (files in ``names`` or ``*.patch`` files this command wrote), so nothing else is overwritten."""
+    """``--out``: created if missing; must be writable and hold nothing but files named in
+    ``names`` (an earlier export of this series, replaced), so nothing else is overwritten."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise TreeError(f"--out {out}: exists and is not a directory")
@@ -130,7 +139,10 @@ def check_out_dir(out: str | os.PathLike, names: set[str]) -> Path:
             pass
     except OSError as err:
         raise TreeError(f"--out {out}: not writable ({err.strerror or err})") from None
-    others = sorted(p.name for p in path.iterdir() if p.name not in names and not p.name.endswith(".patch"))
+    try:
+        others = sorted(p.name for p in path.iterdir() if p.name not in names)
+    except OSError as err:
+        raise TreeError(f"--out {out}: cannot list it ({err.strerror or err})") from None
     if others:
         raise TreeError(f"--out {out}: holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                         "give an empty or new directory")

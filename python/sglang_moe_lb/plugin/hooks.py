@@ -156,7 +156,10 @@ def uninstall() -> None:
     """
     from sglang.srt.plugins.hook_registry import HookRegistry
 
+    from . import native
     from .runtime import deactivate
+
+    native.reset()
 
     for target, (owner, attr, raw, fn) in list(_ORIGINALS.items()):
         current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)

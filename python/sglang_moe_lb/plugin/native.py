@@ -1,6 +1,6 @@
 """The fork form's seam: SGLang source patched by ``sglang-moe-lb export-patch`` calls in here.
 
-The patch series (``fork/export_patch.py``) puts one decorator line above each function the
+The patch series (``fork/series.py``) puts one decorator line above each function the
 plugin hooks (``manifest.HOOKS``), ``@moe_lb_hook("<target>")``, imported from a small module
 the series adds to SGLang (``sglang/srt/moe_lb.py``), which falls back to a no-op when this
 package is not installed. The decorator is ``hook`` below: it wraps the function once, at its
@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import manifest
 
-__all__ = ["hook", "patched", "enable", "enabled", "decorated"]
+__all__ = ["hook", "patched", "enable", "reset", "enabled", "decorated"]
 
 # target -> the manifest entry of every function the patched SGLang decorated (at its import).
 _DECORATED: dict[str, manifest.Hook] = {}
@@ -91,10 +91,18 @@ def enable(specs: list[manifest.Hook]) -> list[str]:
     those it decorates that this package does not hook (a tree patched by another version of
     the series): non-empty means the mode must not run."""
     missing = [h.target for h in specs if h.target not in _DECORATED] + list(_UNKNOWN)
+    reset()  # exactly this mode's forward hooks: none left on from an earlier activation
     for h in specs:
-        if h.target in _DECORATED and _ON.get(h.target) is None:
+        if h.target in _DECORATED:
             _ON[h.target] = manifest.handler(h)
     return missing
+
+
+def reset() -> None:
+    """Switch every forward-path handler off (argument hooks stay on); ``hooks.uninstall`` and
+    each activation call it, as the plugin form removes its forward hooks."""
+    for target in [t for t in _ON if _DECORATED.get(t) is None or _DECORATED[t].stage != "light"]:
+        del _ON[target]
 
 
 def enabled() -> list[str]:

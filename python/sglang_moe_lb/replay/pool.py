@@ -71,7 +71,10 @@ def describe_exit(exitcodes: list[int | None]) -> str:
     if first is None:
         return "it ended without a result"
     if first < 0:
-        name = signal.Signals(-first).name if -first in signal.Signals._value2member_map_ else "?"
+        try:
+            name = signal.Signals(-first).name
+        except ValueError:
+            name = "?"
         hint = "; out of memory?" if -first == signal.SIGKILL else ""
         return f"killed by signal {-first} ({name}){hint}"
     return f"exit status {first}"

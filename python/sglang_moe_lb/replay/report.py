@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,23 +221,17 @@ def write_json(res: ReplayResult, path: str | os.PathLike) -> None:
     text = json.dumps(res.to_json(), indent=1, allow_nan=False) + "\n"
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    # O_EXCL: never another file; mode 0o666 less the umask, as a plain open would give.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    """The process umask (read by setting it; mkstemp's files are 0600, a plain open's are not)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_plots(res: ReplayResult, out_dir: str | os.PathLike) -> list[Path]:

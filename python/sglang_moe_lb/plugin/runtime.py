@@ -323,16 +323,12 @@ class Runtime:
             return int(max(dp))
         return None if self.collective else rows
 
-    def level(self, rows: int) -> int:
-        """The plan level of a batch of ``rows`` (from the size every rank shares, else this rank's rows)."""
-        n = self.shared_tokens(rows)
-        return self.sizes.level(rows if n is None else n)
-
     def gate_open(self, rows: int) -> bool:
-        if self.gate is None:
-            return True
-        n = self.shared_tokens(rows)
-        return True if n is None else self.sizes.open(n)
+        return True if self.gate is None else self._opened(self.shared_tokens(rows))
+
+    def _opened(self, n: int | None) -> bool:
+        """The gate at the shared size ``n`` (None: nothing shared, the gate stays open)."""
+        return True if self.gate is None or n is None else self.sizes.open(n)
 
     # -- the forward path ----------------------------------------------------------------
     def collective_rows(self, layer: int, row: torch.Tensor) -> torch.Tensor:
@@ -344,16 +340,17 @@ class Runtime:
     def _zero_row(self, layer: int, device) -> torch.Tensor:
         return torch.zeros(stats_width(self.layers[layer].placement, self.path_mode), dtype=torch.int32, device=device)
 
-    def plan_ids(self, st: LayerState, topk_ids: torch.Tensor) -> torch.Tensor:
+    def plan_ids(self, st: LayerState, topk_ids: torch.Tensor, n: int | None) -> torch.Tensor:
         """The plan's physical ids: one gather from the map of this batch's level (as SGLang's
-        static dispatch, padded rows included: SGLang masks them after)."""
+        static dispatch, padded rows included: SGLang masks them after). ``n``: the batch size
+        every rank shares (``shared_tokens``), else None: the level is this rank's rows'."""
         rows = topk_ids.shape[0]
         if rows > self.offsets.shape[0]:  # eager only: graphs are captured within the capacity
             self.warn_once("grow-offsets", "a batch of %d rows exceeds the %d rows the plan's hash slots were built "
                            "for; rebuilt larger (eager only)", rows, self.offsets.shape[0])
             self.offsets = hash_offsets(2 * rows, topk_ids.shape[1], self.hash_slots,
                                         salt=self.source_rank).to(self.offsets.device)
-        out = apply_plan(st.maps[self.level(rows)], topk_ids, self.offsets)
+        out = apply_plan(st.maps[self.sizes.level(rows if n is None else n)], topk_ids, self.offsets)
         return out if out.dtype == topk_ids.dtype else out.to(topk_ids.dtype)
 
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor | None:
@@ -365,12 +362,14 @@ class Runtime:
         st = self.layers.get(layer)
         if st is None:
             return None
-        opened = self.gate_open(topk_ids.shape[0])
+        # The shared batch size, once per call: it decides the gate and the plan's level.
+        n = self.shared_tokens(topk_ids.shape[0]) if self.gate is not None or self.mode.plan else None
+        opened = self._opened(n)
         waterfill = self.mode.waterfill is not None
         if self.mode.plan and not (self.mode.gate and opened):
             if self.mode.gate and waterfill:
                 st.pending_shared = HOME  # the closed form keeps the shared expert at home
-            return self.plan_ids(st, topk_ids)
+            return self.plan_ids(st, topk_ids, n)
         if not opened:
             if waterfill:
                 st.pending_shared = HOME

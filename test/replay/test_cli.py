@@ -237,12 +237,7 @@ def test_signals_exit_quietly_without_leftover_workers(sig, code, word):
                           "--upstream-waterfill-steps", "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env, start_new_session=True, preexec_fn=interactive_signals)
     try:
-        workers: set[int] = set()
-        deadline = time.monotonic() + 90
-        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.2)
-            workers = _children(p.pid)
-        assert len(workers) >= 2, "the replay never started its workers"
+        workers = _wait_for_workers(p, 2)
         time.sleep(0.5)
         if sig == signal.SIGINT:
             os.killpg(p.pid, sig)
@@ -285,12 +280,7 @@ def test_a_killed_worker_ends_replay_in_one_line():
     """The OOM killer's SIGKILL on a worker: one line naming it, exit 1, no hang, no worker left."""
     p = _start_replay("--workers", "2", "--upstream-waterfill-steps", "-1")
     try:
-        workers: set[int] = set()
-        deadline = time.monotonic() + 90
-        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.2)
-            workers = _children(p.pid)
-        assert len(workers) >= 2, "the replay never started its workers"
+        workers = _wait_for_workers(p, 2)
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         out, err = p.communicate(timeout=60)  # the old multiprocessing.Pool waited here forever
@@ -303,6 +293,17 @@ def test_a_killed_worker_ends_replay_in_one_line():
                            "out of memory?); rerun with fewer --workers"), err
     time.sleep(0.5)
     assert not [w for w in workers if _alive(w)], "worker processes left behind"
+
+
+def _wait_for_workers(p: subprocess.Popen, n: int, timeout: float = 90) -> set[int]:
+    """The replay's worker pids, once it has started ``n`` of them (fails if it never does)."""
+    workers: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(workers) < n and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+        workers = _children(p.pid)
+    assert len(workers) >= n, "the replay never started its workers"
+    return workers
 
 
 def _wait_for_library(pid: int, name: str, timeout: float = 120) -> bool:

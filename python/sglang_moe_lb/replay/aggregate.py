@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .evaluate import StepArrays
     from .setup import Setup
 
-__all__ = ["gate_open", "gated_slots", "rank_loads", "mean_over_max", "step_balancedness", "token_summary",
+__all__ = ["scored", "gate_open", "gated_slots", "rank_loads", "mean_over_max", "step_balancedness", "token_summary",
            "time_summary", "step_overheads", "mode_slots", "aggregate_run"]
 
 
@@ -149,6 +149,16 @@ def mode_slots(setup: Setup, arr: StepArrays, tokens_per_rank: np.ndarray) -> tu
     return slots, open_, ovh
 
 
+def scored(setup: Setup, slots: dict):
+    """``(mode, slots [steps, layers, R, S], mask [steps])`` of each mode scored on any step
+    (``mask``: the steps it has a result for; a mode scored on none is left out)."""
+    for m in setup.modes:
+        s = slots[m.name]
+        mask = ~np.isnan(s).any((1, 2, 3))
+        if mask.any():
+            yield m, s, mask
+
+
 def _bound_summary(bound: np.ndarray, mean_load: np.ndarray, static_max: np.ndarray, mask: np.ndarray) -> dict:
     b = mean_over_max(mean_load, bound)[mask].mean(1)
     return {"balancedness_mean": float(b.mean()), "balancedness_p5": float(np.percentile(b, 5)),
@@ -160,11 +170,7 @@ def _summaries(setup: Setup, arr: StepArrays, slots: dict, open_: dict, ovh: dic
     bj, bl = arr.bounds["joint"], arr.bounds["local"]
     static = slots["static"]
     out = {}
-    for m in setup.modes:
-        s = slots[m.name]
-        mask = ~np.isnan(s).any((1, 2, 3))
-        if not mask.any():
-            continue
+    for m, s, mask in scored(setup, slots):
         res = token_summary(s, static, mask, bj, bj if m.moves_shared else bl)
         _, routed = rank_loads(s[mask])
         rb = step_balancedness(routed)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from .aggregate import mode_slots, rank_loads, step_balancedness, time_summary
+from .aggregate import mode_slots, rank_loads, scored, step_balancedness, time_summary
 from .evaluate import StepArrays, evaluate_step, make_context, worker_count
 from .mode_names import server_default
 from .pool import run_jobs
@@ -128,11 +128,7 @@ def _sweep_row(setup: Setup, n: int, arr: StepArrays, steps: list[int]) -> dict:
     tokens_per_rank = np.full(len(steps), float(n))
     slots, open_, ovh = mode_slots(setup, arr, tokens_per_rank)
     row_modes = {}
-    for m in setup.modes:
-        s = slots[m.name]
-        mask = ~np.isnan(s).any((1, 2, 3))
-        if not mask.any():
-            continue
+    for m, s, mask in scored(setup, slots):
         t = time_summary(s, slots["static"], mask, ovh[m.name], open_[m.name], setup.cost)
         total, _ = rank_loads(s[mask])
         static_total, _ = rank_loads(slots["static"][mask])
